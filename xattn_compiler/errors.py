@@ -1,0 +1,56 @@
+"""Typed errors. Each names what it is about (file, node, tensor, pass) in one line.
+
+The CLI maps :class:`InputError` to exit code 2 and :class:`CheckFailed` to exit code 1;
+anything else is a bug in xattn-compiler and surfaces with a traceback.
+"""
+
+from __future__ import annotations
+
+
+class XattnError(Exception):
+    """Base of every error xattn-compiler raises on purpose."""
+
+
+class InputError(XattnError):
+    """The user's input is unusable: a missing or corrupt file, an invalid graph, a bad option."""
+
+
+class ModelLoadError(InputError):
+    """A model file cannot be read or is not a valid ONNX model."""
+
+    def __init__(self, path: object, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class GraphStructureError(InputError):
+    """The graph is malformed: a dangling edge, a cycle, a node of an unknown domain."""
+
+    def __init__(self, reason: str, *, node: str | None = None, tensor: str | None = None):
+        self.node = node
+        self.tensor = tensor
+        super().__init__(reason)
+
+
+class OutputError(InputError):
+    """The requested output location is unusable (for example, it is the input file)."""
+
+
+class UnknownPassError(InputError):
+    """A pipeline names a pass that is not registered, or gives it an unknown option."""
+
+
+class PassError(XattnError):
+    """A pass raised or broke the graph. Names the pass and the passes that ran before it."""
+
+    def __init__(self, pass_name: str, reason: str, *, ran_before: list[str] | None = None):
+        self.pass_name = pass_name
+        self.ran_before = list(ran_before or [])
+        self.reason = reason
+        before = ", ".join(self.ran_before) if self.ran_before else "none"
+        super().__init__(f"pass '{pass_name}' failed: {reason} (passes run before it: {before})")
+
+
+class CheckFailed(XattnError):
+    """A check the user asked for did not hold (for example ``verify`` found a mismatch)."""

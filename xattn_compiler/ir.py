@@ -1,0 +1,214 @@
+"""The IR: onnx-graphsurgeon graphs plus the helpers every pass needs.
+
+Passes exchange ``onnx.ModelProto`` (the stable, serialisable form users hold) and edit an
+onnx-graphsurgeon ``Graph`` inside (tensors know their producer and consumers; edits are list
+assignments; ``cleanup().toposort()`` restores consistency). This module converts between the
+two without losing model-level fields, walks If/Loop/Scan bodies, reads constants, runs shape
+inference with symbolic dims on models of any size, and offers a networkx view for analyses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+_SUBGRAPH_ATTRS = ("then_branch", "else_branch", "body")
+
+
+# --- proto level ---------------------------------------------------------------------------
+
+def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every If/Loop/Scan body below it, outermost first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graph_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from iter_graph_protos(sub)
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every initializer and tensor-valued attribute (Constant values), subgraphs included."""
+    for graph in iter_graph_protos(model.graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+
+
+def count_nodes(model: onnx.ModelProto) -> int:
+    """Number of nodes, those inside If/Loop/Scan bodies included."""
+    return sum(len(g.node) for g in iter_graph_protos(model.graph))
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each op type the model has, bodies included."""
+    counts: dict[str, int] = {}
+    for graph in iter_graph_protos(model.graph):
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+# --- graphsurgeon level --------------------------------------------------------------------
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """An onnx-graphsurgeon graph of ``model`` (bodies of If/Loop/Scan included)."""
+    return gs.import_onnx(model)
+
+
+def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` and carry over the model-level fields of ``like``.
+
+    graphsurgeon drops metadata and keeps its own producer fields; a pass must not change
+    anything it did not mean to, so those are copied back from the original model.
+    """
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = like.ir_version
+    out.producer_name = like.producer_name
+    out.producer_version = like.producer_version
+    out.domain = like.domain
+    out.model_version = like.model_version
+    out.doc_string = like.doc_string
+    del out.metadata_props[:]
+    out.metadata_props.extend(like.metadata_props)
+    imports = {(e.domain or ""): e.version for e in out.opset_import}
+    for entry in like.opset_import:
+        imports[entry.domain or ""] = max(imports.get(entry.domain or "", 0), entry.version)
+    del out.opset_import[:]
+    out.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in sorted(imports.items()))
+    if not out.functions and like.functions:
+        out.functions.extend(like.functions)
+    return out
+
+
+def iter_graphs(graph: gs.Graph, path: str = "") -> Iterator[tuple[str, gs.Graph]]:
+    """``(path, graph)`` for the graph and every nested body; the top level's path is ``""``.
+
+    A body's path names the owning node and attribute, e.g. ``"/loop_0/body"``, so reports
+    can say where inside control flow something was found.
+    """
+    yield path, graph
+    for node in graph.nodes:
+        for attr_name, value in node.attrs.items():
+            bodies = value if isinstance(value, list) else [value]
+            for index, body in enumerate(bodies):
+                if isinstance(body, gs.Graph):
+                    suffix = f"[{index}]" if isinstance(value, list) else ""
+                    yield from iter_graphs(body, f"{path}/{node.name or node.op}/{attr_name}{suffix}")
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that computes ``tensor``, or None for inputs and constants."""
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of ``tensor`` when it is an initializer or a Constant node's output."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is not None and node.op == "Constant" and "value" in node.attrs:
+        value = node.attrs["value"]
+        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+    return None
+
+
+def is_graph_output(tensor: gs.Tensor, graph: gs.Graph) -> bool:
+    return any(out is tensor for out in graph.outputs)
+
+
+# --- shapes --------------------------------------------------------------------------------
+
+def infer_shapes(
+    model: onnx.ModelProto, *, strict: bool = False, in_place: bool = False
+) -> onnx.ModelProto:
+    """Shape inference with symbolic dims and data propagation, on models of any size.
+
+    ONNX shape inference serialises the model, which fails past 2 GB; it only needs tensor
+    shapes and the values of small tensors (Reshape targets), so it runs on a skeleton whose
+    large initializers are replaced by typed graph inputs, and the inferred value_info is
+    copied back onto the full model (``model`` itself with ``in_place``, which saves a copy
+    of the weights; else a copy).
+    """
+    skeleton = _skeleton(model)
+    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=strict, data_prop=True)
+    out = model
+    if not in_place:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    _copy_value_info(inferred.graph, out.graph)
+    return out
+
+
+def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers of ``threshold`` bytes or more are typed inputs.
+
+    Built field by field so neither the weights are copied nor the caller's model touched.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    source, graph = model.graph, skeleton.graph
+    graph.name = source.name
+    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, name).extend(getattr(source, name))
+    for tensor in source.initializer:
+        if tensor.ByteSize() >= threshold:
+            graph.input.append(onnx.helper.make_tensor_value_info(
+                tensor.name, tensor.data_type, list(tensor.dims)))
+        else:
+            graph.initializer.append(tensor)
+    return skeleton
+
+
+def _copy_value_info(source: onnx.GraphProto, target: onnx.GraphProto) -> None:
+    known = {v.name for v in target.input} | {v.name for v in target.output}
+    del target.value_info[:]
+    target.value_info.extend(v for v in source.value_info if v.name not in known)
+    by_name = {v.name: v for v in source.output}
+    for value in target.output:
+        if value.name in by_name and not value.type.tensor_type.HasField("shape"):
+            value.CopyFrom(by_name[value.name])
+    for src_node, dst_node in zip(source.node, target.node):
+        for src_attr, dst_attr in zip(src_node.attribute, dst_node.attribute):
+            if src_attr.type == onnx.AttributeProto.GRAPH:
+                _copy_value_info(src_attr.g, dst_attr.g)
+
+
+def shape_of(tensor: gs.Tensor) -> list[int | str | None] | None:
+    """The tensor's shape: ints for static dims, names for symbolic dims, None for unknown."""
+    if tensor.shape is None:
+        return None
+    return [d if isinstance(d, (int, str)) else None for d in tensor.shape]
+
+
+# --- graph analysis --------------------------------------------------------------------------
+
+def to_networkx(graph: gs.Graph) -> nx.MultiDiGraph:
+    """Nodes of ``graph`` as a networkx multigraph, one edge per tensor from producer to user.
+
+    Node keys are positions in ``graph.nodes`` (names may be empty or repeated); each key has
+    ``node`` (the gs.Node) and each edge ``tensor`` (the gs.Tensor) as data.
+    """
+    view = nx.MultiDiGraph()
+    index = {id(node): i for i, node in enumerate(graph.nodes)}
+    for i, node in enumerate(graph.nodes):
+        view.add_node(i, node=node)
+    for i, node in enumerate(graph.nodes):
+        for tensor in node.inputs:
+            src = producer(tensor)
+            if src is not None and id(src) in index:
+                view.add_edge(index[id(src)], i, tensor=tensor)
+    return view
