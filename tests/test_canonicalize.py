@@ -1,0 +1,150 @@
+"""canonicalize: fold, bypass Identity, drop dead nodes; outputs unchanged, idempotent."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from xattn_compiler.ir import op_histogram
+from xattn_compiler.passes import Canonicalize
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=18):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def value(name, shape, dtype=onnx.TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def run(model, **inputs):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options)
+    return session.run(None, inputs)
+
+
+def test_identity_between_nodes_is_bypassed():
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["b"]),
+         helper.make_node("Neg", ["b"], ["y"])],
+        [value("x", [3])], [value("y", [3])])
+    result = Canonicalize()(model)
+    assert op_histogram(result.model) == {"Neg": 1, "Relu": 1}
+    assert result.counts["identities_removed"] == 1 and result.changed
+
+
+def test_identity_feeding_a_graph_output_keeps_the_output_name():
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["y"])],
+        [value("x", [3])], [value("y", [3])])
+    out = Canonicalize()(model).model
+    assert [o.name for o in out.graph.output] == ["y"]
+    assert op_histogram(out) == {"Relu": 1}
+
+
+def test_identity_copying_a_graph_input_to_an_output_stays():
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])],
+                       [value("x", [3])], [value("y", [3])])
+    result = Canonicalize()(model)
+    assert op_histogram(result.model) == {"Identity": 1}
+    assert not result.changed
+
+
+def test_identity_whose_source_has_other_readers_feeding_an_output_stays():
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["y"]),
+         helper.make_node("Neg", ["a"], ["z"])],
+        [value("x", [3])], [value("y", [3]), value("z", [3])])
+    out = Canonicalize()(model).model
+    assert op_histogram(out)["Identity"] == 1
+
+
+def test_constant_subgraph_folds_and_dead_nodes_go():
+    w = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "w")
+    model = make_model(
+        [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+         helper.make_node("MatMul", ["x", "wt"], ["y"]),
+         helper.make_node("Sigmoid", ["x"], ["unused"])],
+        [value("x", [4, 3])], [value("y", [4, 2])], [w])
+    result = Canonicalize()(model)
+    assert op_histogram(result.model) == {"MatMul": 1}
+    assert result.counts == {"dead_nodes_removed": 1, "identities_removed": 0, "nodes_folded": 1}
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    np.testing.assert_allclose(run(result.model, x=x)[0], run(model, x=x)[0], rtol=1e-6)
+
+
+def test_shape_computation_folds_when_dims_are_static():
+    shape_nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Reshape", ["x", "s"], ["y"]),
+    ]
+    model = make_model(shape_nodes, [value("x", [2, 3])], [value("y", [2, 3])])
+    out = Canonicalize()(model).model
+    assert "Shape" not in op_histogram(out)
+
+
+def test_shape_of_a_dynamic_dim_is_not_folded():
+    model = make_model(
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["y"])],
+        [value("x", ["batch", 3])], [value("y", ["batch", 3])])
+    out = Canonicalize()(model).model
+    assert op_histogram(out) == {"Reshape": 1, "Shape": 1}
+
+
+def test_large_broadcasts_are_not_materialised():
+    model = make_model(
+        [helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                          value=numpy_helper.from_array(np.array([1.0], np.float32))),
+         helper.make_node("Add", ["x", "big"], ["y"])],
+        [value("x", [1024, 1024])], [value("y", [1024, 1024])],
+        [numpy_helper.from_array(np.array([1024, 1024], np.int64), "shape")])
+    out = Canonicalize(size_threshold=1 << 20)(model).model  # 4 MiB would exceed 1 MiB
+    assert "ConstantOfShape" in op_histogram(out)
+
+
+def test_identity_inside_a_loop_body_is_removed():
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["acc_in"], ["a"]),
+         helper.make_node("Add", ["a", "x"], ["acc_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [value("i", [], onnx.TensorProto.INT64), value("cond_in", [], onnx.TensorProto.BOOL),
+         value("acc_in", [3])],
+        [value("cond_out", [], onnx.TensorProto.BOOL), value("acc_out", [3])])
+    model = make_model(
+        [helper.make_node("Loop", ["n", "c", "x"], ["y"], body=body)],
+        [value("x", [3])], [value("y", [3])],
+        [numpy_helper.from_array(np.array(3, np.int64), "n"),
+         numpy_helper.from_array(np.array(True), "c")])
+    result = Canonicalize()(model)
+    assert op_histogram(result.model) == {"Add": 1, "Identity": 1, "Loop": 1}
+    x = np.ones(3, np.float32)
+    np.testing.assert_allclose(run(result.model, x=x)[0], run(model, x=x)[0])
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_second_run_changes_nothing(fold):
+    w = numpy_helper.from_array(np.ones((3, 3), np.float32), "w")
+    model = make_model(
+        [helper.make_node("Identity", ["w"], ["w2"]), helper.make_node("MatMul", ["x", "w2"], ["h"]),
+         helper.make_node("Identity", ["h"], ["y"])],
+        [value("x", ["n", 3])], [value("y", ["n", 3])], [w])
+    once = Canonicalize(fold_constants=fold)(model)
+    twice = Canonicalize(fold_constants=fold)(once.model)
+    assert once.changed and not twice.changed
+    assert twice.model.SerializeToString() == once.model.SerializeToString()
+
+
+def test_output_is_deterministic():
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["y"])],
+        [value("x", [3])], [value("y", [3])])
+    first = Canonicalize()(model).model.SerializeToString()
+    assert Canonicalize()(model).model.SerializeToString() == first

@@ -1,0 +1,250 @@
+"""The ``xattn-compiler`` command line.
+
+Exit codes (the contract in DESIGN.md): 0 success; 1 a check the user asked for failed;
+2 bad input or usage, with one line on stderr naming the file, node or tensor; 70 a bug in
+xattn-compiler itself (a pass crashed), with the pass named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import CheckFailed, InputError, OutputError, PassError
+from .io import load, save
+from .passmanager import Listener, Pass, PassRecord
+from .pipeline import DEFAULT_PIPELINE, model_summary, optimize
+from .registry import default_registry
+
+log = logging.getLogger("xattn_compiler")
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 70
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
+    try:
+        return args.handler(args)
+    except CheckFailed as exc:
+        _error(str(exc))
+        return EXIT_CHECK_FAILED
+    except InputError as exc:
+        _error(str(exc))
+        return EXIT_BAD_INPUT
+    except PassError as exc:
+        _error(f"{exc} -- this is a bug in xattn-compiler; rerun with --debug "
+               "--reproducer DIR and report it with the files written there")
+        return EXIT_INTERNAL
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    noise = common.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log what each pass does (-vv: debug detail)")
+    noise.add_argument("-q", "--quiet", action="store_true",
+                       help="only errors; no progress lines")
+    parser = argparse.ArgumentParser(
+        prog="xattn-compiler",
+        description="Find, clean up, split and fuse attention in ONNX models for TensorRT.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_optimize(commands, common)
+    _add_verify(commands, common)
+    _add_passes(commands, common)
+    return parser
+
+
+# --- optimize --------------------------------------------------------------------------------
+
+def _add_optimize(commands: Any, common: argparse.ArgumentParser) -> None:
+    cmd = commands.add_parser("optimize", parents=[common], help="run the pass pipeline",
+                              description="Run a pipeline of passes and write the result.")
+    source = cmd.add_mutually_exclusive_group(required=True)
+    source.add_argument("model", nargs="?", help="the ONNX model to optimize")
+    source.add_argument("--example", action="store_true",
+                        help="use the bundled example model (a small Whisper-style decoder)")
+    cmd.add_argument("-o", "--output", required=True, help="where to write the optimized model")
+    cmd.add_argument("--passes", default=None, metavar="PIPELINE",
+                     help=f"pipeline text, e.g. 'canonicalize' (default: {DEFAULT_PIPELINE})")
+    cmd.add_argument("--fixpoint", action="store_true",
+                     help="repeat the pipeline until no pass changes the model")
+    cmd.add_argument("--report", metavar="R.json", help="write a JSON report of every pass")
+    cmd.add_argument("--verify", action="store_true",
+                     help="compare outputs with ONNX Runtime; exit 1 and write no model on mismatch")
+    cmd.add_argument("--inputs", metavar="NPZ", help="inputs for --verify (default: random)")
+    cmd.add_argument("--debug", action="store_true",
+                     help="check the graph after every pass and name the pass that broke it")
+    cmd.add_argument("--reproducer", metavar="DIR",
+                     help="on a pass failure, save the failing pass's input model and pipeline here")
+    cmd.set_defaults(handler=run_optimize)
+
+
+def run_optimize(args: argparse.Namespace) -> int:
+    model_path = _example_path() if args.example else Path(args.model)
+    output = Path(args.output)
+    if output.resolve() == model_path.resolve():
+        raise OutputError(f"{output}: refusing to write over the input model")
+    model = load(model_path)
+    listener = ProgressLine(enabled=not args.quiet and sys.stderr.isatty())
+    result = optimize(model, args.passes, fixpoint=args.fixpoint, debug=args.debug,
+                      reproducer=args.reproducer, listener=listener)
+    report: dict[str, Any] = {
+        "model": str(model_path), "output": str(output),
+        "before": model_summary(model), "after": model_summary(result.model),
+        **result.report,
+    }
+    check = None
+    if args.verify:
+        check = _verify(model, result.model, args.inputs)
+        report["verify"] = check.to_dict()
+    if args.report:
+        _write_json(Path(args.report), report, protect=[model_path])
+    if check is not None and not check.ok:
+        print(check.summary(), file=sys.stderr)
+        raise CheckFailed(f"verification failed: the optimized model's outputs differ from "
+                          f"{model_path}; {output} was not written")
+    save(result.model, output, protect=[model_path])
+    if not args.quiet:
+        before, after = report["before"]["num_nodes"], report["after"]["num_nodes"]
+        print(f"wrote {output}: {before} -> {after} nodes "
+              f"({report['seconds']:.2f} s, pipeline '{result.pipeline.pipeline}')"
+              + (", verified" if check is not None else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+def _example_path() -> Path:
+    from .examples import example_path
+
+    return example_path()
+
+
+def _verify(reference: Any, candidate: Any, inputs: str | None, **tolerances: Any) -> Any:
+    from .verify import verify
+
+    return verify(reference, candidate, inputs=inputs, **tolerances)
+
+
+# --- verify ----------------------------------------------------------------------------------
+
+def _add_verify(commands: Any, common: argparse.ArgumentParser) -> None:
+    cmd = commands.add_parser(
+        "verify", parents=[common], help="compare two models' outputs with ONNX Runtime",
+        description="Run both models on the same inputs and compare every output.")
+    cmd.add_argument("reference", help="the model whose outputs are right")
+    cmd.add_argument("candidate", help="the model to check against it")
+    cmd.add_argument("--inputs", metavar="NPZ", help="inputs by name (default: random, seeded)")
+    cmd.add_argument("--rtol", type=float, help="relative tolerance (default: by dtype)")
+    cmd.add_argument("--atol", type=float, help="absolute tolerance (default: by dtype and scale)")
+    cmd.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    cmd.set_defaults(handler=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    reference, candidate = load(args.reference), load(args.candidate)
+    check = _verify(reference, candidate, args.inputs, rtol=args.rtol, atol=args.atol,
+                    seed=args.seed)
+    if args.json:
+        print(json.dumps(check.to_dict(), indent=2))
+    elif not args.quiet:
+        print(check.summary())
+    if not check.ok:
+        raise CheckFailed(f"{args.candidate} does not match {args.reference}")
+    return EXIT_OK
+
+
+# --- passes ----------------------------------------------------------------------------------
+
+def _add_passes(commands: Any, common: argparse.ArgumentParser) -> None:
+    cmd = commands.add_parser("passes", parents=[common], help="list the registered passes",
+                              description="List the registered passes with their options.")
+    cmd.add_argument("--json", action="store_true", help="print the list as JSON")
+    cmd.set_defaults(handler=run_passes)
+
+
+def run_passes(args: argparse.Namespace) -> int:
+    classes = list(default_registry())
+    if args.json:
+        print(json.dumps([_describe(cls) for cls in classes], indent=2))
+        return EXIT_OK
+    width = max(len(cls.name) for cls in classes)
+    for cls in classes:
+        print(f"{cls.name:<{width}}  {cls.description}")
+        for opt in cls.options if args.verbose else ():
+            print(f"{'':<{width}}    {opt.name}={opt.format(opt.default)}  {opt.help}")
+    return EXIT_OK
+
+
+def _describe(cls: type[Pass]) -> dict[str, Any]:
+    return {
+        "name": cls.name, "description": cls.description, "module": cls.__module__,
+        "run_after": list(cls.run_after),
+        "options": [{"name": o.name, "type": o.kind.__name__, "default": o.format(o.default),
+                     "help": o.help} for o in cls.options],
+    }
+
+
+# --- plumbing --------------------------------------------------------------------------------
+
+class ProgressLine(Listener):
+    """One line per pass on stderr, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def pass_started(self, index: int, total: int, pass_: Pass) -> None:
+        if self.enabled:
+            sys.stderr.write(f"[{index + 1}/{total}] {pass_.spec()} ...")
+            sys.stderr.flush()
+
+    def pass_finished(self, index: int, total: int, record: PassRecord) -> None:
+        if self.enabled:
+            state = "changed" if record.changed else "no change"
+            sys.stderr.write(f"\r[{index + 1}/{total}] {record.spec}: {state}, "
+                             f"{record.nodes_before} -> {record.nodes_after} nodes, "
+                             f"{record.seconds:.2f} s\n")
+
+
+def _write_json(path: Path, data: dict[str, Any], protect: list[Path]) -> None:
+    import os
+    import tempfile
+
+    for guarded in protect:
+        if path.resolve() == Path(guarded).resolve():
+            raise OutputError(f"{path}: refusing to write over the input model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("xattn-compiler: %(levelname)s: %(message)s"))
+    root = logging.getLogger("xattn_compiler")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _error(message: str) -> None:
+    print(f"xattn-compiler: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
