@@ -7,9 +7,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
+from xattn_compiler.passes import Canonicalize
 
 from xattn_compiler.ir import op_histogram
-from xattn_compiler.passes import Canonicalize
 
 
 def make_model(nodes, inputs, outputs, initializers=(), opset=18):

@@ -42,7 +42,7 @@ class DropOneRelu(Pass):
         out = onnx.ModelProto()
         out.CopyFrom(model)
         nodes = out.graph.node
-        for first, second in zip(nodes, nodes[1:]):
+        for first, second in zip(nodes, nodes[1:], strict=False):
             if first.op_type == second.op_type == "Relu" and second.input[0] == first.output[0]:
                 second.input[0] = first.input[0]
                 nodes.remove(first)

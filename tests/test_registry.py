@@ -5,9 +5,9 @@ from __future__ import annotations
 from importlib.metadata import EntryPoint
 
 import pytest
+from xattn_compiler.passes import BUILTIN_PASSES, Canonicalize
 
 from xattn_compiler import registry as registry_module
-from xattn_compiler.passes import BUILTIN_PASSES, Canonicalize
 from xattn_compiler.passmanager import Pass, PassResult
 from xattn_compiler.registry import PassRegistry, default_registry, load_entry_point_passes
 

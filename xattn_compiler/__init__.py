@@ -31,9 +31,9 @@ def __getattr__(name: str):
     # verify pulls in ONNX Runtime; importing the package (the CLI's `passes`, a pass author's
     # test) should not pay for it.
     if name in ("verify", "VerifyResult"):
-        from . import verify as _verify_module
+        from . import verification
 
-        return getattr(_verify_module, name)
+        return getattr(verification, name)
     raise AttributeError(f"module 'xattn_compiler' has no attribute {name!r}")
 
 

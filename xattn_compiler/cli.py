@@ -131,7 +131,7 @@ def _example_path() -> Path:
 
 
 def _verify(reference: Any, candidate: Any, inputs: str | None, **tolerances: Any) -> Any:
-    from .verify import verify
+    from .verification import verify
 
     return verify(reference, candidate, inputs=inputs, **tolerances)
 

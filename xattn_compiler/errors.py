@@ -7,6 +7,11 @@ anything else is a bug in xattn-compiler and surfaces with a traceback.
 from __future__ import annotations
 
 
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space."""
+    return " ".join(str(text).split())
+
+
 class XattnError(Exception):
     """Base of every error xattn-compiler raises on purpose."""
 
@@ -20,8 +25,8 @@ class ModelLoadError(InputError):
 
     def __init__(self, path: object, reason: str):
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.reason = one_line(reason)
+        super().__init__(f"{self.path}: {self.reason}")
 
 
 class GraphStructureError(InputError):
@@ -30,7 +35,7 @@ class GraphStructureError(InputError):
     def __init__(self, reason: str, *, node: str | None = None, tensor: str | None = None):
         self.node = node
         self.tensor = tensor
-        super().__init__(reason)
+        super().__init__(one_line(reason))
 
 
 class OutputError(InputError):

@@ -30,13 +30,18 @@ MIN_OPSET = 13
 PROTOBUF_LIMIT = 2**31 - 2**26
 #: Tensors at least this large go to the external data file when a model needs one.
 EXTERNAL_THRESHOLD = 1024
+#: Tensors at least this large start at an aligned offset of the data file (mmap-able);
+#: smaller ones are packed, so many small tensors do not bloat the file with padding.
+ALIGN_THRESHOLD = 2**20
 
 
 def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
     """Read an ONNX model with its external data and check that it is usable.
 
-    Raises :class:`ModelLoadError` or :class:`GraphStructureError` with one line naming the
-    file, node or tensor at fault. An acyclic graph whose nodes are out of order is sorted.
+    Raises :class:`ModelLoadError` (an :class:`InputError`) whose one-line message names the
+    file and the node, tensor or field at fault; a structural problem keeps the
+    :class:`GraphStructureError` as ``__cause__``. An acyclic graph whose nodes are out of order
+    (bodies included) is sorted.
     """
     path = Path(path)
     if not path.exists():
@@ -45,6 +50,8 @@ def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
         raise ModelLoadError(path, "not a file")
     try:
         model = onnx.load_model(str(path), load_external_data=False)
+    except OSError as exc:
+        raise ModelLoadError(path, f"cannot read the file ({exc.strerror or exc})") from exc
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ModelLoadError(path, f"not a valid ONNX model (truncated or corrupt: {exc})") from exc
     _check_header(model, path)
@@ -74,7 +81,9 @@ def _check_header(model: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(path, "the model imports no default-domain ('ai.onnx') opset")
     newest = onnx.defs.onnx_opset_version()
     if opset > newest:
-        raise ModelLoadError(path, f"opset {opset} is newer than this onnx package knows ({newest})")
+        raise ModelLoadError(
+            path, f"opset {opset} is newer than this onnx package knows ({newest}); upgrade onnx"
+        )
     if opset < MIN_OPSET:
         log.warning(
             "%s: opset %d is older than %d; attention patterns are written for opset >= %d "
@@ -87,17 +96,19 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
     for tensor in _all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        data_file = base / info.location
-        if not data_file.is_file():
-            raise ModelLoadError(
-                path, f"tensor '{tensor.name}' refers to external data '{info.location}', "
-                f"which is not in {base}",
-            )
         try:
+            location = external_data_helper.ExternalDataInfo(tensor).location
+            if not (base / location).is_file():
+                raise ModelLoadError(
+                    path, f"tensor '{tensor.name}' refers to external data file '{location}', "
+                    f"which is missing (looked for {base / location})",
+                )
             external_data_helper.load_external_data_for_tensor(tensor, str(base))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(path, f"tensor '{tensor.name}': {exc}") from exc
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise ModelLoadError(
+                path, f"tensor '{tensor.name}': cannot read its external data: {exc}"
+            ) from exc
+        # Older onnx releases leave these to the caller.
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
 
@@ -107,10 +118,45 @@ def _run_checker(model: onnx.ModelProto, path: Path) -> None:
         if weight_bytes(model) < PROTOBUF_LIMIT:
             onnx.checker.check_model(model)
         else:
-            onnx.checker.check_model(str(path))
+            # check_model serialises its argument; check a view without the large weights
+            # (re-checking the file would see the graph as stored, before any sorting).
+            onnx.checker.check_model(_without_large_initializers(model))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(path, f"invalid model: {first}") from exc
+
+
+def _without_large_initializers(model: onnx.ModelProto, threshold: int = 2**20) -> onnx.ModelProto:
+    """A copy of ``model`` whose top-level initializers of ``threshold`` bytes or more are
+    graph inputs of the same type and shape (all the checker needs); the weights are not copied.
+    """
+    view = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(view, field, value)
+    inputs = {v.name for v in model.graph.input}
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(view.graph, field, value)
+    for tensor in model.graph.initializer:
+        if tensor.ByteSize() < threshold:
+            view.graph.initializer.add().CopyFrom(tensor)
+        elif tensor.name not in inputs:
+            view.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+    return view
+
+
+def _copy_field(target, field, value) -> None:
+    # Told apart by behaviour: FieldDescriptor.label is gone from recent protobuf releases.
+    current = getattr(target, field.name)
+    if hasattr(current, "extend"):
+        current.extend(value)
+    elif hasattr(current, "CopyFrom"):
+        current.CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -125,69 +171,165 @@ def save(
     model: onnx.ModelProto,
     path: str | os.PathLike,
     *,
-    protect: Iterable[str | os.PathLike] = (),
+    protect: str | os.PathLike | Iterable[str | os.PathLike] = (),
     external_data: bool | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically and return the path.
 
-    ``protect`` lists paths that must never be written (the input model); writing to one of them,
-    or to the external data file of one of them, raises :class:`OutputError`. ``external_data``
-    defaults to "when the weights do not fit one protobuf"; the data file is ``<name>.data``
-    beside the model. ``model`` is not modified.
+    ``protect`` lists paths that must never be written (the input model; one path may be given
+    bare); writing to one of them, through any spelling or link, or to an external data file of
+    one of them, raises :class:`OutputError`. ``external_data`` defaults to "when the weights
+    do not fit one protobuf"; the data file is ``<name>.data`` beside the model. ``model`` is
+    not modified. The model (and data) file is written to a temporary folder beside ``path``
+    and renamed into place, so a failure leaves any previous file at ``path`` as it was and no
+    temporary file behind. An ``OSError`` (no space, no permission) becomes an ``OutputError``.
     """
     path = Path(path)
-    _refuse_protected(path, protect)
-    if path.exists() and path.is_dir():
+    if isinstance(protect, (str, os.PathLike)):
+        protect = [protect]
+    guarded = _protected_files(protect)
+    _refuse_protected(path, guarded)
+    if path.is_dir():
         raise OutputError(f"{path}: is a directory, not a model file")
+    _refuse_unloaded_external_data(model, path)
     if external_data is None:
         external_data = weight_bytes(model) >= PROTOBUF_LIMIT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
-        tmp_model = Path(tmp) / path.name
-        data_name = f"{path.name}.data"
-        if external_data:
-            _refuse_protected(path.parent / data_name, protect)
-            _save_external(model, tmp_model, data_name)
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
-        else:
-            with open(tmp_model, "wb") as f:
-                f.write(model.SerializeToString())
-        os.replace(tmp_model, path)
+    data_name = f"{path.name}.data"
+    data_path = path.parent / data_name
+    if external_data:
+        _refuse_protected(data_path, guarded)
+        if data_path.is_dir():
+            raise OutputError(f"{data_path}: is a directory, not an external data file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+            tmp_model = Path(tmp) / path.name
+            if external_data:
+                _save_external(model, tmp_model, data_name)
+                os.replace(Path(tmp) / data_name, data_path)
+            else:
+                _write_file(tmp_model, _serialize(model))
+            os.replace(tmp_model, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the model ({exc.strerror or exc})") from exc
     return path
 
 
-def _refuse_protected(path: Path, protect: Iterable[str | os.PathLike]) -> None:
-    target = path.resolve()
+def _serialize(model: onnx.ModelProto) -> bytes:
+    return model.SerializeToString()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _protected_files(protect: Iterable[str | os.PathLike]) -> list[tuple[str, Path]]:
+    """``(why, path)`` for every protected model and every external data file it refers to."""
+    files: list[tuple[str, Path]] = []
     for item in protect:
-        guarded = Path(item).resolve()
-        if target == guarded or (target.exists() and guarded.exists() and target.samefile(guarded)):
-            raise OutputError(f"{path}: refusing to write over the input model")
-        if target.parent == guarded.parent and target.name.startswith(guarded.name + "."):
-            # The input's own external data file (model.onnx.data) is part of the input.
-            raise OutputError(f"{path}: refusing to write over external data of the input {item}")
+        model_path = Path(item)
+        files.append(("the input model", model_path))
+        files.append((f"external data of the input {item}", model_path.with_name(
+            model_path.name + ".data")))
+        for location in _external_locations(model_path):
+            files.append((f"external data of the input {item}", model_path.parent / location))
+    return files
+
+
+def _external_locations(model_path: Path) -> set[str]:
+    """External data files a model refers to; empty when it is not a readable ONNX file.
+
+    A model with external data has a small protobuf, so one larger than the limit below holds
+    its weights inline and is not parsed again just to find none.
+    """
+    try:
+        if not model_path.is_file() or model_path.stat().st_size > 64 * 2**20:
+            return set()
+        model = onnx.load_model(str(model_path), load_external_data=False)
+    except (OSError, DecodeError, RuntimeError, ValueError):
+        return set()
+    return {
+        external_data_helper.ExternalDataInfo(t).location
+        for t in _all_tensors(model)
+        if external_data_helper.uses_external_data(t)
+    }
+
+
+def _refuse_protected(path: Path, guarded: list[tuple[str, Path]]) -> None:
+    target = path.resolve()
+    for why, item in guarded:
+        resolved = item.resolve()
+        if target == resolved or (
+            target.exists() and resolved.exists() and target.samefile(resolved)
+        ):
+            raise OutputError(f"{path}: refusing to write over {why}")
+
+
+def _refuse_unloaded_external_data(model: onnx.ModelProto, path: Path) -> None:
+    for tensor in _all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            location = external_data_helper.ExternalDataInfo(tensor).location
+            raise OutputError(
+                f"{path}: tensor '{tensor.name}' still refers to external data '{location}' "
+                "(load the model with xattn_compiler.io.load, which reads external data)"
+            )
 
 
 def _save_external(model: onnx.ModelProto, tmp_model: Path, data_name: str) -> None:
-    """Serialize with large tensors in ``data_name``, restoring ``model`` afterwards."""
-    moved: list[tuple[onnx.TensorProto, onnx.TensorProto]] = []
+    """Serialize with large tensors in ``data_name``, restoring ``model`` afterwards.
+
+    The moved bytes are not kept in memory (a copy of every weight would double the peak for
+    exactly the models that need external data). The data file is written and synced first,
+    without touching ``model``; only then are tensors pointed at it for serialisation, and each
+    gets its bytes back from that complete file. Tensors that held typed fields instead of
+    ``raw_data`` (rare for large weights) are backed up whole instead.
+    """
     data_path = tmp_model.parent / data_name
+    placed: list[tuple[onnx.TensorProto, int, int]] = []
+    with open(data_path, "wb") as data:
+        for tensor in _all_tensors(model):
+            raw = _raw_bytes(tensor)
+            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
+                continue
+            offset = _align(data) if len(raw) >= ALIGN_THRESHOLD else data.tell()
+            data.write(raw)
+            placed.append((tensor, offset, len(raw)))
+            del raw
+        data.flush()
+        os.fsync(data.fileno())
+    moved: list[tuple[onnx.TensorProto, int, int, int | None, onnx.TensorProto | None]] = []
     try:
-        with open(data_path, "wb") as data:
-            for tensor in _all_tensors(model):
-                raw = _raw_bytes(tensor)
-                if raw is None or len(raw) < EXTERNAL_THRESHOLD:
-                    continue
+        for tensor, offset, length in placed:
+            backup = None
+            if not tensor.HasField("raw_data"):
                 backup = onnx.TensorProto()
                 backup.CopyFrom(tensor)
-                moved.append((tensor, backup))
-                offset = _align(data)
-                data.write(raw)
-                _point_to_external(tensor, data_name, offset, len(raw))
-        with open(tmp_model, "wb") as f:
-            f.write(model.SerializeToString())
+            location = tensor.data_location if tensor.HasField("data_location") else None
+            moved.append((tensor, offset, length, location, backup))
+            _point_to_external(tensor, data_name, offset, length)
+        _write_file(tmp_model, _serialize(model))
     finally:
-        for tensor, backup in moved:
-            tensor.CopyFrom(backup)
+        _restore(moved, data_path)
+
+
+def _restore(moved, data_path: Path) -> None:
+    if not moved:
+        return
+    with open(data_path, "rb") as data:
+        for tensor, offset, length, location, backup in moved:
+            if backup is not None:
+                tensor.CopyFrom(backup)
+                continue
+            data.seek(offset)
+            tensor.raw_data = data.read(length)
+            del tensor.external_data[:]
+            if location is None:
+                tensor.ClearField("data_location")
+            else:
+                tensor.data_location = location
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> bytes | None:
@@ -198,8 +340,9 @@ def _raw_bytes(tensor: onnx.TensorProto) -> bytes | None:
     return onnx.numpy_helper.to_array(tensor).tobytes()
 
 
-def _align(f, alignment: int = 4096) -> int:
-    # Page-aligned offsets let runtimes mmap each tensor.
+def _align(f, alignment: int = 65536) -> int:
+    # Offsets aligned to the allocation granularity (64 KiB on Windows, a multiple of the page
+    # size elsewhere) let runtimes mmap each large tensor.
     pos = f.tell()
     pad = (-pos) % alignment
     if pad:
@@ -211,7 +354,11 @@ def _point_to_external(tensor: onnx.TensorProto, location: str, offset: int, len
     for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
                   "uint64_data", "string_data"):
         tensor.ClearField(field)
-    external_data_helper.set_external_data(tensor, location, offset=offset, length=length)
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key = key
+        entry.value = str(value)
     tensor.data_location = onnx.TensorProto.EXTERNAL
 
 

@@ -181,8 +181,8 @@ def _copy_value_info(source: onnx.GraphProto, target: onnx.GraphProto) -> None:
     for value in target.output:
         if value.name in by_name and not value.type.tensor_type.HasField("shape"):
             value.CopyFrom(by_name[value.name])
-    for src_node, dst_node in zip(source.node, target.node):
-        for src_attr, dst_attr in zip(src_node.attribute, dst_node.attribute):
+    for src_node, dst_node in zip(source.node, target.node, strict=False):
+        for src_attr, dst_attr in zip(src_node.attribute, dst_node.attribute, strict=False):
             if src_attr.type == onnx.AttributeProto.GRAPH:
                 _copy_value_info(src_attr.g, dst_attr.g)
 
