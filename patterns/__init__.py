@@ -1,5 +1,15 @@
-"""The attention pattern library, one module per family of exporter spellings.
+"""The attention pattern library: how exporters spell attention, as pattern data.
 
-The matcher and its patterns arrive with the attention matcher (issue 4); this package exists so
-the installed layout (``xattn_compiler.patterns``) is fixed from the start.
+- :mod:`.scores`: the core MatMul -> [scale|mask|cast]* -> Softmax -> MatMul;
+- :mod:`.operands`: from each core operand up through head split/merge to the projection;
+- :mod:`.fused`: blocks that already are one op (ONNX Attention, com.microsoft, plugins).
+
+Adding an exporter's variant is a step or an alternative here, not a new pass.
 """
+
+from .fused import FUSED_ATTENTION_OPS, fused_operands
+from .operands import K_OPERAND, Q_OPERAND, V_OPERAND
+from .scores import ATTENTION_CORE, PROBS_OPS
+
+__all__ = ["ATTENTION_CORE", "FUSED_ATTENTION_OPS", "K_OPERAND", "PROBS_OPS", "Q_OPERAND",
+           "V_OPERAND", "fused_operands"]

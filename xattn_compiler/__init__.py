@@ -9,6 +9,7 @@
     xc.save(result.model, "decoder.opt.onnx")
 """
 
+from .attention import AttentionMatch, analyze_attention, find_attention
 from .errors import (
     CheckFailed,
     GraphStructureError,
@@ -38,7 +39,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DEFAULT_PIPELINE", "CheckFailed", "GraphStructureError", "InputError", "ModelLoadError",
+    "AttentionMatch", "analyze_attention", "find_attention", "DEFAULT_PIPELINE", "CheckFailed", "GraphStructureError", "InputError", "ModelLoadError",
     "Option", "OptimizeResult", "OutputError", "Pass", "PassError", "PassRegistry", "PassResult",
     "Pipeline", "PipelineError", "UnknownPassError", "VerifyResult", "XattnError",
     "default_registry", "load", "optimize", "save", "verify",

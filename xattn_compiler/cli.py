@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except BrokenPipeError:
+        # `inspect --json | head`: the reader left; that is not an error of ours.
+        sys.stderr.close()
+        return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,10 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_inspect(commands, common)
     _add_optimize(commands, common)
     _add_verify(commands, common)
     _add_passes(commands, common)
     return parser
+
+
+# --- inspect ---------------------------------------------------------------------------------
+
+def _add_inspect(commands: Any, common: argparse.ArgumentParser) -> None:
+    cmd = commands.add_parser(
+        "inspect", parents=[common], help="list every attention block in a model",
+        description="List every self- and cross-attention block, control-flow bodies included.")
+    cmd.add_argument("model", help="the ONNX model")
+    cmd.add_argument("--json", action="store_true", help="print one JSON object (DESIGN.md)")
+    cmd.add_argument("--explain", action="store_true",
+                     help="also show each Softmax that looked like attention and why it did not match")
+    cmd.set_defaults(handler=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect_model, render_table
+
+    path = Path(args.model)
+    report = inspect_model(load(path), name=str(path), explain=args.explain)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_table(report))
+    return EXIT_OK
 
 
 # --- optimize --------------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""From a Q, K or V operand of the core up to its projection and source.
+
+    q_BHSD = layout*(Add(MatMul(x_BSE, W), b))     a projection: MatMul [+ bias], Gemm, Einsum
+    q_BHSD = layout*(x)                             no projection: K/V read from an input
+
+``layout`` is any chain of head split/merge and bookkeeping ops: Reshape (shape constant or
+computed), Transpose, Squeeze/Unsqueeze, Cast, Identity, Expand (GQA's repeat_kv), a scalar
+Mul/Div (a scale applied before the MatMul), Split/Slice/Gather (fused QKV or KV), and Concat
+with a cached past (a KV cache). The walk takes as many as it can, so an exporter that
+reorders or adds such ops still matches.
+
+Captures are prefixed by the operand (``q_src``, ``k_w``, ``v_scale``) so one block's three
+walks bind distinct names.
+"""
+
+from __future__ import annotations
+
+from xattn_compiler.pattern import REST, Any, Chain, Const, Op, Or, Pattern, Scalar
+
+
+def layout_steps(p: str) -> tuple[Pattern, ...]:
+    return (
+        Op("Transpose", REST),
+        Op("Reshape", REST, Any()),
+        Op(("Squeeze", "Unsqueeze"), REST, ...),
+        Op("Cast", REST),
+        Op("Identity", REST),
+        Op("Expand", REST, Any()),
+        Op("Mul", REST, Scalar(f"{p}_scale*"), commutative=True),
+        Op("Div", REST, Scalar(f"{p}_div*")),
+        Op("Split", REST, ..., output=None),
+        Op("Slice", REST, ...),
+        Op("Gather", REST, Scalar()),
+        Op("Concat", Any(f"{p}_past*"), REST, check=_concat_on_sequence),
+    )
+
+
+def _concat_on_sequence(node) -> bool:
+    # A KV cache appends along the sequence axis (-2 in [B,H,S,D], 1 in [B,S,E]).
+    return len(node.inputs) == 2 and node.attrs.get("axis") in (-2, 1, 2)
+
+
+def projection(p: str) -> Pattern:
+    matmul = Op("MatMul", Any(f"{p}_src"), Const(f"{p}_w"), name=f"{p}_matmul")
+    return Or(
+        Op("Add", matmul, Const(f"{p}_b"), commutative=True, name=f"{p}_proj"),
+        Op("MatMul", Any(f"{p}_src"), Const(f"{p}_w"), name=f"{p}_proj"),
+        Op("Gemm", Any(f"{p}_src"), Const(f"{p}_w"), ..., name=f"{p}_proj"),
+        Op("Einsum", Any(f"{p}_src"), Const(f"{p}_w"), name=f"{p}_proj"),
+    )
+
+
+def operand(p: str) -> Pattern:
+    """The walk from a core operand to its projection, or to where the layout ops end."""
+    return Chain(layout_steps(p), until=projection(p), otherwise=Any(f"{p}_src"), max_steps=12)
+
+
+Q_OPERAND, K_OPERAND, V_OPERAND = operand("q"), operand("k"), operand("v")

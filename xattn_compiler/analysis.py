@@ -1,0 +1,163 @@
+"""Binding-time analysis and small constant evaluation, in one linear walk per graph.
+
+Every tensor gets the set of graph inputs its *values* depend on (a bitset; an empty set means it is a
+constant) and whether an attention block's output lies upstream of it. Bodies of If/Loop/Scan
+are walked too: their own inputs are dynamic, and outer-scope values keep the outer result.
+
+``value`` evaluates the small constant expressions patterns need (a scale written as
+``Cast(Sqrt(16))``, a fill value behind an ``Unsqueeze``), with numpy, for a whitelist of ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .ir import constant_value, producer
+
+_MAX_EVAL_ELEMENTS = 1 << 16
+#: Ops whose output depends on their input's shape, not its values. Their outputs count as
+#: data-independent: a Reshape of K whose target reads the batch size off the query stream still
+#: computes K from the encoder states alone.
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+#: A bit for values that depend on something other than a graph input (a loop counter).
+BODY_BIT = 1
+
+
+class BindingTimes:
+    """Which graph inputs each tensor depends on, for a graph and all bodies below it."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.inputs = [t for t in graph.inputs]
+        self._bit = {id(t): 1 << (i + 1) for i, t in enumerate(self.inputs)}
+        self._deps: dict[int, int] = {}
+        self._attention_outputs: set[int] = set()
+        self._via_attention: dict[int, bool] = {}
+        self._walk(graph)
+
+    # --- construction ---
+
+    def _walk(self, graph: gs.Graph) -> None:
+        for tensor in graph.inputs:
+            self._deps.setdefault(id(tensor), self._bit.get(id(tensor), BODY_BIT))
+        for node in graph.nodes:
+            deps = 0
+            if node.op not in SHAPE_ONLY_OPS:
+                for tensor in node.inputs:
+                    deps |= self.deps(tensor)
+            for body in _bodies(node):
+                self._walk(body)
+                for out in body.outputs:
+                    deps |= self.deps(out) & ~BODY_BIT
+                deps |= BODY_BIT if node.op in ("Loop", "Scan") else 0
+            for out in node.outputs:
+                self._deps[id(out)] = deps
+
+    def deps(self, tensor: gs.Tensor) -> int:
+        key = id(tensor)
+        if key not in self._deps:
+            # A constant, or a name only an enclosing scope defines (treated as dynamic).
+            self._deps[key] = 0 if isinstance(tensor, gs.Constant) else BODY_BIT
+        return self._deps[key]
+
+    # --- queries ---
+
+    def is_constant(self, tensor: gs.Tensor) -> bool:
+        return self.deps(tensor) == 0
+
+    def input_names(self, tensor: gs.Tensor) -> list[str]:
+        """The top-level graph inputs ``tensor`` depends on, in graph order."""
+        deps = self.deps(tensor)
+        return [t.name for t in self.inputs if deps & self._bit[id(t)]]
+
+    def mark_attention_outputs(self, tensors: Iterable[gs.Tensor]) -> None:
+        self._attention_outputs = {id(t) for t in tensors}
+        self._via_attention = {}
+
+    def via_attention(self, tensor: gs.Tensor, _depth: int = 0) -> bool:
+        """Whether an attention block's output is upstream of ``tensor``."""
+        key = id(tensor)
+        if key in self._via_attention:
+            return self._via_attention[key]
+        stack, order, seen = [tensor], [], set()
+        while stack:  # iterative DFS: encoder stacks are deep
+            current = stack.pop()
+            if id(current) in seen or id(current) in self._via_attention:
+                continue
+            seen.add(id(current))
+            order.append(current)
+            node = producer(current)
+            if node is not None and id(current) not in self._attention_outputs:
+                stack.extend(node.inputs)
+        for current in reversed(order):
+            node = producer(current)
+            self._via_attention[id(current)] = id(current) in self._attention_outputs or (
+                node is not None and any(self._via_attention.get(id(t), False) for t in node.inputs))
+        return self._via_attention[key]
+
+
+def _bodies(node: gs.Node) -> list[gs.Graph]:
+    found = []
+    for value in node.attrs.values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, gs.Graph):
+                found.append(item)
+    return found
+
+
+# --- constant values ---------------------------------------------------------------------------
+
+def _unary(fn):
+    return lambda node, args: fn(args[0])
+
+
+_EVAL = {
+    "Identity": _unary(lambda x: x),
+    "Cast": lambda node, args: args[0].astype(_numpy_dtype(node)),
+    "Sqrt": _unary(np.sqrt),
+    "Reciprocal": _unary(lambda x: 1 / x),
+    "Neg": _unary(np.negative),
+    "Mul": lambda node, args: args[0] * args[1],
+    "Div": lambda node, args: args[0] / args[1],
+    "Add": lambda node, args: args[0] + args[1],
+    "Sub": lambda node, args: args[0] - args[1],
+    "Pow": lambda node, args: np.power(args[0], args[1]),
+    "Reshape": lambda node, args: args[0].reshape(_reshape_target(args[0], args[1])),
+    "Squeeze": lambda node, args: np.squeeze(args[0]) if len(args) < 2 else np.squeeze(
+        args[0], axis=tuple(int(a) for a in np.atleast_1d(args[1]))),
+    "Unsqueeze": lambda node, args: np.expand_dims(
+        args[0], axis=tuple(int(a) for a in np.atleast_1d(args[1]))),
+}
+
+
+def _numpy_dtype(node: gs.Node) -> np.dtype:
+    from onnx import helper
+
+    return np.dtype(helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+
+
+def _reshape_target(array: np.ndarray, shape: np.ndarray) -> tuple[int, ...]:
+    dims = [int(d) for d in shape]
+    return tuple(array.shape[i] if d == 0 else d for i, d in enumerate(dims))
+
+
+def constant_eval(tensor: gs.Tensor, depth: int = 0) -> np.ndarray | None:
+    """The value of a small constant expression, or None when it is not one we evaluate."""
+    value = constant_value(tensor)
+    if value is not None:
+        return value if value.size <= _MAX_EVAL_ELEMENTS else None
+    node = producer(tensor)
+    if node is None or depth > 8 or node.op not in _EVAL or len(node.outputs) != 1:
+        return None
+    args = [constant_eval(t, depth + 1) for t in node.inputs]
+    if any(a is None for a in args):
+        return None
+    try:
+        with np.errstate(all="ignore"):
+            result = np.asarray(_EVAL[node.op](node, args))
+    except (ValueError, TypeError, KeyError):
+        return None
+    return result if result.size <= _MAX_EVAL_ELEMENTS else None

@@ -1,0 +1,443 @@
+"""Find every attention block in a model, classify it and describe it.
+
+The algorithm, per graph (If/Loop/Scan bodies included):
+
+1. Anchors: every Softmax, and every node that already is fused attention.
+2. From a Softmax, walk down (through Cast/Where/Dropout/Identity) to a MatMul that reads the
+   probabilities, and match the core pattern upward from that MatMul's output
+   (``patterns.scores.ATTENTION_CORE``). A failure is kept as a near-miss with its reason.
+3. Reject cores whose K or V is a plain 2-D operand (a Softmax between two weight MatMuls is a
+   classifier head, not attention).
+4. From Q, K^T and V walk up through layout ops to the projections and sources
+   (``patterns.operands``); walk down from the context through the head merge.
+5. Classify: self when Q and K come from the same source tensor (fused QKV included), else
+   cross. A binding-time analysis says what K/V depend on: only constants (``constant``), only
+   graph inputs that feed nothing but cross-attention K/V (``graph_input``), or values computed
+   through other attention (``internal``).
+6. Mark blocks whose intermediate tensors are read outside the block: they must not be
+   rewritten.
+
+Each anchor costs a bounded walk, so the whole search is linear in the graph's size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from xattn_compiler.patterns import (
+    ATTENTION_CORE,
+    K_OPERAND,
+    PROBS_OPS,
+    Q_OPERAND,
+    V_OPERAND,
+    fused_operands,
+)
+
+from .analysis import BindingTimes, constant_eval
+from .ir import import_graph, infer_shapes, is_graph_output, iter_graphs
+from .pattern import Context, Failure, Match, match
+
+log = logging.getLogger(__name__)
+
+_MERGE_OPS = ("Transpose", "Reshape")
+
+
+@dataclass
+class Operand:
+    """One of Q, K, V: the core's operand tensor, its projection (if any) and its source."""
+
+    tensor: gs.Tensor
+    source: gs.Tensor
+    projection: gs.Node | None
+    weight: gs.Tensor | None
+    bias: gs.Tensor | None
+    scales: list[gs.Tensor]
+    nodes: list[gs.Node]
+    past: list[gs.Tensor] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensor": self.tensor.name, "source": self.source.name,
+                "projection": _label(self.projection) if self.projection is not None else None,
+                "weight": self.weight.name if self.weight is not None else None,
+                "bias": self.bias.name if self.bias is not None else None,
+                "past": [t.name for t in self.past]}
+
+
+@dataclass
+class AttentionMatch:
+    """One attention block, as ``inspect`` reports it and passes rewrite it."""
+
+    id: str
+    kind: str                       # "self" | "cross"
+    num_heads: int | None
+    head_dim: int | None
+    scale: float | None
+    q: Operand
+    k: Operand
+    v: Operand
+    mask: dict[str, Any] | None
+    fused: bool
+    op: str
+    subgraph: str
+    graph: gs.Graph
+    nodes: list[gs.Node]
+    output: gs.Tensor
+    core: Match | None = None
+    num_kv_heads: int | None = None
+    kv_source_kind: str = "internal"
+    static_inputs: list[str] = field(default_factory=list)
+    escapes: list[str] = field(default_factory=list)
+    shape_uses: list[str] = field(default_factory=list)
+    layout: str = "BHSD"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record of DESIGN.md's ``inspect --json`` (plus detail fields)."""
+        return {
+            "id": self.id, "kind": self.kind, "num_heads": self.num_heads,
+            "head_dim": self.head_dim, "q_source": self.q.source.name,
+            "k_source": self.k.source.name, "v_source": self.v.source.name,
+            "kv_source_kind": self.kv_source_kind, "static_inputs": list(self.static_inputs),
+            "fused": self.fused, "subgraph": self.subgraph,
+            "nodes": [_label(n) for n in self.nodes],
+            "op": self.op, "num_kv_heads": self.num_kv_heads, "scale": self.scale,
+            "mask": self.mask, "layout": self.layout, "output": self.output.name,
+            "q": self.q.to_dict(), "k": self.k.to_dict(), "v": self.v.to_dict(),
+            "escapes": list(self.escapes),
+        }
+
+
+@dataclass
+class NearMiss:
+    """A Softmax that looked like attention but did not match, and why."""
+
+    anchor: str
+    subgraph: str
+    reason: str
+    node: str | None
+    tensor: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"anchor": self.anchor, "subgraph": self.subgraph, "reason": self.reason,
+                "node": self.node, "tensor": self.tensor}
+
+
+@dataclass
+class AttentionReport:
+    blocks: list[AttentionMatch]
+    near_misses: list[NearMiss]
+    graph: gs.Graph
+
+
+def find_attention(model: onnx.ModelProto | gs.Graph) -> list[AttentionMatch]:
+    """Every attention block in ``model``, control-flow bodies included."""
+    return analyze_attention(model).blocks
+
+
+def analyze_attention(model: onnx.ModelProto | gs.Graph) -> AttentionReport:
+    """Blocks plus near-misses (for ``inspect --explain``) and the graph they refer to."""
+    graph = model if isinstance(model, gs.Graph) else import_graph(infer_shapes(model))
+    times = BindingTimes(graph)
+    ctx = Context(constant=times.is_constant, value=constant_eval)
+    blocks: list[AttentionMatch] = []
+    misses: list[NearMiss] = []
+    for path, body in iter_graphs(graph):
+        for node in list(body.nodes):
+            if node.op == "Softmax":
+                found = _match_softmax(node, body, path, ctx)
+                if isinstance(found, NearMiss):
+                    misses.append(found)
+                else:
+                    blocks.extend(found)
+            else:
+                fused = fused_operands(node)
+                if fused is not None:
+                    blocks.append(_fused_block(node, fused, body, path, ctx))
+    for index, block in enumerate(blocks):
+        block.id = f"attn_{index}"
+    _classify(blocks, graph, times)
+    return AttentionReport(blocks, misses, graph)
+
+
+# --- core matching ------------------------------------------------------------------------------
+
+def _context_matmuls(softmax: gs.Node) -> Iterator[gs.Node]:
+    """MatMuls reading ``softmax``'s probabilities as their first input, a few ops down."""
+    frontier, seen = [softmax.outputs[0]], set()
+    for _ in range(5):
+        following = []
+        for tensor in frontier:
+            for consumer in tensor.outputs:
+                if id(consumer) in seen:
+                    continue
+                seen.add(id(consumer))
+                if consumer.op == "MatMul" and consumer.inputs[0] is tensor:
+                    yield consumer
+                elif consumer.op in PROBS_OPS:
+                    following.extend(consumer.outputs)
+        frontier = following
+
+
+def _match_softmax(softmax: gs.Node, body: gs.Graph, path: str, ctx: Context):
+    failure: Failure | None = None
+    blocks = []
+    for context_node in _context_matmuls(softmax):
+        core = match(ATTENTION_CORE, context_node.outputs[0], ctx)
+        if core is None or core.get("softmax.node") is not softmax:
+            failure = ctx.best_failure if core is None else Failure("matched another Softmax")
+            continue
+        problem = _not_attention(core)
+        if problem:
+            failure = Failure(problem, context_node)
+            continue
+        blocks.append(_unfused_block(core, body, path, ctx))
+    if blocks:
+        return blocks
+    if failure is None:
+        failure = Failure("no MatMul reads the probabilities (a classifier head?)", softmax)
+    return NearMiss(_label(softmax), path, failure.reason,
+                    _label(failure.node) if failure.node is not None else None, failure.tensor)
+
+
+def _not_attention(core: Match) -> str | None:
+    for name in ("q", "k_t", "v"):
+        shape = core[name].shape
+        if shape is not None and len(shape) < 3:
+            return (f"operand {name} '{core[name].name}' is {len(shape)}-D; attention multiplies "
+                    "batched (3-D or 4-D) Q, K and V")
+    return None
+
+
+def _walk_operand(pattern, tensor: gs.Tensor, prefix: str, ctx: Context) -> Operand:
+    found = match(pattern, tensor, ctx)
+    assert found is not None  # the operand pattern ends in Any(): it always matches
+    proj = found.get(f"{prefix}_proj.node")
+    matmul = found.get(f"{prefix}_matmul.node")
+    excluded = {id(n) for n in (proj, matmul) if n is not None}
+    nodes = [n for n in found.nodes if id(n) not in excluded]
+    return Operand(
+        tensor=tensor, source=found[f"{prefix}_src"], projection=proj,
+        weight=found.get(f"{prefix}_w"), bias=found.get(f"{prefix}_b"),
+        scales=found.get(f"{prefix}_scale", []) + found.get(f"{prefix}_div", []),
+        nodes=nodes, past=found.get(f"{prefix}_past", []),
+    )
+
+
+def _unfused_block(core: Match, body: gs.Graph, path: str, ctx: Context) -> AttentionMatch:
+    q = _walk_operand(Q_OPERAND, core["q"], "q", ctx)
+    k = _walk_operand(K_OPERAND, core["k_t"], "k", ctx)
+    v = _walk_operand(V_OPERAND, core["v"], "v", ctx)
+    merge_nodes, output = _merge_heads(core["context"], body)
+    nodes = _unique(core.nodes + q.nodes + k.nodes + v.nodes + merge_nodes)
+    q_shape = core["q"].shape
+    block = AttentionMatch(
+        id="", kind="self", num_heads=_num_heads(core["q"], q), head_dim=_static_dim(q_shape, -1),
+        scale=_scale(core, q, k), q=q, k=k, v=v, mask=_mask(core), fused=False,
+        op="MatMul-Softmax-MatMul", subgraph=path, graph=body, nodes=nodes, output=output,
+        core=core, num_kv_heads=_num_heads(core["k_t"], k, kv=True),
+        layout="BHSD" if q_shape is not None and len(q_shape) == 4 else "(BH)SD",
+    )
+    block.escapes, block.shape_uses = _escapes(block)
+    return block
+
+
+def _fused_block(node: gs.Node, info: dict[str, Any], body: gs.Graph, path: str,
+                 ctx: Context) -> AttentionMatch:
+    q = _walk_operand(Q_OPERAND, info["q"], "q", ctx)
+    k = _walk_operand(K_OPERAND, info["k"] or info["q"], "k", ctx)
+    v = _walk_operand(V_OPERAND, info["v"] or info["q"], "v", ctx)
+    mask = {"kind": "input", "tensors": [info["mask"].name]} if info.get("mask") is not None else None
+    head_dim = info.get("head_dim") or _static_dim(info["q"].shape, -1)
+    if info.get("num_heads") and head_dim and info["q"].shape is not None and len(info["q"].shape) == 3:
+        head_dim = _static_dim(info["q"].shape, -1)
+        head_dim = head_dim // info["num_heads"] if head_dim else None
+    block = AttentionMatch(
+        id="", kind="self" if info.get("self_only") else "cross", num_heads=info.get("num_heads"),
+        head_dim=head_dim, scale=info.get("scale"), q=q, k=k, v=v, mask=mask, fused=True,
+        op=f"{node.domain + '.' if node.domain else ''}{node.op}", subgraph=path, graph=body,
+        nodes=[node], output=node.outputs[0], num_kv_heads=info.get("num_kv_heads"),
+    )
+    if info.get("self_only"):
+        block.k.source = block.q.source
+    return block
+
+
+def _merge_heads(context: gs.Tensor, body: gs.Graph) -> tuple[list[gs.Node], gs.Tensor]:
+    """The Transpose/Reshape chain that merges heads back to [B, S, E] below the context."""
+    nodes, tensor = [], context
+    for _ in range(4):
+        if len(tensor.outputs) != 1 or is_graph_output(tensor, body):
+            break
+        consumer = tensor.outputs[0]
+        if consumer.op not in _MERGE_OPS or consumer.inputs[0] is not tensor:
+            break
+        nodes.append(consumer)
+        tensor = consumer.outputs[0]
+        if consumer.op == "Reshape" and tensor.shape is not None and len(tensor.shape) <= 3 \
+                and any(n.op == "Transpose" for n in nodes):
+            break
+    return nodes, tensor
+
+
+# --- block facts ------------------------------------------------------------------------------
+
+def _static_dim(shape, axis: int) -> int | None:
+    if shape is None or len(shape) < abs(axis):
+        return None
+    dim = shape[axis]
+    return int(dim) if isinstance(dim, int) and dim > 0 else None
+
+
+def _num_heads(core_operand: gs.Tensor, operand: Operand, kv: bool = False) -> int | None:
+    shape = core_operand.shape
+    if shape is not None and len(shape) == 4:
+        return _static_dim(shape, 1)
+    # 3-D batched heads: the head split is a Reshape that adds a dim ending in head_dim.
+    for node in operand.nodes:
+        if node.op != "Reshape" or node.inputs[0].shape is None or node.outputs[0].shape is None:
+            continue
+        out = node.outputs[0].shape
+        if len(out) > len(node.inputs[0].shape) and len(out) >= 4:
+            return _static_dim(out, -2)
+    return None
+
+
+def _scale(core: Match, q: Operand, k: Operand) -> float | None:
+    scale = 1.0
+    for name, invert in (("score_mul", False), ("score_div", True)):
+        for tensor in core.get(name, []):
+            value = constant_eval(tensor)
+            if value is None:
+                return None
+            scale = scale / float(value.reshape(-1)[0]) if invert else scale * float(value.reshape(-1)[0])
+    for operand in (q, k):
+        for tensor in operand.scales:
+            value = constant_eval(tensor)
+            if value is None:
+                return None
+            node = next((n for n in operand.nodes if tensor in n.inputs), None)
+            factor = float(value.reshape(-1)[0])
+            scale = scale / factor if node is not None and node.op == "Div" else scale * factor
+    return scale
+
+
+def _mask(core: Match) -> dict[str, Any] | None:
+    adds = [t.name for t in core.get("mask", [])]
+    conds = [t.name for t in core.get("mask_cond", [])]
+    if not adds and not conds:
+        return None
+    kind = "add" if adds and not conds else "where" if conds and not adds else "add+where"
+    return {"kind": kind, "tensors": adds + conds}
+
+
+def _escapes(block: AttentionMatch) -> tuple[list[str], list[str]]:
+    """Intermediate tensors read outside the block (data) and by Shape ops (shape only)."""
+    inside = {id(n) for n in block.nodes}
+    escapes, shape_uses = [], []
+    for node in block.nodes:
+        for tensor in node.outputs:
+            if tensor is block.output:
+                continue
+            if is_graph_output(tensor, block.graph):
+                escapes.append(f"'{tensor.name}' is a graph output")
+            for consumer in tensor.outputs:
+                if id(consumer) in inside:
+                    continue
+                if consumer.op == "Shape":
+                    shape_uses.append(tensor.name)
+                else:
+                    escapes.append(f"'{tensor.name}' is read by {consumer.op} '{_label(consumer)}'")
+    return escapes, sorted(set(shape_uses))
+
+
+# --- classification ---------------------------------------------------------------------------
+
+def _classify(blocks: list[AttentionMatch], graph: gs.Graph, times: BindingTimes) -> None:
+    for block in blocks:
+        if block.q.source is block.k.source:
+            block.kind = "self"
+        elif not block.fused or block.kind != "self":
+            block.kind = "cross"
+    times.mark_attention_outputs(
+        b.core["context"] if b.core is not None else b.output for b in blocks)
+    stops = {id(t) for b in blocks if b.kind == "cross" for t in (b.k.tensor, b.v.tensor)}
+    static = _static_inputs(graph, stops)
+    for block in blocks:
+        deps = times.deps(block.k.tensor) | times.deps(block.v.tensor)
+        names = set(times.input_names(block.k.tensor)) | set(times.input_names(block.v.tensor))
+        if block.kind == "cross":
+            block.static_inputs = [name for name in static if name in names]
+        if deps == 0:
+            block.kv_source_kind = "constant"
+        elif (block.kind == "cross" and names and names <= set(static)
+              and not times.via_attention(block.k.source)
+              and not times.via_attention(block.v.source)):
+            block.kv_source_kind = "graph_input"
+        else:
+            block.kv_source_kind = "internal"
+
+
+def _static_inputs(graph: gs.Graph, stops: set[int]) -> list[str]:
+    """Graph inputs whose every path to a graph output passes through a cross K/V operand."""
+    owners = _body_owners(graph)
+    outputs = {id(t) for t in graph.outputs}
+    static = []
+    for tensor in graph.inputs:
+        if _reaches_output(tensor, stops, outputs, owners):
+            continue
+        if any(True for _ in tensor.outputs):
+            static.append(tensor.name)
+    return static
+
+
+def _body_owners(graph: gs.Graph) -> dict[int, gs.Node]:
+    """Each node inside a body -> the top-level node that owns the body."""
+    owners: dict[int, gs.Node] = {}
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, gs.Graph):
+                    for _, body in iter_graphs(item):
+                        for inner in body.nodes:
+                            owners[id(inner)] = node
+    return owners
+
+
+def _reaches_output(start: gs.Tensor, stops: set[int], outputs: set[int],
+                    owners: dict[int, gs.Node]) -> bool:
+    frontier, seen = [start], set()
+    while frontier:
+        tensor = frontier.pop()
+        if id(tensor) in seen or id(tensor) in stops:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in outputs:
+            return True
+        for consumer in tensor.outputs:
+            frontier.extend(consumer.outputs)
+            if id(consumer) in owners:
+                frontier.extend(owners[id(consumer)].outputs)
+    return False
+
+
+def _unique(nodes: list[gs.Node]) -> list[gs.Node]:
+    seen, out = set(), []
+    for node in nodes:
+        if id(node) not in seen:
+            seen.add(id(node))
+            out.append(node)
+    return out
+
+
+def _label(node: gs.Node | None) -> str:
+    if node is None:
+        return ""
+    return node.name or f"{node.op}->{node.outputs[0].name if node.outputs else ''}"
+
+
+__all__ = ["AttentionMatch", "AttentionReport", "NearMiss", "analyze_attention", "find_attention"]

@@ -1,0 +1,174 @@
+"""``torch.nn.TransformerDecoder``: cross-attention as spelled by ``nn.MultiheadAttention``.
+
+Two decoder layers (d_model 64, 4 heads of 16, feed-forward 128, dropout 0) read ``tgt`` and
+``memory``; the causal ``tgt_mask`` is built inside ``forward`` from ``tgt``'s length (with
+``nn.Transformer.generate_square_subsequent_mask``), so the graph inputs are just ``tgt`` and
+``memory`` and the sequence length stays dynamic. ``memory`` feeds only the cross-attention K/V.
+
+``nn.MultiheadAttention`` has an inference fast path (``torch._native_multi_head_attention``),
+but it is taken only for self-attention with ``query is key is value`` and no float mask; the
+decoder's self-attention carries the float causal mask and its cross-attention has distinct
+query and key, so neither takes it and the exports show the ordinary ``in_proj`` spelling.
+
+This module also holds the hand-written attention blocks the other plain-torch families reuse
+(:func:`plain_blocks`); like everything in the zoo they import torch only when called.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+from ..spec import Attention, Built, ZooModel
+
+D_MODEL, NHEAD, FFN, LAYERS = 64, 4, 128, 2
+#: Sample shapes: batch, target length, memory length and width all differ.
+BATCH, TGT_LEN, MEM_LEN = 2, 5, 12
+SEED = 0
+
+
+@functools.cache
+def plain_blocks() -> SimpleNamespace:
+    """Hand-written attention modules in plain ops, scriptable by ``torch.jit.script``.
+
+    Returns a namespace with ``MultiHeadAttention(d_model, num_heads)`` (separate q/k/v/out
+    ``nn.Linear``; ``forward(query, key, value)`` on batch-first tensors; scores scaled by
+    ``head_dim**-0.5`` after ``Q @ K^T``, so the graph shows MatMul -> Mul/Div -> Softmax) and
+    ``CrossBlock(d_model, num_heads, ffn)`` (pre-norm self-attention, cross-attention into a
+    context, feed-forward; ``forward(x, context)``). Classes are made on first call so that
+    importing this module does not import torch.
+    """
+    import torch
+    from torch import nn
+
+    class MultiHeadAttention(nn.Module):
+        """Attention with explicit reshape/transpose/matmul/softmax (no SDPA)."""
+
+        def __init__(self, d_model: int, num_heads: int):
+            super().__init__()
+            self.num_heads = num_heads
+            self.head_dim = d_model // num_heads
+            self.scale = float(self.head_dim) ** -0.5
+            self.q_proj = nn.Linear(d_model, d_model)
+            self.k_proj = nn.Linear(d_model, d_model)
+            self.v_proj = nn.Linear(d_model, d_model)
+            self.out_proj = nn.Linear(d_model, d_model)
+
+        def _heads(self, x: torch.Tensor) -> torch.Tensor:
+            # [B, S, H*D] -> [B, H, S, D]; -1 keeps the sequence length symbolic.
+            return x.reshape(x.size(0), -1, self.num_heads, self.head_dim).transpose(1, 2)
+
+        def forward(self, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor) -> torch.Tensor:
+            q = self._heads(self.q_proj(query))
+            k = self._heads(self.k_proj(key))
+            v = self._heads(self.v_proj(value))
+            weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
+            out = torch.matmul(weights, v).transpose(1, 2)
+            return self.out_proj(out.reshape(out.size(0), -1, self.num_heads * self.head_dim))
+
+    class CrossBlock(nn.Module):
+        """Pre-norm block: self-attention, cross-attention into ``context``, feed-forward."""
+
+        def __init__(self, d_model: int, num_heads: int, ffn: int):
+            super().__init__()
+            self.norm1 = nn.LayerNorm(d_model)
+            self.self_attn = MultiHeadAttention(d_model, num_heads)
+            self.norm2 = nn.LayerNorm(d_model)
+            self.cross_attn = MultiHeadAttention(d_model, num_heads)
+            self.norm3 = nn.LayerNorm(d_model)
+            self.ffn = nn.Sequential(nn.Linear(d_model, ffn), nn.GELU(), nn.Linear(ffn, d_model))
+
+        def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            h = self.norm1(x)
+            x = x + self.self_attn(h, h, h)
+            x = x + self.cross_attn(self.norm2(x), context, context)
+            return x + self.ffn(self.norm3(x))
+
+    return SimpleNamespace(MultiHeadAttention=MultiHeadAttention, CrossBlock=CrossBlock)
+
+
+@functools.cache
+def _decoder_class() -> type:
+    from torch import nn
+
+    class CausalDecoder(nn.Module):
+        """``nn.TransformerDecoder`` with the causal mask made from ``tgt``'s length."""
+
+        def __init__(self, batch_first: bool):
+            super().__init__()
+            self.batch_first = batch_first
+            layer = nn.TransformerDecoderLayer(D_MODEL, NHEAD, dim_feedforward=FFN, dropout=0.0,
+                                               batch_first=batch_first)
+            self.decoder = nn.TransformerDecoder(layer, LAYERS, norm=nn.LayerNorm(D_MODEL))
+
+        def forward(self, tgt, memory):
+            length = tgt.shape[1] if self.batch_first else tgt.shape[0]
+            mask = nn.Transformer.generate_square_subsequent_mask(
+                length, device=tgt.device, dtype=tgt.dtype)
+            # tgt_is_causal=False: left as None, torch compares the mask with a fresh causal
+            # mask (torch.equal), a data-dependent branch torch.export cannot trace; True
+            # would drop the mask and use SDPA's is_causal instead.
+            return self.decoder(tgt, memory, tgt_mask=mask, tgt_is_causal=False)
+
+    return CausalDecoder
+
+
+def build_decoder(size: str, batch_first: bool) -> Built:
+    """Two-layer ``nn.TransformerDecoder``; ``batch_first`` picks [B, S, D] or [S, B, D]."""
+    import torch
+
+    from ..export import randomize_parameters
+
+    if size != "small":
+        raise ValueError(f"nn.TransformerDecoder has only the 'small' size, not {size!r}")
+    torch.manual_seed(SEED)
+    module = _decoder_class()(batch_first)
+    randomize_parameters(module, SEED)
+    module.eval()
+    gen = torch.Generator().manual_seed(SEED + 1)
+    if batch_first:
+        tgt_shape, mem_shape = (BATCH, TGT_LEN, D_MODEL), (BATCH, MEM_LEN, D_MODEL)
+        dims = {"tgt": {0: "batch", 1: "tgt_len"}, "memory": {0: "batch", 1: "mem_len"}}
+    else:
+        tgt_shape, mem_shape = (TGT_LEN, BATCH, D_MODEL), (MEM_LEN, BATCH, D_MODEL)
+        dims = {"tgt": {0: "tgt_len", 1: "batch"}, "memory": {0: "mem_len", 1: "batch"}}
+    inputs = {"tgt": torch.randn(tgt_shape, generator=gen),
+              "memory": torch.randn(mem_shape, generator=gen)}
+    return Built(
+        module=module, inputs=inputs, output_names=["out"],
+        attention=Attention(self=LAYERS, cross=LAYERS, num_heads=NHEAD,
+                            head_dim=D_MODEL // NHEAD),
+        static_inputs=["memory"], dynamic_dims=dims, kv_source_kind="graph_input",
+        config={"d_model": D_MODEL, "nhead": NHEAD, "dim_feedforward": FFN,
+                "num_layers": LAYERS, "dropout": 0.0, "batch_first": batch_first,
+                "final_norm": True, "tgt_mask": "causal, built in forward"},
+        notes=["Causal tgt_mask built inside forward from tgt's length (not a graph input).",
+               "MHA fast path not taken: float causal mask on self-attention, query is not "
+               "key in cross-attention; in_proj_weight is packed [3*d, d]."])
+
+
+def _batch_first(size: str) -> Built:
+    return build_decoder(size, batch_first=True)
+
+
+def _seq_first(size: str) -> Built:
+    return build_decoder(size, batch_first=False)
+
+
+_DESC = "torch.nn.TransformerDecoder, 2 layers, d_model 64, 4 heads, causal mask in forward"
+MODELS: tuple[ZooModel, ...] = (
+    ZooModel("nn-transformer-decoder-batch-first", "torch-nn", _DESC + ", batch_first=True",
+             _batch_first, exporter="dynamo", opset=18, tags=("encoder-decoder",)),
+    ZooModel("nn-transformer-decoder-batch-first-torchscript", "torch-nn",
+             _DESC + ", batch_first=True, TorchScript exporter", _batch_first,
+             exporter="torchscript", opset=17, tags=("encoder-decoder",)),
+    ZooModel("nn-transformer-decoder-seq-first", "torch-nn", _DESC + ", batch_first=False",
+             _seq_first, exporter="dynamo", opset=18, tags=("encoder-decoder",)),
+    ZooModel("nn-transformer-decoder-seq-first-torchscript", "torch-nn",
+             _DESC + ", batch_first=False, TorchScript exporter", _seq_first,
+             exporter="torchscript", opset=17, tags=("encoder-decoder",)),
+    ZooModel("nn-transformer-decoder-fp16", "torch-nn", _DESC + ", batch_first=True, float16",
+             _batch_first, exporter="dynamo", opset=18, dtype="float16",
+             tags=("encoder-decoder", "fp16")),
+)

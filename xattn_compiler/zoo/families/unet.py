@@ -1,0 +1,182 @@
+"""diffusers ``UNet2DConditionModel``: cross-attention from image tokens into a text context.
+
+Every ``Transformer2DModel`` in the UNet holds one ``BasicTransformerBlock`` per layer with a
+self-attention (``attn1``) and a cross-attention (``attn2``) into ``encoder_hidden_states``.
+The counts are derived from the config: a ``CrossAttnDownBlock2D`` has ``layers_per_block``
+transformers, a ``CrossAttnUpBlock2D`` ``layers_per_block + 1``, ``UNetMidBlock2DCrossAttn``
+one, each with ``transformer_layers_per_block`` (here 1) blocks.
+
+diffusers' ``attention_head_dim`` is, for this class, the number of heads (a historical
+misnomer diffusers keeps for SD checkpoints); the per-head width is ``channels // heads`` and
+so differs per level, which is why the truth lists every block in ``Attention.blocks``.
+
+The graph inputs are ``sample`` [batch, 4, h, w], ``timestep`` int64 [batch] and
+``encoder_hidden_states`` [batch, ctx_len, cross_dim]; the output is ``out_sample``. Batch and
+``ctx_len`` are dynamic; ``h``/``w`` stay static (down/up-sampling needs them divisible by 2
+per level, which torch.export would have to be told). ``encoder_hidden_states`` feeds only the
+cross-attention K/V projections.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from ..spec import Attention, Built, ZooModel
+
+SEED = 0
+#: Tiny UNet: two levels (32 and 64 channels), one layer each, 4 heads (head widths 8 and 16),
+#: context width 24. Heads, head widths, channels and context width all differ so that a
+#: mixed-up dim or a transposed projection shows (with 8 heads the 64-channel level would have
+#: heads == head_dim, and a context width of 32 would make to_k square at level 0).
+SMALL_CONFIG: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 24,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+#: Stable Diffusion 1.5's UNet shape (about 860M parameters), for benchmarks only.
+BENCH_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                       "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+#: Sample shapes per size: (batch, height, width, context length). Small: all differ.
+#: Small spatial tokens: 10*14 = 140 at level 0, 5*7 = 35 at level 1.
+SAMPLE_SHAPES = {"small": (2, 10, 14, 7), "bench": (2, 64, 64, 77)}
+
+
+def attention_blocks(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """List every attention of a UNet2DConditionModel config in forward order.
+
+    Each entry names the module (``down_blocks.0.attentions.0.transformer_blocks.0.attn2``),
+    says whether it is cross-attention and gives its heads and head width. Only the config is
+    read, so this is independent ground truth for what the export should contain.
+    """
+    heads = config["attention_head_dim"]           # diffusers: heads, despite the name
+    channels = config["block_out_channels"]
+    per_block = config["layers_per_block"]
+    found: list[dict[str, Any]] = []
+
+    def add(prefix: str, width: int, count: int) -> None:
+        for i in range(count):
+            for attn, cross in (("attn1", False), ("attn2", True)):
+                found.append({"name": f"{prefix}.attentions.{i}.transformer_blocks.0.{attn}",
+                              "cross": cross, "num_heads": heads, "head_dim": width // heads})
+
+    for level, kind in enumerate(config["down_block_types"]):
+        if kind.startswith("CrossAttn"):
+            add(f"down_blocks.{level}", channels[level], per_block)
+    add("mid_block", channels[-1], 1)              # UNetMidBlock2DCrossAttn, the default
+    reversed_channels = list(reversed(channels))
+    for level, kind in enumerate(config["up_block_types"]):
+        if kind.startswith("CrossAttn"):
+            add(f"up_blocks.{level}", reversed_channels[level], per_block + 1)
+    return found
+
+
+def attention_truth(config: dict[str, Any]) -> Attention:
+    """The :class:`Attention` truth for a UNet config (heads shared, head widths per block)."""
+    blocks = attention_blocks(config)
+    cross = sum(b["cross"] for b in blocks)
+    widths = {b["head_dim"] for b in blocks}
+    return Attention(self=len(blocks) - cross, cross=cross,
+                     num_heads=config["attention_head_dim"],
+                     head_dim=widths.pop() if len(widths) == 1 else None,
+                     blocks=tuple(blocks))
+
+
+@functools.cache
+def _wrapper_class() -> type:
+    from torch import nn
+
+    class UNetWrapper(nn.Module):
+        """Returns the sample tensor instead of diffusers' output dataclass."""
+
+        def __init__(self, unet: nn.Module):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    return UNetWrapper
+
+
+def build_unet(size: str, eager_attention: bool = False) -> Built:
+    """UNet2DConditionModel from ``SMALL_CONFIG`` or ``BENCH_CONFIG`` with seeded weights.
+
+    ``eager_attention`` swaps diffusers' default ``AttnProcessor2_0`` (SDPA) for
+    ``AttnProcessor`` (explicit ``baddbmm`` + softmax + ``bmm`` on [batch*heads, seq, dim]).
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from ..export import randomize_parameters
+
+    config = {"small": SMALL_CONFIG, "bench": BENCH_CONFIG}[size]
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(**config)
+    randomize_parameters(unet, SEED)
+    if eager_attention:
+        unet.set_attn_processor(AttnProcessor())
+    module = _wrapper_class()(unet).eval()
+    batch, height, width, ctx_len = SAMPLE_SHAPES[size]
+    gen = torch.Generator().manual_seed(SEED + 1)
+    inputs = {
+        "sample": torch.randn(batch, config["in_channels"], height, width, generator=gen),
+        "timestep": torch.tensor([10 + 487 * i for i in range(batch)], dtype=torch.int64),
+        "encoder_hidden_states": torch.randn(batch, ctx_len, config["cross_attention_dim"],
+                                             generator=gen),
+    }
+    return Built(
+        module=module, inputs=inputs, output_names=["out_sample"],
+        attention=attention_truth(config), static_inputs=["encoder_hidden_states"],
+        dynamic_dims={"sample": {0: "batch"}, "timestep": {0: "batch"},
+                      "encoder_hidden_states": {0: "batch", 1: "ctx_len"}},
+        kv_source_kind="graph_input",
+        config={**config, "attn_processor": "AttnProcessor" if eager_attention
+                else "AttnProcessor2_0"},
+        notes=["diffusers' attention_head_dim is the number of heads; head_dim is "
+               "channels // heads and differs per level (see attention.blocks).",
+               "timestep is int64 [batch], so a float16 cast leaves it alone."])
+
+
+def _sdpa(size: str) -> Built:
+    return build_unet(size)
+
+
+def _eager(size: str) -> Built:
+    return build_unet(size, eager_attention=True)
+
+
+_DESC = "diffusers UNet2DConditionModel, 2 levels (32/64 ch), 4 heads, context width 24"
+_REQ = ("torch", "diffusers")
+_TAGS = ("diffusion",)
+MODELS: tuple[ZooModel, ...] = (
+    ZooModel("unet2d-tiny", "unet", _DESC + ", SDPA processor", _sdpa, exporter="dynamo",
+             opset=18, sizes=("small", "bench"), requires=_REQ, tags=_TAGS),
+    ZooModel("unet2d-tiny-fp16", "unet", _DESC + ", SDPA processor, float16", _sdpa,
+             exporter="dynamo", opset=18, dtype="float16", requires=_REQ,
+             tags=(*_TAGS, "fp16")),
+    ZooModel("unet2d-tiny-eager", "unet", _DESC + ", eager AttnProcessor", _eager,
+             exporter="dynamo", opset=18, requires=_REQ, tags=_TAGS),
+    ZooModel("unet2d-tiny-torchscript", "unet", _DESC + ", SDPA processor, TorchScript "
+             "exporter", _sdpa, exporter="torchscript", opset=17, requires=_REQ, tags=_TAGS),
+)
