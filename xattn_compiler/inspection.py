@@ -40,7 +40,7 @@ def render_table(report: dict[str, Any]) -> str:
              f"{report['summary']['self']} self-attention, {report['summary']['cross']} "
              "cross-attention"]
     if report["attention"]:
-        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                   for row in rows]
     for miss in report.get("near_misses", []):
         lines.append(f"not attention: Softmax '{miss['anchor']}'"
