@@ -20,6 +20,7 @@ from .io import load, save
 from .passmanager import Listener, Pass, PassRecord
 from .pipeline import DEFAULT_PIPELINE, model_summary, optimize
 from .registry import default_registry
+from .zoo.cli import add_zoo_commands
 
 log = logging.getLogger("xattn_compiler")
 
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimize(commands, common)
     _add_verify(commands, common)
     _add_passes(commands, common)
+    add_zoo_commands(commands, common)
     return parser
 
 

@@ -16,12 +16,16 @@ cache hit) never imports it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import importlib.util
+import io
 import json
 import logging
+import re
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -48,6 +52,7 @@ FUSED_ATTENTION_OPS = frozenset({
     ("com.microsoft", "GroupQueryAttention"), ("com.microsoft", "PackedAttention"),
     ("com.microsoft", "PackedMultiHeadAttention"), ("com.microsoft", "DecoderMaskedMultiHeadAttention"),
 })
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -144,8 +149,8 @@ def export_model(model: ZooModel, out_dir: str | Path, size: str = "small") -> E
                          f"(sizes: {', '.join(model.sizes)})")
     missing = requirements_missing(model)
     if missing:
-        raise InputError(f"zoo model '{model.name}' needs {', '.join(missing)}, "
-                         "which cannot be imported here")
+        raise InputError(f"zoo model '{model.name}' needs {', '.join(missing)}, which cannot "
+                         "be imported here (pip install 'xattn-compiler[zoo]')")
     built = model.build(size)
     if model.dtype == "float16":
         _cast_half(built)
@@ -201,20 +206,28 @@ def _export_proto(model: ZooModel, built: Built) -> tuple[onnx.ModelProto, list[
 def _dynamo_export(built: Built, opset: int) -> tuple[onnx.ModelProto, list[str]]:
     """Export with torch dynamo, named dims dynamic; dims the tracer specialises go static.
 
-    Named :class:`torch.export.Dim` first, as a user would write them. When torch.export
-    refuses them (a dim that must stay static, a bound it cannot prove) the export is redone
-    with ``Dim.AUTO``, which lets torch keep dynamic what it can; what became static is noted.
+    Named :class:`torch.export.Dim` first, as a user would write them. When that fails (a dim
+    that must stay static, a bound torch cannot prove) the export is redone with ``Dim.AUTO``,
+    which keeps dynamic what it can, and then with static shapes; what became static is noted.
     """
-    import torch
+    from torch.export import Dim
 
     notes: list[str] = []
-    try:
-        program = _torch_onnx_export(built, opset, _named_dims(built))
-    except Exception as exc:  # torch.export raises several unrelated types for this
-        reason = _first_line(exc)
-        log.warning("named dynamic dims failed (%s); retrying with Dim.AUTO", reason)
-        notes.append(f"named dynamic dims were refused ({reason}); exported with Dim.AUTO")
-        program = _torch_onnx_export(built, opset, _auto_dims(built, torch.export.Dim.AUTO))
+    attempts = [("named", _named_dims(built)), ("auto", _auto_dims(built, Dim.AUTO)),
+                ("static", None)]
+    if not built.dynamic_dims:
+        attempts = [("static", None)]
+    for index, (kind, dynamic_shapes) in enumerate(attempts):
+        try:
+            program = _torch_onnx_export(built, opset, dynamic_shapes)
+            break
+        except Exception as exc:  # torch.export raises many unrelated types
+            if index == len(attempts) - 1:
+                raise
+            reason = root_cause(exc)
+            log.warning("export with %s dims failed (%s); retrying", kind, reason)
+            notes.append(f"export with {kind} dynamic dims failed: {reason}")
+    if kind == "auto":
         program.rename_axes(_auto_rename_mapping(built, program))
     proto = program.model_proto
     notes.extend(_static_dim_notes(built, proto))
@@ -224,16 +237,31 @@ def _dynamo_export(built: Built, opset: int) -> tuple[onnx.ModelProto, list[str]
 def _torch_onnx_export(built: Built, opset: int, dynamic_shapes: tuple | None) -> Any:
     import torch
 
-    return torch.onnx.export(
-        built.module,
-        tuple(built.inputs.values()),
-        dynamo=True,
-        opset_version=opset,
-        input_names=list(built.inputs),
-        output_names=list(built.output_names),
-        dynamic_shapes=dynamic_shapes,
-        external_data=False,
-    )
+    with _exporter_output_logged():
+        return torch.onnx.export(
+            built.module,
+            tuple(built.inputs.values()),
+            dynamo=True,
+            opset_version=opset,
+            input_names=list(built.inputs),
+            output_names=list(built.output_names),
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+        )
+
+
+@contextlib.contextmanager
+def _exporter_output_logged() -> Iterator[None]:
+    """Route torch.onnx's progress prints to the log (library code must not print), and mute
+    its warning that a shared ``Dim`` is renamed once (sharing is what the recipe asked for)."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            log.debug("torch.onnx: %s", line)
 
 
 def _named_dims(built: Built) -> tuple | None:
@@ -296,16 +324,17 @@ def _torchscript_export(built: Built, opset: int) -> onnx.ModelProto:
     dynamic_axes = {name: dict(axes) for name, axes in built.dynamic_dims.items()}
     with tempfile.TemporaryDirectory(prefix="xattn-zoo-") as tmp:
         path = Path(tmp) / MODEL_FILE
-        torch.onnx.export(
-            built.module,
-            tuple(built.inputs.values()),
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=list(built.inputs),
-            output_names=list(built.output_names),
-            dynamic_axes=dynamic_axes or None,
-        )
+        with _exporter_output_logged():
+            torch.onnx.export(
+                built.module,
+                tuple(built.inputs.values()),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(built.inputs),
+                output_names=list(built.output_names),
+                dynamic_axes=dynamic_axes or None,
+            )
         return onnx.load(path)  # loads any external data the exporter wrote into the proto
 
 
@@ -340,9 +369,14 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(f, **arrays)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost cause of ``exc``: torch.onnx wraps the error that
+    matters in a generic "failed to export" one."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = _ANSI.sub("", lines[0]).strip() if lines else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # --- manifest ------------------------------------------------------------------------------

@@ -108,8 +108,14 @@ MODELS = (
     ZooModel("t5-decoder-eager", "t5",
              "T5 decoder stack + tied head, eager attention: no score scaling, relative "
              "position bias", _eager, sizes=("small", "bench"), requires=_REQUIRES, tags=_TAGS),
-    ZooModel("t5-decoder-sdpa", "t5",
-             "T5 decoder stack + tied head, SDPA attention with the position bias as its "
-             "additive mask (scale 1)", _sdpa, sizes=("small", "bench"), requires=_REQUIRES,
-             tags=_TAGS),
 )
+
+#: Variants left out of MODELS because they do not export, with the error (checked by
+#: tests/zoo, which fail when one starts to export so it can be added).
+#: SDPA with T5's float position-bias mask: after torch.export decomposes
+#: scaled_dot_product_attention, the attention output reaches the merge-heads view still
+#: transposed (non-contiguous) and the view to [batch, seq, d_model] fails, with static shapes
+#: too (torch 2.13; the same error as pytorch/pytorch#136543 and #141107).
+KNOWN_FAILURES = {
+    "t5-decoder-sdpa": (_sdpa, "ValueError: Cannot view a tensor with shape"),
+}
