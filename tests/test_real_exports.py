@@ -1,7 +1,8 @@
 """The main job on real exports: transformers' Whisper decoder, dynamo exporter, opset 18.
 
-The export is a real `transformers` architecture built from a small config (nothing is
-downloaded), cached on disk; see tests/real_exports.py.
+The exports are the zoo's ``whisper-decoder-eager`` and ``whisper-decoder-sdpa``: the real
+`transformers` architecture built from a small config (nothing is downloaded), cached on disk;
+see xattn_compiler/zoo/families/whisper.py.
 """
 
 from __future__ import annotations
@@ -14,23 +15,27 @@ import xattn_compiler as xc
 from xattn_compiler.cli import main
 from xattn_compiler.examples import example_path, example_sample
 from xattn_compiler.ir import count_nodes
-
-from .real_exports import export_whisper_decoder, read_sample
+from xattn_compiler.zoo import cached_export
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=["eager", "sdpa"])
-def whisper_decoder(request, export_cache):
-    return export_whisper_decoder(export_cache, attn_implementation=request.param)
+@pytest.fixture(scope="module", params=["whisper-decoder-eager", "whisper-decoder-sdpa"])
+def whisper_export(request, export_cache):
+    return cached_export(request.param, export_cache)
 
 
-def test_optimized_whisper_decoder_matches_torch(whisper_decoder):
+@pytest.fixture(scope="module")
+def whisper_decoder(whisper_export):
+    return whisper_export.path
+
+
+def test_optimized_whisper_decoder_matches_torch(whisper_export, whisper_decoder):
     model = xc.load(whisper_decoder)
     result = xc.optimize(model, debug=True)
     assert count_nodes(result.model) <= count_nodes(model)
-    inputs, references = read_sample(whisper_decoder)
+    inputs, references = whisper_export.sample()
     check = xc.verify(model, result.model, inputs=inputs)
     assert check.ok, check.summary()
     from xattn_compiler.verification import run_model

@@ -39,7 +39,7 @@ from xattn_compiler.patterns import (
     fused_operands,
 )
 
-from .analysis import BindingTimes, constant_eval
+from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval
 from .ir import import_graph, infer_shapes, is_graph_output, iter_graphs
 from .pattern import Context, Failure, Match, match
 
@@ -236,7 +236,7 @@ def _unfused_block(core: Match, body: gs.Graph, path: str, ctx: Context) -> Atte
     nodes = _unique(core.nodes + q.nodes + k.nodes + v.nodes + merge_nodes)
     q_shape = core["q"].shape
     block = AttentionMatch(
-        id="", kind="self", num_heads=_num_heads(core["q"], q), head_dim=_static_dim(q_shape, -1),
+        id="", kind="self", num_heads=_num_heads(core["q"], q), head_dim=_head_dim(core["q"], q),
         scale=_scale(core, q, k), q=q, k=k, v=v, mask=_mask(core), fused=False,
         op="MatMul-Softmax-MatMul", subgraph=path, graph=body, nodes=nodes, output=output,
         core=core, num_kv_heads=_num_heads(core["k_t"], k, kv=True),
@@ -295,16 +295,57 @@ def _static_dim(shape, axis: int) -> int | None:
 
 def _num_heads(core_operand: gs.Tensor, operand: Operand, kv: bool = False) -> int | None:
     shape = core_operand.shape
-    if shape is not None and len(shape) == 4:
+    if shape is not None and len(shape) == 4 and _static_dim(shape, 1):
         return _static_dim(shape, 1)
-    # 3-D batched heads: the head split is a Reshape that adds a dim ending in head_dim.
+    # The head split is a Reshape that adds dims, its target ending in [..., H, D].
     for node in operand.nodes:
-        if node.op != "Reshape" or node.inputs[0].shape is None or node.outputs[0].shape is None:
+        if node.op != "Reshape":
             continue
-        out = node.outputs[0].shape
-        if len(out) > len(node.inputs[0].shape) and len(out) >= 4:
-            return _static_dim(out, -2)
+        target = reshape_target(node)
+        rank_in = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        if target and len(target) >= 4 and (rank_in is None or len(target) > rank_in):
+            heads = target[-2]
+            if isinstance(heads, int) and heads > 0:
+                return heads
     return None
+
+
+def _head_dim(core_operand: gs.Tensor, operand: Operand) -> int | None:
+    known = _static_dim(core_operand.shape, -1)
+    if known:
+        return known
+    # Shapes unknown (TorchScript computes reshape targets): the nearest Reshape's last dim.
+    for node in operand.nodes:
+        if node.op == "Reshape":
+            target = reshape_target(node)
+            if target and isinstance(target[-1], int) and target[-1] > 0:
+                return target[-1]
+    return None
+
+
+def reshape_target(node: gs.Node) -> list[int | None] | None:
+    """A Reshape's target with the parts that are constant: ``[None, None, 4, 16]``.
+
+    Exporters build targets for dynamic dims at run time as Concat(Unsqueeze(Gather(Shape))...,
+    constants); the constant pieces are what heads and head dims are read from.
+    """
+    shape_input = node.inputs[1]
+    value = constant_eval(shape_input)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)]
+    producer_node = shape_input.inputs[0] if shape_input.inputs else None
+    if producer_node is None or producer_node.op != "Concat":
+        return None
+    target: list[int | None] = []
+    for part in producer_node.inputs:
+        value = constant_eval(part)
+        if value is not None:
+            target.extend(int(v) for v in value.reshape(-1))
+        elif part.shape is not None and len(part.shape) == 1 and isinstance(part.shape[0], int):
+            target.extend([None] * part.shape[0])
+        else:
+            return None
+    return target
 
 
 def _scale(core: Match, q: Operand, k: Operand) -> float | None:
@@ -419,6 +460,8 @@ def _reaches_output(start: gs.Tensor, stops: set[int], outputs: set[int],
         if id(tensor) in outputs:
             return True
         for consumer in tensor.outputs:
+            if consumer.op in SHAPE_ONLY_OPS:
+                continue  # reading a shape needs no values: the static part may still be cut off
             frontier.extend(consumer.outputs)
             if id(consumer) in owners:
                 frontier.extend(owners[id(consumer)].outputs)

@@ -12,7 +12,8 @@ returns bindings (capture name -> tensor or node) and the nodes it used.
 The building blocks:
 
 - ``Any(name)``: any tensor. ``Const(name, check)``: a constant (initializer, Constant node, or
-  a subgraph of constants only). ``Scalar(name)``: a constant with one element.
+  a subgraph of constants and shapes only). ``Scalar(name)``: a constant with one element (its
+  value may be unknown when it is computed from shapes).
 - ``Op(op, *inputs, name, attrs, commutative, output, domain, check)``: a node of type ``op``
   (a string or a tuple of alternatives) whose inputs match ``inputs``; ``...`` as the last input
   accepts any further inputs. ``name`` captures the node's output tensor under ``name`` and the
@@ -162,7 +163,7 @@ class Const(Pattern):
             return
         if self.scalar or self.check:
             value = ctx.value(tensor)
-            if self.scalar and (value is None or value.size != 1):
+            if self.scalar and not _one_element(value, tensor):
                 ctx.fail(state, f"expected a scalar constant, '{tensor.name}' is not one", tensor)
                 return
             if self.check and (value is None or not self.check(value)):
@@ -174,6 +175,15 @@ class Const(Pattern):
 
     def __repr__(self) -> str:
         return f"{'Scalar' if self.scalar else 'Const'}({self.name!r})"
+
+
+def _one_element(value: np.ndarray | None, tensor: gs.Tensor) -> bool:
+    if value is not None:
+        return value.size == 1
+    # A scalar computed from shapes (``1 / sqrt(Shape(q)[-1])``, TorchScript's SDPA scale):
+    # its value is unknown here but its shape says it is one element.
+    shape = tensor.shape
+    return shape is not None and all(isinstance(d, int) and d == 1 for d in shape)
 
 
 def Scalar(name: str | None = None, check: Callable[[np.ndarray], bool] | None = None) -> Const:

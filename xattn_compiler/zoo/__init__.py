@@ -6,6 +6,9 @@ one into a directory; :func:`cached_export` does so once per recipe and library 
 reuses the result. Importing this package, listing models and reading a cached export never
 import torch.
 
+The function :func:`export` shadows the submodule of the same name as an attribute of this
+package; reach the module with ``importlib.import_module("xattn_compiler.zoo.export")``.
+
 >>> from xattn_compiler import zoo
 >>> exported = zoo.cached_export("whisper-decoder-eager")     # doctest: +SKIP
 >>> inputs, references = exported.sample()                    # doctest: +SKIP

@@ -12,6 +12,7 @@ and never imports torch.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -21,10 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import export as zoo_export
 from . import spec as zoo_spec
 from .export import ExportedModel
 from .spec import ZooModel
+
+# The package's export() function shadows this submodule as a package attribute, so
+# "from . import export" would give the function; take the module from the import system.
+zoo_export = importlib.import_module(".export", __package__)
 
 log = logging.getLogger(__name__)
 

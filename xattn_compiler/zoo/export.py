@@ -199,7 +199,8 @@ def _to_numpy(tensor: Any) -> np.ndarray:
 def _export_proto(model: ZooModel, built: Built) -> tuple[onnx.ModelProto, list[str]]:
     """Export with the model's exporter; also return notes on what could not be kept."""
     if model.exporter == "torchscript":
-        return _torchscript_export(built, model.opset), []
+        proto = _torchscript_export(built, model.opset)
+        return proto, _static_dim_notes(built, proto)
     return _dynamo_export(built, model.opset)
 
 

@@ -3,13 +3,15 @@
 * ``if-cross-attention`` (dynamo, opset 18): ``torch.cond`` picks one of two pre-norm blocks
   (self-attention, cross-attention into ``context``, feed-forward; hand-written attention),
   so each ``If`` branch holds one self- and one cross-attention. The predicate is a graph
-  input ``use_cache_branch`` (bool, shape []): a predicate made from a Python constant or a
-  buffer is decided while tracing, and the exporter's optimizer folds an ``If`` on a constant
-  condition away, so only an input keeps the ``If`` in the graph. The condition becomes known
-  at compile time once a user fixes that input.
+  input ``use_cache_branch`` (bool, shape []): torch.cond specialises a Python-bool predicate
+  while tracing (no ``If`` at all), and a buffer predicate survives torch.export only for the
+  exporter's optimizer (on by default) to fold the ``If`` on its constant condition, so only
+  an input keeps the ``If``. The condition becomes known once a user fixes that input.
 * ``loop-cross-attention`` (TorchScript, opset 17): a ``torch.jit.script``-ed module applies
-  one such block three times (``for _ in range(3)``, weights shared), which the TorchScript
-  exporter turns into a ``Loop`` with a constant trip count and the attention in its body.
+  one such block three times (``for _ in range(int(self.steps))``, weights shared), which the
+  TorchScript exporter turns into a ``Loop`` whose trip count is the int64 initializer
+  ``steps`` (3) and whose body holds the attention. A literal ``range(3)`` does not survive:
+  the exporter freezes the scripted module, and freezing unrolls constant-count loops.
 
 Ground truth counts attention blocks as they appear in the graph: each ``If`` branch's blocks
 count (2 self + 2 cross), a ``Loop`` body's block counts once (1 self + 1 cross) however many
@@ -52,19 +54,17 @@ def _classes() -> tuple[type, type]:
     class LoopingModel(nn.Module):
         """One cross-attention block applied ``LOOP_STEPS`` times with shared weights."""
 
-        # A TorchScript constant: scripted code cannot read a global int, and a plain int
-        # attribute would be a mutable GetAttr. (__constants__ rather than a Final annotation,
-        # which this module's postponed annotations would leave unresolvable.)
-        __constants__ = ["steps"]
-
         def __init__(self):
             super().__init__()
-            self.steps = LOOP_STEPS
+            # The trip count lives in a buffer: a literal or constant range() is unrolled by
+            # the module freezing the TorchScript exporter runs (UnrollConstantLoops), while a
+            # buffer survives freezing as an int64 initializer feeding the Loop's trip count.
+            self.register_buffer("steps", torch.tensor(LOOP_STEPS, dtype=torch.int64))
             self.block = CrossBlock(D_MODEL, NHEAD, FFN)
             self.norm = nn.LayerNorm(D_MODEL)
 
         def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            for _ in range(self.steps):
+            for _ in range(int(self.steps)):
                 x = self.block(x, context)
             return self.norm(x)
 
@@ -105,9 +105,10 @@ def build_if(size: str) -> Built:
         config={**_CONFIG, "branches": 2, "blocks_per_branch": 1},
         notes=["Counted per If branch: each branch holds one block (1 self + 1 cross), "
                "so 2 self + 2 cross in the graph though one branch runs.",
-               "The If condition is the graph input use_cache_branch (bool []); a constant "
-               "or buffer predicate is folded away before or during export, so the "
-               "condition is compile-time-known only once a user fixes this input."])
+               "The If condition is the graph input use_cache_branch (bool []): a Python "
+               "bool predicate is specialised by torch.cond, a buffer one folded by the "
+               "exporter's optimizer, so it is compile-time-known only once a user fixes "
+               "this input."])
 
 
 def build_loop(size: str) -> Built:

@@ -58,6 +58,22 @@ def _wrapper_class() -> type:
     return T5DecoderLM
 
 
+def _fold_score_scale_into_queries(stack: Any, d_kv: int) -> None:
+    """Scale every query projection by d_kv**-0.5, as T5's own init does.
+
+    T5 never scales its scores; its init (and training) puts the 1/sqrt(d_kv) into the query
+    weights instead. Without it, unit-variance random weights give scores of std ~sqrt(d_kv)
+    and a saturated softmax whose rounding noise eats most of the fp32 tolerance at bench
+    size. The graph still has no scaling op: only the weights change.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, param in stack.named_parameters():
+            if name.endswith(".q.weight"):
+                param.mul_(d_kv**-0.5)
+
+
 def build_decoder(size: str, attn_implementation: str) -> Built:
     """T5 decoder stack + head at ``size`` with the given attention implementation."""
     import torch
@@ -74,6 +90,7 @@ def build_decoder(size: str, attn_implementation: str) -> Built:
     torch.manual_seed(SEED)
     stack = T5Stack(config)
     randomize_parameters(stack, SEED)
+    _fold_score_scale_into_queries(stack, fields["d_kv"])
     module = _wrapper_class()(stack, fields["d_model"]).eval()
     batch, seq, enc_len = SAMPLE_SHAPES[size]
     generator = torch.Generator().manual_seed(SEED)

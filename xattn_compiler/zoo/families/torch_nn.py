@@ -114,8 +114,14 @@ def _decoder_class() -> type:
     return CausalDecoder
 
 
-def build_decoder(size: str, batch_first: bool) -> Built:
-    """Two-layer ``nn.TransformerDecoder``; ``batch_first`` picks [B, S, D] or [S, B, D]."""
+def build_decoder(size: str, batch_first: bool, static_lengths: bool = False) -> Built:
+    """Two-layer ``nn.TransformerDecoder``; ``batch_first`` picks [B, S, D] or [S, B, D].
+
+    ``static_lengths`` keeps only the batch dynamic. The TorchScript exporter needs it: MHA's
+    packed in-projection (``q is k is v`` in self-attention, ``k is v`` in cross-attention)
+    goes through ``unflatten``, whose traced sizes are Python ints, so the exported Reshapes
+    bake the sample's tgt_len and mem_len even when the axes are declared dynamic.
+    """
     import torch
 
     from ..export import randomize_parameters
@@ -135,6 +141,14 @@ def build_decoder(size: str, batch_first: bool) -> Built:
         dims = {"tgt": {0: "tgt_len", 1: "batch"}, "memory": {0: "mem_len", 1: "batch"}}
     inputs = {"tgt": torch.randn(tgt_shape, generator=gen),
               "memory": torch.randn(mem_shape, generator=gen)}
+    notes = ["Causal tgt_mask built inside forward from tgt's length (not a graph input).",
+             "MHA fast path not taken: float causal mask on self-attention, query is not "
+             "key in cross-attention; in_proj_weight is packed [3*d, d]."]
+    if static_lengths:
+        dims = {name: {axis: dim for axis, dim in axes.items() if dim == "batch"}
+                for name, axes in dims.items()}
+        notes.append(f"tgt_len ({TGT_LEN}) and mem_len ({MEM_LEN}) are static: the "
+                     "TorchScript exporter bakes them into MHA's head-split Reshapes.")
     return Built(
         module=module, inputs=inputs, output_names=["out"],
         attention=Attention(self=LAYERS, cross=LAYERS, num_heads=NHEAD,
@@ -143,17 +157,13 @@ def build_decoder(size: str, batch_first: bool) -> Built:
         config={"d_model": D_MODEL, "nhead": NHEAD, "dim_feedforward": FFN,
                 "num_layers": LAYERS, "dropout": 0.0, "batch_first": batch_first,
                 "final_norm": True, "tgt_mask": "causal, built in forward"},
-        notes=["Causal tgt_mask built inside forward from tgt's length (not a graph input).",
-               "MHA fast path not taken: float causal mask on self-attention, query is not "
-               "key in cross-attention; in_proj_weight is packed [3*d, d]."])
+        notes=notes)
 
 
-def _batch_first(size: str) -> Built:
-    return build_decoder(size, batch_first=True)
-
-
-def _seq_first(size: str) -> Built:
-    return build_decoder(size, batch_first=False)
+_batch_first = functools.partial(build_decoder, batch_first=True)
+_seq_first = functools.partial(build_decoder, batch_first=False)
+_batch_first_static = functools.partial(build_decoder, batch_first=True, static_lengths=True)
+_seq_first_static = functools.partial(build_decoder, batch_first=False, static_lengths=True)
 
 
 _DESC = "torch.nn.TransformerDecoder, 2 layers, d_model 64, 4 heads, causal mask in forward"
@@ -161,12 +171,14 @@ MODELS: tuple[ZooModel, ...] = (
     ZooModel("nn-transformer-decoder-batch-first", "torch-nn", _DESC + ", batch_first=True",
              _batch_first, exporter="dynamo", opset=18, tags=("encoder-decoder",)),
     ZooModel("nn-transformer-decoder-batch-first-torchscript", "torch-nn",
-             _DESC + ", batch_first=True, TorchScript exporter", _batch_first,
+             _DESC + ", batch_first=True, TorchScript exporter, static lengths",
+             _batch_first_static,
              exporter="torchscript", opset=17, tags=("encoder-decoder",)),
     ZooModel("nn-transformer-decoder-seq-first", "torch-nn", _DESC + ", batch_first=False",
              _seq_first, exporter="dynamo", opset=18, tags=("encoder-decoder",)),
     ZooModel("nn-transformer-decoder-seq-first-torchscript", "torch-nn",
-             _DESC + ", batch_first=False, TorchScript exporter", _seq_first,
+             _DESC + ", batch_first=False, TorchScript exporter, static lengths",
+             _seq_first_static,
              exporter="torchscript", opset=17, tags=("encoder-decoder",)),
     ZooModel("nn-transformer-decoder-fp16", "torch-nn", _DESC + ", batch_first=True, float16",
              _batch_first, exporter="dynamo", opset=18, dtype="float16",

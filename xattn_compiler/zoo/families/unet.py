@@ -68,6 +68,10 @@ def attention_blocks(config: dict[str, Any]) -> list[dict[str, Any]]:
     says whether it is cross-attention and gives its heads and head width. Only the config is
     read, so this is independent ground truth for what the export should contain.
     """
+    if (config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn"
+            or config.get("transformer_layers_per_block", 1) != 1):
+        raise ValueError("attention_blocks assumes the default cross-attention mid block and "
+                         "one transformer layer per block")
     heads = config["attention_head_dim"]           # diffusers: heads, despite the name
     channels = config["block_out_channels"]
     per_block = config["layers_per_block"]
