@@ -110,26 +110,63 @@ def _bodies(node: gs.Node) -> list[gs.Graph]:
 
 # --- constant values ---------------------------------------------------------------------------
 
+#: Stand-ins for dims only known at run time. An expression evaluated with both that gives the
+#: same result does not depend on them: ``Gather(Shape(x), 2) / 4`` is static when dim 2 is.
+_UNKNOWN_DIMS = (1_000_003, 1_000_033)
+
+
 def _unary(fn):
-    return lambda node, args: fn(args[0])
+    return lambda node, args, unknown: fn(args[0])
+
+
+def _binary(fn):
+    return lambda node, args, unknown: fn(args[0], args[1])
+
+
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer):
+        return np.trunc(a / b).astype(np.result_type(a, b))  # ONNX integer Div truncates
+    return a / b
+
+
+def _shape(node: gs.Node, args, unknown: int) -> np.ndarray:
+    shape = node.inputs[0].shape
+    dims = np.array([d if isinstance(d, int) and d >= 0 else unknown for d in shape], np.int64)
+    start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
+    return dims[start:end]
+
+
+def _slice(node: gs.Node, args, unknown: int) -> np.ndarray:
+    data, starts, ends = args[0], args[1], args[2]
+    axes = args[3] if len(args) > 3 else np.arange(len(starts))
+    steps = args[4] if len(args) > 4 else np.ones(len(starts), np.int64)
+    index = [slice(None)] * data.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        index[int(axis)] = slice(int(start), int(end), int(step))
+    return data[tuple(index)]
 
 
 _EVAL = {
     "Identity": _unary(lambda x: x),
-    "Cast": lambda node, args: args[0].astype(_numpy_dtype(node)),
+    "Cast": lambda node, args, unknown: args[0].astype(_numpy_dtype(node)),
     "Sqrt": _unary(np.sqrt),
     "Reciprocal": _unary(lambda x: 1 / x),
     "Neg": _unary(np.negative),
-    "Mul": lambda node, args: args[0] * args[1],
-    "Div": lambda node, args: args[0] / args[1],
-    "Add": lambda node, args: args[0] + args[1],
-    "Sub": lambda node, args: args[0] - args[1],
-    "Pow": lambda node, args: np.power(args[0], args[1]),
-    "Reshape": lambda node, args: args[0].reshape(_reshape_target(args[0], args[1])),
-    "Squeeze": lambda node, args: np.squeeze(args[0]) if len(args) < 2 else np.squeeze(
+    "Mul": _binary(np.multiply),
+    "Div": _binary(_div),
+    "Add": _binary(np.add),
+    "Sub": _binary(np.subtract),
+    "Pow": _binary(np.power),
+    "Reshape": lambda node, args, unknown: args[0].reshape(_reshape_target(args[0], args[1])),
+    "Squeeze": lambda node, args, unknown: np.squeeze(args[0]) if len(args) < 2 else np.squeeze(
         args[0], axis=tuple(int(a) for a in np.atleast_1d(args[1]))),
-    "Unsqueeze": lambda node, args: np.expand_dims(
+    "Unsqueeze": lambda node, args, unknown: np.expand_dims(
         args[0], axis=tuple(int(a) for a in np.atleast_1d(args[1]))),
+    "Shape": _shape,
+    "Gather": lambda node, args, unknown: np.take(args[0], args[1].astype(np.int64),
+                                                  axis=node.attrs.get("axis", 0)),
+    "Slice": _slice,
+    "Concat": lambda node, args, unknown: np.concatenate(args, axis=node.attrs["axis"]),
 }
 
 
@@ -144,20 +181,50 @@ def _reshape_target(array: np.ndarray, shape: np.ndarray) -> tuple[int, ...]:
     return tuple(array.shape[i] if d == 0 else d for i, d in enumerate(dims))
 
 
-def constant_eval(tensor: gs.Tensor, depth: int = 0) -> np.ndarray | None:
-    """The value of a small constant expression, or None when it is not one we evaluate."""
+def constant_eval(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a small constant or shape expression, or None when it is not one we know.
+
+    Shape-derived values count when they do not depend on run-time dims (evaluated with two
+    different stand-ins for those dims, they agree).
+    """
+    first = _eval(tensor, _UNKNOWN_DIMS[0], 0, {})
+    if first is None or not _uses_shape(tensor, 0):
+        return first
+    second = _eval(tensor, _UNKNOWN_DIMS[1], 0, {})
+    if second is None or first.shape != second.shape or not np.array_equal(first, second):
+        return None
+    return first
+
+
+def _uses_shape(tensor: gs.Tensor, depth: int) -> bool:
+    node = producer(tensor)
+    if node is None or depth > 8:
+        return False
+    return node.op == "Shape" or any(_uses_shape(t, depth + 1) for t in node.inputs
+                                     if node.op not in ("Shape",))
+
+
+def _eval(tensor: gs.Tensor, unknown: int, depth: int, memo: dict) -> np.ndarray | None:
+    if id(tensor) in memo:
+        return memo[id(tensor)]
     value = constant_value(tensor)
     if value is not None:
         return value if value.size <= _MAX_EVAL_ELEMENTS else None
     node = producer(tensor)
     if node is None or depth > 8 or node.op not in _EVAL or len(node.outputs) != 1:
         return None
-    args = [constant_eval(t, depth + 1) for t in node.inputs]
-    if any(a is None for a in args):
-        return None
+    if node.op == "Shape":
+        args = []
+        if node.inputs[0].shape is None:
+            return None
+    else:
+        args = [_eval(t, unknown, depth + 1, memo) for t in node.inputs]
+        if any(a is None for a in args):
+            return None
     try:
         with np.errstate(all="ignore"):
-            result = np.asarray(_EVAL[node.op](node, args))
-    except (ValueError, TypeError, KeyError):
+            result = np.asarray(_EVAL[node.op](node, args, unknown))
+    except (ValueError, TypeError, KeyError, IndexError):
         return None
-    return result if result.size <= _MAX_EVAL_ELEMENTS else None
+    memo[id(tensor)] = result if result.size <= _MAX_EVAL_ELEMENTS else None
+    return memo[id(tensor)]
