@@ -40,13 +40,31 @@ def _concat_on_sequence(node) -> bool:
     return len(node.inputs) == 2 and node.attrs.get("axis") in (-2, 1, 2)
 
 
-def projection(p: str) -> Pattern:
-    matmul = Op("MatMul", Any(f"{p}_src"), Const(f"{p}_w"), name=f"{p}_matmul")
+def _flattened(p: str) -> Pattern:
+    # Gemm is 2-D: exporters flatten [B, S, E] to [B*S, E] first; the source is before that.
+    flatten = Op("Reshape", Any(f"{p}_src"), Any(), check=_to_2d, name=f"{p}_flatten")
+    return Or(flatten, Any(f"{p}_src"))
+
+
+def _to_2d(node) -> bool:
+    shape = node.outputs[0].shape
+    return shape is not None and len(shape) == 2
+
+
+def _weight_op(p: str, name: str) -> Pattern:
     return Or(
-        Op("Add", matmul, Const(f"{p}_b"), commutative=True, name=f"{p}_proj"),
-        Op("MatMul", Any(f"{p}_src"), Const(f"{p}_w"), name=f"{p}_proj"),
-        Op("Gemm", Any(f"{p}_src"), Const(f"{p}_w"), ..., name=f"{p}_proj"),
-        Op("Einsum", Any(f"{p}_src"), Const(f"{p}_w"), name=f"{p}_proj"),
+        Op("MatMul", _flattened(p), Const(f"{p}_w"), name=name),
+        Op("Gemm", _flattened(p), Const(f"{p}_w"), ..., name=name),
+        Op("Einsum", Any(f"{p}_src"), Const(f"{p}_w"), name=name),
+    )
+
+
+def projection(p: str) -> Pattern:
+    """``x @ W [+ b]`` as MatMul, Gemm (on a flattened x) or Einsum, the bias as an Add."""
+    return Or(
+        Op("Add", _weight_op(p, f"{p}_matmul"), Const(f"{p}_b"), commutative=True,
+           name=f"{p}_proj"),
+        _weight_op(p, f"{p}_proj"),
     )
 
 

@@ -2,7 +2,7 @@
 
     context_BHSD = MatMul(probs_BHSS, v_BHSD)
     probs_BHSS   = [Cast | Where(IsNaN(p), 0, p) | Dropout | Identity]* (Softmax(s, axis=-1))
-    s            = [Cast | Div(., c) | Mul(., c) | Add(., mask) | Where(cond, ., fill)]* (scores)
+    s            = [Cast | Reshape | Div(., c) | Mul(., c) | Add(., mask) | Where(cond, ., fill)]* (scores)
     scores_BHSS  = MatMul(q_BHSD, k_BHDS)
 
 Shapes in names use B batch, H heads, S sequence, D head dim; the 3-D batched-heads form
@@ -18,6 +18,7 @@ from xattn_compiler.pattern import REST, Any, Chain, Op, Or, Scalar
 #: Elementwise steps between the score MatMul and Softmax.
 SCORE_STEPS = (
     Op("Cast", REST),
+    Op("Reshape", REST, Any()),  # batched heads [B*H,S,S] unbatched around a [B,1,S,S] mask
     Op("Div", REST, Scalar("score_div*")),
     Op("Mul", REST, Scalar("score_mul*"), commutative=True),
     Op("Add", REST, Any("mask*"), commutative=True, name="mask_add*"),
@@ -37,14 +38,14 @@ PROBS_STEPS = (
 SCORES_BHSS = Op("MatMul", Any("q"), Any("k_t"), name="scores")
 
 
-def _last_axis(node) -> bool:
+def softmax_over_last_axis(node) -> bool:
     axis = node.attrs.get("axis", -1)
     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
     return axis == -1 or (rank is not None and axis == rank - 1)
 
 
 SOFTMAX = Op("Softmax", Chain(SCORE_STEPS, until=SCORES_BHSS, max_steps=6), name="softmax",
-             check=_last_axis)
+             check=softmax_over_last_axis)
 PROBS_BHSS = Chain(PROBS_STEPS, until=SOFTMAX, max_steps=4)
 
 #: The whole core, matched upward from the context MatMul's output.

@@ -218,7 +218,8 @@ def _walk_operand(pattern, tensor: gs.Tensor, prefix: str, ctx: Context) -> Oper
     assert found is not None  # the operand pattern ends in Any(): it always matches
     proj = found.get(f"{prefix}_proj.node")
     matmul = found.get(f"{prefix}_matmul.node")
-    excluded = {id(n) for n in (proj, matmul) if n is not None}
+    flatten = found.get(f"{prefix}_flatten.node")
+    excluded = {id(n) for n in (proj, matmul, flatten) if n is not None}
     nodes = [n for n in found.nodes if id(n) not in excluded]
     return Operand(
         tensor=tensor, source=found[f"{prefix}_src"], projection=proj,

@@ -100,7 +100,7 @@ class Context:
 
     def fail(self, state: State, reason: str, tensor: gs.Tensor | None = None) -> None:
         progress = len(state.nodes)
-        if progress >= self.best_failure.progress:
+        if progress > self.best_failure.progress:  # the first way to fail at the furthest point
             node = producer(tensor) if tensor is not None else None
             self.best_failure = Failure(reason, node, tensor.name if tensor is not None else None,
                                         progress)
@@ -249,7 +249,7 @@ class Op(Pattern):
             if not ok:
                 return f"attribute {key}={actual!r} does not fit"
         if self.check is not None and not self.check(node):
-            return "fails its check"
+            return f"fails {getattr(self.check, '__name__', 'its check')}"
         return None
 
     def _input_orders(self, node: gs.Node) -> list[list[gs.Tensor]]:

@@ -144,6 +144,16 @@ def test_a_cache_miss_exports_once_then_hits(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [first.directory.name]  # no temp dir left
 
 
+def test_a_damaged_entry_is_exported_again(tmp_path, monkeypatch):
+    model = zoo.get_model("bart-decoder-eager")
+    entry = zoo_cache.entry_dir(model, "small", tmp_path)
+    _fake_export(entry, name="old")
+    (entry / "sample.npz").unlink()
+    monkeypatch.setattr(zoo_export, "export_model",
+                        lambda model, out_dir, size: _fake_export(Path(out_dir), name="new"))
+    assert zoo.cached_export(model.name, tmp_path).manifest["name"] == "new"
+
+
 def test_an_entry_finished_concurrently_is_kept(tmp_path, monkeypatch):
     model = zoo.get_model("bart-decoder-eager")
     entry = zoo_cache.entry_dir(model, "small", tmp_path)
@@ -341,3 +351,33 @@ def test_attention_truth_serialises():
     truth = Attention(self=2, cross=2, num_heads=4, head_dim=16)
     assert truth.to_dict() == {"self": 2, "cross": 2, "num_heads": 4, "head_dim": 16,
                                "blocks": []}
+
+
+def _batch_must_be_two(size: str) -> Built:
+    """A module whose batch dim cannot stay dynamic (it reshapes to a literal 2)."""
+    import torch
+
+    class FixedBatch(torch.nn.Module):
+        def forward(self, x):
+            return torch.softmax(x.reshape(2, x.shape[1] * 4), dim=-1)
+
+    x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))
+    return Built(module=FixedBatch(), inputs={"x": x}, output_names=["y"],
+                 attention=Attention(self=0, cross=0), static_inputs=[],
+                 dynamic_dims={"x": {0: "batch", 1: "seq"}})
+
+
+@pytest.mark.slow
+def test_a_dim_that_cannot_stay_dynamic_goes_static_with_a_note(tmp_path):
+    pytest.importorskip("torch")
+    model = ZooModel("fixed-batch", "test", "batch specialised to 2", _batch_must_be_two)
+    exported = zoo_export.export_model(model, tmp_path)
+    manifest = exported.manifest
+    assert manifest["inputs"][0]["shape"] == [2, "seq", 4]
+    # torch.onnx relaxes a refused named Dim itself; either way the manifest must say so.
+    assert "x axis 0 ('batch') exported static: 2" in manifest["notes"]
+    assert zoo.check_export(exported).ok
+    # A class defined in a function is recorded without "<locals>" in the node metadata.
+    metadata = [p.value for n in onnx.load(exported.path).graph.node for p in n.metadata_props]
+    assert any("FixedBatch" in value for value in metadata)
+    assert not any("<locals>" in value for value in metadata)

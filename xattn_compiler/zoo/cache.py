@@ -69,6 +69,10 @@ def cached_export(model: ZooModel, size: str = "small",
     if ExportedModel.is_complete(entry):
         log.debug("zoo cache hit: %s", entry)
         return ExportedModel(entry)
+    if entry.exists():
+        # Entries only appear by rename, complete; a partial one was damaged by hand.
+        log.warning("zoo cache: %s is incomplete; exporting it again", entry)
+        shutil.rmtree(entry, ignore_errors=True)
     log.info("zoo cache miss: exporting %s (%s) into %s", model.name, size, entry)
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))

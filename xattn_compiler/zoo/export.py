@@ -152,6 +152,7 @@ def export_model(model: ZooModel, out_dir: str | Path, size: str = "small") -> E
         raise InputError(f"zoo model '{model.name}' needs {', '.join(missing)}, which cannot "
                          "be imported here (pip install 'xattn-compiler[zoo]')")
     built = model.build(size)
+    _tidy_class_names(built.module)
     if model.dtype == "float16":
         _cast_half(built)
     references = torch_outputs(built)
@@ -170,6 +171,19 @@ def export_model(model: ZooModel, out_dir: str | Path, size: str = "small") -> E
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("exported %s (%s) to %s in %.1f s", model.name, size, out_dir, seconds)
     return ExportedModel(out_dir)
+
+
+def _tidy_class_names(module: Any) -> None:
+    """Drop ``<locals>`` from the qualified names of classes defined inside functions.
+
+    The exporter records every module's class path in node metadata; builders define their
+    torch classes inside functions (torch may only be imported lazily), and
+    ``build.<locals>.Model`` is noise there. The name stays unique within its module.
+    """
+    for sub in module.modules():
+        cls = type(sub)
+        if "<locals>" in cls.__qualname__:
+            cls.__qualname__ = cls.__name__
 
 
 def _cast_half(built: Built) -> None:

@@ -77,8 +77,6 @@ def _wrapper_classes() -> tuple[type, type]:
             return self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids,
                               use_cache=False, return_dict=True).logits
 
-    for cls in (BartDecoderLM, BartSeq2SeqLM):  # no "<locals>" in exported metadata
-        cls.__qualname__ = cls.__name__
     return BartDecoderLM, BartSeq2SeqLM
 
 

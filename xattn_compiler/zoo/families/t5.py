@@ -54,7 +54,6 @@ def _wrapper_class() -> type:
             # T5 with tied embeddings rescales before the head, as T5ForConditionalGeneration.
             return functional.linear(hidden * self.output_scale, self.decoder.embed_tokens.weight)
 
-    T5DecoderLM.__qualname__ = T5DecoderLM.__name__  # no "<locals>" in exported metadata
     return T5DecoderLM
 
 

@@ -59,8 +59,6 @@ def _wrapper_class() -> type:
             # Whisper's proj_out shares embed_tokens' weight and has no bias.
             return functional.linear(hidden, self.decoder.embed_tokens.weight)
 
-    # Exporters record class names in node metadata: keep "<locals>" out of them.
-    WhisperDecoderLM.__qualname__ = WhisperDecoderLM.__name__
     return WhisperDecoderLM
 
 

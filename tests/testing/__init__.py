@@ -1,0 +1,1 @@
+"""Tests of xattn_compiler.testing (the graph builders)."""
