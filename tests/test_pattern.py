@@ -131,3 +131,12 @@ def test_match_is_pure():
     before = [(n.op, [t.name for t in n.inputs]) for n in g.nodes]
     run(Op("Mul", Any(), Any()), g, "s")
     assert [(n.op, [t.name for t in n.inputs]) for n in g.nodes] == before
+
+
+def test_list_captures_of_ops_collect_outputs_and_nodes():
+    pattern = Chain((Op("Add", REST, Any("bias*"), name="add*"),), until=Op("MatMul", Any(), Any()))
+    g = graph_of([("MatMul", ["x", "y"], ["m"], {}), ("Add", ["m", "x"], ["a1"], {}),
+                  ("Add", ["a1", "y"], ["a2"], {})])
+    found, _ = run(pattern, g, "a2")
+    assert [t.name for t in found["add"]] == ["a1", "a2"]
+    assert [n.op for n in found["add.node"]] == ["Add", "Add"]

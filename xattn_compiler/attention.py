@@ -426,32 +426,43 @@ def _classify(blocks: list[AttentionMatch], graph: gs.Graph, times: BindingTimes
 
 def _static_inputs(graph: gs.Graph, stops: set[int]) -> list[str]:
     """Graph inputs whose every path to a graph output passes through a cross K/V operand."""
-    owners = _body_owners(graph)
+    flows = _body_output_flows(graph)
     outputs = {id(t) for t in graph.outputs}
-    static = []
-    for tensor in graph.inputs:
-        if _reaches_output(tensor, stops, outputs, owners):
-            continue
-        if any(True for _ in tensor.outputs):
-            static.append(tensor.name)
-    return static
+    return [tensor.name for tensor in graph.inputs
+            if tensor.outputs and not _reaches_output(tensor, stops, outputs, flows)]
 
 
-def _body_owners(graph: gs.Graph) -> dict[int, gs.Node]:
-    """Each node inside a body -> the top-level node that owns the body."""
-    owners: dict[int, gs.Node] = {}
-    for node in graph.nodes:
-        for value in node.attrs.values():
-            for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, gs.Graph):
-                    for _, body in iter_graphs(item):
-                        for inner in body.nodes:
-                            owners[id(inner)] = node
-    return owners
+def _body_output_flows(graph: gs.Graph) -> dict[int, list[gs.Tensor]]:
+    """Where each body output's value goes: the owning If/Loop/Scan outputs (and, for a Loop's
+    carried values, the body input of the next iteration)."""
+    flows: dict[int, list[gs.Tensor]] = {}
+    for _, body_owner_graph in iter_graphs(graph):
+        for node in body_owner_graph.nodes:
+            for attr, value in node.attrs.items():
+                for body in value if isinstance(value, list) else [value]:
+                    if isinstance(body, gs.Graph):
+                        _map_body_outputs(node, attr, body, flows)
+    return flows
+
+
+def _map_body_outputs(node: gs.Node, attr: str, body: gs.Graph,
+                      flows: dict[int, list[gs.Tensor]]) -> None:
+    outs = list(body.outputs)
+    if node.op == "Loop":
+        # outputs: cond, carried..., scan...; node outputs: carried..., scan...
+        for i, tensor in enumerate(outs[1:]):
+            targets = [node.outputs[i]] if i < len(node.outputs) else []
+            if i + 2 < len(body.inputs):
+                targets.append(body.inputs[i + 2])
+            flows[id(tensor)] = targets
+    else:  # If branches and Scan bodies map output i to node output i
+        for i, tensor in enumerate(outs):
+            if i < len(node.outputs):
+                flows.setdefault(id(tensor), []).append(node.outputs[i])
 
 
 def _reaches_output(start: gs.Tensor, stops: set[int], outputs: set[int],
-                    owners: dict[int, gs.Node]) -> bool:
+                    flows: dict[int, list[gs.Tensor]]) -> bool:
     frontier, seen = [start], set()
     while frontier:
         tensor = frontier.pop()
@@ -460,12 +471,13 @@ def _reaches_output(start: gs.Tensor, stops: set[int], outputs: set[int],
         seen.add(id(tensor))
         if id(tensor) in outputs:
             return True
+        frontier.extend(flows.get(id(tensor), ()))
         for consumer in tensor.outputs:
             if consumer.op in SHAPE_ONLY_OPS:
                 continue  # reading a shape needs no values: the static part may still be cut off
+            # A body node reading an outer value is a consumer too; what it computes leaves
+            # the body through ``flows``.
             frontier.extend(consumer.outputs)
-            if id(consumer) in owners:
-                frontier.extend(owners[id(consumer)].outputs)
     return False
 
 

@@ -230,10 +230,19 @@ class Op(Pattern):
 
     def _bind_only(self, tensor, node, state, ctx):
         # A node reached twice (a shared sub-expression) is matched once; bind and move on.
-        bound = state.bind(self.name, tensor)
-        bound = bound.bind(f"{self.name}.node", node) if (bound and self.name) else bound
+        bound = self._bind(state, tensor, node)
         if bound is not None:
             yield bound
+
+    def _bind(self, state: State, tensor: gs.Tensor, node: gs.Node) -> State | None:
+        """Bind the output under ``name`` and the node under ``name.node`` (``name.node*``)."""
+        if not self.name:
+            return state
+        bound = state.bind(self.name, tensor)
+        if bound is None:
+            return None
+        node_key = f"{self.name[:-1]}.node*" if self.name.endswith("*") else f"{self.name}.node"
+        return bound.bind(node_key, node)
 
     def _node_problem(self, node: gs.Node, tensor: gs.Tensor) -> str | None:
         if self.domain is not None and (node.domain or "") != self.domain:
@@ -261,10 +270,10 @@ class Op(Pattern):
 
     def _match_inputs(self, tensors, index, state, ctx, out_tensor, node):
         if index == len(self.inputs):
-            bound = state.bind(self.name, out_tensor)
-            if bound is not None and self.name:
-                bound = bound.bind(f"{self.name}.node", node)
-            if bound is not None:
+            bound = self._bind(state, out_tensor, node)
+            if bound is None:
+                ctx.fail(state, f"'{self.name}' is already bound to another tensor", out_tensor)
+            else:
                 yield bound
             return
         for next_state in self.inputs[index].match(tensors[index], state, ctx):

@@ -48,7 +48,10 @@ def cache_key(model: ZooModel, size: str) -> str:
         "versions": zoo_export.library_versions(),
         "model": _model_fields(model),
         "size": size,
-        "family_source": _source_digest(_family_file(model)),
+        # Every family file, not only this model's: families share blocks (torch_nn's plain
+        # attention is used by detr, constant_context and control_flow).
+        "family_sources": [_source_digest(path) for path in
+                           sorted(_family_file(model).parent.glob("*.py"))],
         "export_source": _source_digest(Path(zoo_export.__file__)),
         "spec_source": _source_digest(Path(zoo_spec.__file__)),
     }
