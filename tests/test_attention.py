@@ -155,3 +155,17 @@ def test_fused_ops_are_reported_as_fused(op, domain, opset, attrs):
     assert (block.num_heads, block.head_dim) == (4, 4)
     assert block.q.source.name == "x" and block.k.source.name == "k"
     assert block.static_inputs == ["k", "v"] and block.kv_source_kind == "graph_input"
+
+
+def test_tensorrt_cross_attention_plugin_is_reported_as_fused():
+    value = helper.make_tensor_value_info
+    node = helper.make_node("fMHCA", ["q", "kv"], ["y"], plugin_version="1", plugin_namespace="")
+    graph = helper.make_graph(
+        [node], "g", [value("q", onnx.TensorProto.FLOAT16, [2, 5, 4, 16]),
+                      value("kv", onnx.TensorProto.FLOAT16, [2, 7, 4, 2, 16])],
+        [value("y", onnx.TensorProto.FLOAT16, [2, 5, 4, 16])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    (block,) = find_attention(model)
+    assert (block.fused, block.kind, block.op) == (True, "cross", "fMHCA")
+    assert (block.num_heads, block.head_dim) == (4, 16)
+    assert block.k.source.name == block.v.source.name == "kv"
