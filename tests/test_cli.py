@@ -171,3 +171,19 @@ def test_installed_command_runs_quietly_when_piped(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "[1/1]" not in proc.stderr  # no progress line when stderr is not a terminal
     assert "wrote" in proc.stderr and out.exists()
+
+
+def test_progress_line_shows_each_pass_on_a_terminal(capsys):
+    from xattn_compiler.cli import ProgressLine
+    from xattn_compiler.passes import Canonicalize
+    from xattn_compiler.pipeline import optimize
+
+    optimize(onnx.load(example_path()), [Canonicalize(), Canonicalize()],
+             listener=ProgressLine(enabled=True))
+    err = capsys.readouterr().err
+    assert "[1/2] canonicalize: changed" in err and "[2/2] canonicalize: no change" in err
+
+
+def test_verbose_logs_what_each_pass_did(tmp_path, capsys):
+    assert cli("optimize", "--example", "-o", tmp_path / "o.onnx", "-v") == 0
+    assert "canonicalize: changed" in capsys.readouterr().err
