@@ -33,6 +33,12 @@ def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from iter_graph_protos(sub)
 
 
+def iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph``, those in If/Loop/Scan bodies included."""
+    for body in iter_graph_protos(graph):
+        yield from body.node
+
+
 def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every initializer and tensor-valued attribute (Constant values), subgraphs included."""
     for graph in iter_graph_protos(model.graph):

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from xattn_compiler.zoo.export import strip_source_locations
+
 NAME = "whisper_tiny_decoder"
 
 # Architecture. Small enough that the .onnx stays well under 2 MB with its weights embedded.
@@ -202,32 +204,7 @@ def export_onnx(model, inputs: dict[str, np.ndarray]) -> onnx.ModelProto:
         external_data=False,
     )
     # Take the proto straight from the program so weights are embedded, never external.
-    return _strip_source_locations(program.model_proto)
-
-
-def _strip_source_locations(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop per-node Python stack traces and doc strings.
-
-    They carry absolute paths of the machine that built the file, so keeping them would make the
-    bytes depend on where the repo is checked out. The module-scope metadata is kept.
-    """
-    for node in _all_nodes(model.graph):
-        node.doc_string = ""
-        kept = [p for p in node.metadata_props if "stack_trace" not in p.key]
-        del node.metadata_props[:]
-        node.metadata_props.extend(kept)
-    return model
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    """Yield every node, including those in If/Loop/Scan bodies."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
+    return strip_source_locations(program.model_proto)
 
 
 def _value_info_entry(value: onnx.ValueInfoProto) -> dict[str, Any]:
