@@ -4,8 +4,21 @@ Every class listed in :data:`BUILTIN_PASSES` is registered under its kebab-case 
 ``xattn-compiler passes`` lists it and pipeline text can name it.
 """
 
+from .batched_heads import CollapseBatchedHeads
 from .canonicalize import Canonicalize
+from .layout_clutter import RemoveLayoutClutter
+from .reshapes import SimplifyReshapes
+from .transposes import CancelTransposes, CanonicalKeyTranspose, SinkTransposes
 
-BUILTIN_PASSES = (Canonicalize,)
+BUILTIN_PASSES = (
+    Canonicalize,
+    RemoveLayoutClutter,
+    CancelTransposes,
+    SinkTransposes,
+    CanonicalKeyTranspose,
+    SimplifyReshapes,
+    CollapseBatchedHeads,
+)
 
-__all__ = ["BUILTIN_PASSES", "Canonicalize"]
+__all__ = ["BUILTIN_PASSES", "CancelTransposes", "Canonicalize", "CanonicalKeyTranspose",
+           "CollapseBatchedHeads", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes"]

@@ -50,6 +50,7 @@ class Canonicalize(Pass):
         identities = remove_identities(graph)
         nodes_folded = 0
         if self.option("fold-constants"):
+            _quiet_onnxruntime()
             before = _node_count(graph)
             graph.fold_constants(
                 fold_shapes=True, flatten_subgraphs=False, error_ok=True,
@@ -65,6 +66,14 @@ class Canonicalize(Pass):
         }
         changed = any(counts.values()) or _initializer_names(graph) != initializers_before
         return PassResult(out, changed, counts)
+
+
+def _quiet_onnxruntime() -> None:
+    # graphsurgeon's folder runs ONNX Runtime, whose optimizer logs a warning per node it
+    # cannot simplify in the folded subgraphs: noise to a user, not a finding.
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
 
 
 def remove_identities(graph: gs.Graph) -> int:

@@ -19,7 +19,7 @@ from .ir import count_nodes, op_histogram
 from .passmanager import Listener, Pass, Pipeline, PipelineResult
 
 #: The built-in passes in the order the default pipeline runs them.
-DEFAULT_PIPELINE = "canonicalize"
+DEFAULT_PIPELINE = "canonicalize,remove-layout-clutter"
 
 
 @dataclass

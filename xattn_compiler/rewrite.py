@@ -13,6 +13,7 @@ output, so a rewrite that would have to is skipped rather than changing the mode
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -22,21 +23,40 @@ from .passmanager import Pass, PassResult
 
 
 class GraphPass(Pass):
-    """A pass that rewrites each graph and body in place and counts what it did."""
+    """A pass that rewrites each graph and body in place and counts what it did.
+
+    It runs again on its own output until that changes nothing (at most ``max_rounds``): a
+    round trip can teach shape inference something it could not see before (a body reading an
+    outer initializer gets shapes only once the export moved the initializer into the body),
+    and a second call must find nothing left to do.
+    """
+
+    max_rounds: ClassVar[int] = 4
 
     def rewrite(self, graph: gs.Graph, path: str) -> dict[str, int]:
         raise NotImplementedError
 
     def run(self, model: onnx.ModelProto) -> PassResult:
+        totals: dict[str, int] = {}
+        changed = False
+        for _ in range(self.max_rounds):
+            model, counts = self._run_once(model)
+            for key, value in counts.items():
+                totals[key] = totals.get(key, 0) + value
+            if not any(counts.values()):
+                break
+            changed = True
+        return PassResult(model, changed, totals)
+
+    def _run_once(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
         graph = import_graph(infer_shapes(model))
         totals: dict[str, int] = {}
         for path, body in reversed(list(iter_graphs(graph))):
             for key, value in self.rewrite(body, path).items():
                 totals[key] = totals.get(key, 0) + value
         if not any(totals.values()):
-            return PassResult(model, False, totals)
-        out = infer_shapes(export_model(graph, model), in_place=True)
-        return PassResult(out, True, totals)
+            return model, totals
+        return infer_shapes(export_model(graph, model), in_place=True), totals
 
 
 def replace_uses(old: gs.Tensor, new: gs.Tensor, graph: gs.Graph) -> bool:

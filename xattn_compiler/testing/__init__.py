@@ -33,3 +33,19 @@ __all__ = [
     "StaticShapeRequired", "add_attention", "attention_model", "classifier_model", "cnn_model",
     "kv_input_shapes", "softmax_between_weights_model", "spec_conflicts",
 ]
+
+# Assertions for pass and matcher tests (the hypothesis strategies live in
+# xattn_compiler.testing.strategies, which needs hypothesis installed).
+from .assertions import (  # noqa: E402
+    assert_attention_found,
+    assert_deterministic,
+    assert_equivalent,
+    assert_idempotent,
+    assert_pass_properties,
+    assert_valid,
+)
+
+__all__ += [
+    "assert_attention_found", "assert_deterministic", "assert_equivalent", "assert_idempotent",
+    "assert_pass_properties", "assert_valid",
+]

@@ -1,0 +1,604 @@
+"""``simplify-reshapes``: remove the shape bookkeeping exporters leave around every layer.
+
+    Reshape(Reshape(x, s1), s2)      -> Reshape(x, s2')    the middle tensor has no other reader;
+                                                           s2's 0s (copies of the middle dims)
+                                                           resolved against the middle shape
+    Reshape(x, s)                    -> x                  shape(out) == shape(x), dim by dim
+                                                           (equal ints or the same symbol)
+    Reshape(x, Concat(Shape(x)...))  -> Reshape(x, c)      c constant: ints, 0 where the dim is
+                                                           provably x's dim at that position,
+                                                           at most one -1 (the element count
+                                                           fixes it)
+    Squeeze(Unsqueeze(x, a), a)      -> x
+    Unsqueeze(Squeeze(x, a), a)      -> x                  x's dims at a are provably 1
+    Cast(x, to=dtype(x))             -> x
+    Cast(Cast(x, T), dtype(x))       -> x                  T holds every value of dtype(x)
+                                                           (fp16 -> fp32 -> fp16; never
+                                                           fp32 -> fp16 -> fp32)
+
+Facts come from ONNX shape inference (symbolic dims, data propagation), which the base runs
+right before the rewrite, from the structure of computed targets (``Gather(Shape(x), i)`` is
+x's dim ``i``) and from constant targets themselves (``Reshape(x, [0, -1, 4])`` of a
+``[B, S, 4]`` x is an identity whatever S is; ONNX cannot propagate an outer constant into an
+If/Loop body, so the output shapes it leaves unknown there are filled in from the target).
+Symbols are trusted as exporters and shape inference write them: two dims with the same name
+are equal. What cannot be proved is left alone. ``allowzero`` keeps its meaning: a target with
+a literal 0 dim keeps ``allowzero=1``, and a 0 meaning "copy" is only ever written into a
+target read with ``allowzero=0``. (A -1 cannot be inferred when another dim is 0, so a target
+made constant with a -1 fails on empty tensors where the computed one did not; exporters write
+-1 themselves all the time.)
+
+Graph outputs and graph inputs never change: a rewrite that would rename an output is skipped.
+A worklist visits each candidate node once, plus once per rewrite next to it, so the pass is
+linear in the graph's size. The pass runs again on its own output until nothing changes (what
+it made constant can make shapes known that were not), so a second run is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from xattn_compiler.analysis import constant_eval
+from xattn_compiler.ir import constant_value, is_graph_output, iter_graphs, producer
+from xattn_compiler.passmanager import PassResult
+from xattn_compiler.rewrite import GraphPass, only_consumer, replace_uses
+
+log = logging.getLogger(__name__)
+
+_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Cast"})
+#: How deep the walk through a computed target goes (exporters use 3-4 levels).
+_MAX_TARGET_DEPTH = 8
+#: ``(source, widened)`` ONNX element types where every source value is exact in ``widened``,
+#: so casting there and back is the identity.
+_F, _D, _H, _BF = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                   onnx.TensorProto.BFLOAT16)
+_I8, _I16, _I32, _I64 = (onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
+                         onnx.TensorProto.INT64)
+_U8, _U16, _U32, _U64 = (onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,
+                         onnx.TensorProto.UINT32, onnx.TensorProto.UINT64)
+_BOOL = onnx.TensorProto.BOOL
+_LOSSLESS = {
+    _H: {_F, _D}, _BF: {_F, _D}, _F: {_D},
+    _I8: {_I16, _I32, _I64, _H, _F, _D}, _U8: {_U16, _U32, _U64, _I16, _I32, _I64, _H, _F, _D},
+    _I16: {_I32, _I64, _F, _D}, _U16: {_U32, _U64, _I32, _I64, _F, _D},
+    _I32: {_I64, _D}, _U32: {_U64, _I64, _D},
+    _BOOL: {_I8, _I16, _I32, _I64, _U8, _U16, _U32, _U64, _H, _BF, _F, _D},
+}
+
+#: A target entry: ``("lit", n)`` the literal size n, ``("copy",)`` the input's dim at the
+#: same position (a 0 read with allowzero=0), ``("any",)`` the one size a -1 infers.
+Entry = tuple
+
+
+# --- facts about dims ---------------------------------------------------------------------------
+
+def same_dim(a, b) -> bool:
+    """Whether two dims are provably equal: the same int, or the same non-empty symbol."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return False
+    if isinstance(a, (int, np.integer)) and isinstance(b, (int, np.integer)):
+        return int(a) == int(b) and int(a) >= 0
+    return isinstance(a, str) and isinstance(b, str) and bool(a) and a == b
+
+
+def same_shape(a, b) -> bool:
+    """Whether two shapes are provably equal dim by dim (both known, same rank)."""
+    return (a is not None and b is not None and len(a) == len(b)
+            and all(same_dim(x, y) for x, y in zip(a, b, strict=True)))
+
+
+def dim(tensor: gs.Tensor, axis: int):
+    """Dim ``axis`` of ``tensor`` (an int, a symbol or None), None when out of range."""
+    shape = tensor.shape
+    if shape is None or not -len(shape) <= axis < len(shape):
+        return None
+    return shape[axis]
+
+
+def rank(tensor: gs.Tensor) -> int | None:
+    return len(tensor.shape) if tensor.shape is not None else None
+
+
+def onnx_dtype(tensor: gs.Tensor) -> int | None:
+    """The tensor's ONNX element type, or None when unknown."""
+    dtype = tensor.dtype
+    if dtype is None:
+        return None
+    if isinstance(dtype, (int, np.integer)):
+        return int(dtype)
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class Names:
+    """Fresh tensor and node names for one graph, derived from a hint (deterministic)."""
+
+    def __init__(self, graph: gs.Graph):
+        self.tensors = set(graph.tensors())
+        self.nodes = {node.name for node in graph.nodes if node.name}
+
+    def fresh(self, hint: str, node: bool = False) -> str:
+        """An unused tensor name (node name with ``node``) starting with ``hint``."""
+        taken = self.nodes if node else self.tensors
+        name, n = hint, 0
+        while name in taken:
+            n += 1
+            name = f"{hint}_{n}"
+        taken.add(name)
+        return name
+
+
+def sweep_dead(graph: gs.Graph) -> set[int]:
+    """Remove the nodes of ``graph`` no graph output depends on; returns the ids of the nodes
+    left. A dead reader (a Shape nobody uses) would make a tensor look shared.
+
+    One walk up from the outputs (linear, unlike a full cleanup and export); values read from
+    inside an If/Loop body keep their producers alive.
+    """
+    local = {id(node) for node in graph.nodes}
+    live: set[int] = set()
+    stack = [producer(tensor) for tensor in graph.outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) not in local or id(node) in live:
+            continue
+        live.add(id(node))
+        stack.extend(producer(tensor) for tensor in _reads(node))
+    for node in graph.nodes:
+        if id(node) not in live:
+            node.inputs.clear()
+            node.outputs.clear()
+    if len(live) != len(graph.nodes):
+        graph.nodes = [node for node in graph.nodes if id(node) in live]
+    return live
+
+
+def _reads(node: gs.Node) -> list[gs.Tensor]:
+    """What ``node`` reads: its inputs and every value its bodies take from outside."""
+    reads = list(node.inputs)
+    for value in node.attrs.values():
+        for body in value if isinstance(value, list) else [value]:
+            if isinstance(body, gs.Graph):
+                for _, inner in iter_graphs(body):
+                    reads.extend(inner.outputs)
+                    for inner_node in inner.nodes:
+                        reads.extend(inner_node.inputs)
+    return reads
+
+
+# --- computed targets -------------------------------------------------------------------------
+
+def target_elements(target: gs.Tensor) -> list | None:
+    """What each element of a 1-D shape tensor is: an int, ``(tensor, axis)`` (that tensor's
+    dim, read with Shape), or None (computed some other way); None when the length is unknown.
+    """
+    return _elements(target, 0)
+
+
+def _elements(tensor: gs.Tensor, depth: int) -> list | None:
+    value = constant_eval(tensor)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)]
+    node = producer(tensor)
+    if node is None or depth > _MAX_TARGET_DEPTH or len(node.outputs) != 1:
+        return _unknown(tensor)
+    if node.op == "Shape":
+        return _shape_elements(node) or _unknown(tensor)
+    if node.op == "Concat":
+        parts = [_elements(t, depth + 1) for t in node.inputs]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    if node.op in ("Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten") or (
+            node.op == "Cast" and node.attrs.get("to") in (_I32, _I64)):
+        # These keep the elements and their order (a shape's ints fit in int32).
+        found = _elements(node.inputs[0], depth + 1)
+        return found if found is not None else _unknown(tensor)
+    if node.op in ("Gather", "Slice"):
+        data = _elements(node.inputs[0], depth + 1)
+        picked = _pick(node, data) if data is not None else None
+        return picked if picked is not None else _unknown(tensor)
+    return _unknown(tensor)
+
+
+def _unknown(tensor: gs.Tensor) -> list | None:
+    shape = tensor.shape
+    if shape is not None and len(shape) <= 1 and all(isinstance(d, int) for d in shape):
+        return [None] * (shape[0] if shape else 1)
+    return None
+
+
+def _shape_elements(node: gs.Node) -> list | None:
+    source = node.inputs[0]
+    if source.shape is None:
+        return None
+    size = len(source.shape)
+    start = node.attrs.get("start", 0)
+    end = node.attrs.get("end", size)
+    start = min(max(start + size if start < 0 else start, 0), size)
+    end = min(max(end + size if end < 0 else end, 0), size)
+    return [(source, axis) for axis in range(start, end)]
+
+
+def _pick(node: gs.Node, data: list) -> list | None:
+    """The elements a Gather or Slice on axis 0 of a 1-D ``data`` selects."""
+    args = [constant_eval(t) if t.name else None for t in node.inputs[1:]]
+    if node.op == "Slice" and "starts" in node.attrs:  # opset < 10 keeps them as attributes
+        args = [np.asarray(node.attrs.get(key)) if key in node.attrs else None
+                for key in ("starts", "ends", "axes")]
+    if len(args) < (1 if node.op == "Gather" else 2) or any(a is None for a in args[:2]):
+        return None
+    if node.op == "Gather":
+        if node.attrs.get("axis", 0) not in (0, -1):
+            return None
+        indices = [int(i) for i in np.asarray(args[0]).reshape(-1)]
+        if any(not -len(data) <= i < len(data) for i in indices):
+            return None
+        return [data[i] for i in indices]
+    starts, ends = (np.asarray(a).reshape(-1) for a in args[:2])
+    axes = args[2] if len(args) > 2 and args[2] is not None else np.zeros(1, np.int64)
+    steps = args[3] if len(args) > 3 and args[3] is not None else np.ones(1, np.int64)
+    if len(starts) != 1 or int(np.asarray(axes).reshape(-1)[0]) not in (0, -1):
+        return None
+    step = int(np.asarray(steps).reshape(-1)[0])
+    # Python's slice clamps out-of-range bounds the way ONNX Slice does for a 1-D tensor.
+    return data[slice(int(starts[0]), int(ends[0]), step)] if step != 0 else None
+
+
+def _entry(position: int, element, data: gs.Tensor, out: gs.Tensor, allowzero: int) -> Entry:
+    """What target element ``element`` at ``position`` provably is, for Reshape(data) -> out."""
+    if isinstance(element, int):
+        if element > 0 or (element == 0 and allowzero):
+            return ("lit", element)
+        return ("copy",) if element == 0 else ("any",)
+    if isinstance(element, tuple):
+        source, axis = element
+        if source is data and axis == position:
+            return ("copy",)
+        size = dim(source, axis)
+        if isinstance(size, int) and size >= 0:
+            return ("lit", size)
+        if isinstance(size, str) and same_dim(size, dim(data, position)):
+            return ("copy",)
+    # The element is computed; shape inference may still know the size it has.
+    size = dim(out, position) if position < (rank(out) or 0) else None
+    if isinstance(size, int) and size > 0:
+        return ("lit", size)
+    if isinstance(size, str) and position < (rank(data) or 0) and same_dim(size, dim(data, position)):
+        return ("copy",)
+    return ("any",)
+
+
+def encode_target(entries: list[Entry], allowzero: int) -> tuple[np.ndarray, int] | None:
+    """A constant target and the allowzero to read it with, or None when it cannot be written:
+    two unknown sizes, a -1 or a copy next to a literal 0, or a literal 0 read as a copy."""
+    unknown = sum(1 for e in entries if e[0] == "any")
+    literal_zero = any(e == ("lit", 0) for e in entries)
+    copies = any(e[0] == "copy" for e in entries)
+    if unknown > 1 or (literal_zero and (unknown or copies or not allowzero)):
+        return None
+    values = [e[1] if e[0] == "lit" else 0 if e[0] == "copy" else -1 for e in entries]
+    # A 0 that copies needs allowzero=0; without literal zeros that reads every other entry alike.
+    return np.array(values, np.int64), (0 if copies else allowzero)
+
+
+# --- the pass ---------------------------------------------------------------------------------
+
+class FixpointGraphPass(GraphPass):
+    """A :class:`GraphPass` run again on its own output until it changes nothing.
+
+    A rewrite can teach shape inference something (a constant target inside an If body gives
+    its Reshape a known shape, which ONNX cannot propagate from the outer scope), and the next
+    run would use it. Repeating here keeps the pass idempotent: a second run reports no change.
+    """
+
+    max_rounds: int = 4
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        result = super().run(model)
+        totals = dict(result.counts)
+        rounds = 1
+        while result.changed and rounds < self.max_rounds:
+            again = super().run(result.model)
+            if not again.changed:
+                break
+            rounds += 1
+            result = again
+            for key, value in again.counts.items():
+                totals[key] = totals.get(key, 0) + value
+        if rounds > 1:
+            log.debug("%s: %d rounds to a fixpoint", self.name, rounds)
+        return PassResult(result.model, result.changed, totals)
+
+
+class SimplifyReshapes(FixpointGraphPass):
+    """Merge Reshape chains, drop identity Reshapes, make computed targets constant, cancel
+    Squeeze/Unsqueeze pairs and drop round-trip or no-op Casts."""
+
+    name = "simplify-reshapes"
+    description = ("merge Reshape chains, make computed Reshape targets constant, drop identity "
+                   "Reshapes, Squeeze/Unsqueeze pairs and lossless Cast round trips")
+
+    def rewrite(self, graph: gs.Graph, path: str) -> dict[str, int]:
+        return _Simplifier(graph).run()
+
+
+class _Simplifier:
+    """One graph's worklist of Reshape/Squeeze/Unsqueeze/Cast nodes."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.local: set[int] = set()  # the graph's own live nodes, set by run()
+        self.names = Names(graph)
+        self.queue: deque[gs.Node] = deque()
+        self.queued: set[int] = set()
+        self.counts = {"reshape_chains_merged": 0, "identity_reshapes_removed": 0,
+                       "computed_targets_made_constant": 0, "squeeze_unsqueeze_cancelled": 0,
+                       "casts_removed": 0}
+
+    def run(self) -> dict[str, int]:
+        self.local = sweep_dead(self.graph)
+        self.push(self.graph.nodes)
+        while self.queue:
+            node = self.queue.popleft()
+            self.queued.discard(id(node))
+            if node.outputs and node.inputs:  # a bypassed node is left disconnected
+                self.visit(node)
+        if any(self.counts.values()):
+            log.debug("simplify-reshapes: %s", self.counts)
+        return self.counts
+
+    def push(self, nodes: Iterable[gs.Node]) -> None:
+        for node in nodes:
+            if node.op in _OPS and id(node) in self.local and id(node) not in self.queued:
+                self.queued.add(id(node))
+                self.queue.append(node)
+
+    def visit(self, node: gs.Node) -> None:
+        if node.op == "Reshape":
+            self.reshape(node)
+        elif node.op in ("Squeeze", "Unsqueeze"):
+            source = _squeeze_pair_source(node, self.local)
+            if source is not None:
+                self.forward(node, source, "squeeze_unsqueeze_cancelled")
+        elif node.op == "Cast":
+            source = _cast_source(node, self.local)
+            if source is not None:
+                self.forward(node, source, "casts_removed")
+
+    def forward(self, node: gs.Node, source: gs.Tensor, count: str) -> bool:
+        """Make ``node``'s readers read ``source`` (equal to its output) and drop it."""
+        if not replace_uses(node.outputs[0], source, self.graph):
+            return False
+        node.inputs.clear()
+        node.outputs.clear()
+        self.counts[count] += 1
+        self.push(source.outputs)
+        return True
+
+    def reshape(self, node: gs.Node) -> None:
+        if len(node.inputs) < 2:
+            return
+        if constant_value(node.inputs[1]) is None and self.make_constant(node):
+            self.counts["computed_targets_made_constant"] += 1
+        if self.merge(node):
+            self.counts["reshape_chains_merged"] += 1
+            self.push([node])  # its new producer may be a Reshape too
+        refine_reshape_shape(node)
+        if is_identity_reshape(node):
+            self.forward(node, node.inputs[0], "identity_reshapes_removed")
+            return
+        consumer = only_consumer(node.outputs[0], self.graph)
+        if consumer is not None:
+            self.push([consumer])
+
+    def make_constant(self, node: gs.Node) -> bool:
+        """Replace a computed target with a constant one, when every entry is proved."""
+        allowzero = node.attrs.get("allowzero", 0)
+        value = constant_eval(node.inputs[1])
+        if value is not None:  # a shape expression of static dims only: its value is exact
+            encoded = (value.reshape(-1).astype(np.int64), allowzero)
+        else:
+            elements = target_elements(node.inputs[1])
+            if elements is None or (rank(node.outputs[0]) not in (None, len(elements))):
+                return False
+            data, out = node.inputs[0], node.outputs[0]
+            entries = [_entry(i, e, data, out, allowzero) for i, e in enumerate(elements)]
+            encoded = encode_target(entries, allowzero)
+        if encoded is None:
+            return False
+        self.retarget(node, *encoded)
+        return True
+
+    def merge(self, node: gs.Node) -> bool:
+        """Reshape(Reshape(x, s1), s2) -> Reshape(x, s2') when nothing else reads the middle."""
+        middle = node.inputs[0]
+        first = producer(middle)
+        target = constant_value(node.inputs[1])
+        if (first is None or first.op != "Reshape" or id(first) not in self.local
+                or target is None or only_consumer(middle, self.graph) is not node):
+            return False
+        allowzero = node.attrs.get("allowzero", 0)
+        source = first.inputs[0]
+        entries = [_resolve_against(i, int(v), middle, source, node.outputs[0], allowzero)
+                   for i, v in enumerate(target.reshape(-1))]
+        encoded = encode_target(entries, allowzero)
+        if encoded is None:
+            return False
+        node.inputs[0] = source
+        self.retarget(node, *encoded)
+        return True
+
+    def retarget(self, node: gs.Node, values: np.ndarray, allowzero: int) -> None:
+        old = node.inputs[1]
+        name = self.names.fresh(f"{node.outputs[0].name}_target")
+        node.inputs[1] = gs.Constant(name, values)
+        self.drop_dead(old)
+        if allowzero:
+            node.attrs["allowzero"] = allowzero
+        else:
+            node.attrs.pop("allowzero", None)  # the default, and absent before opset 14
+
+    def drop_dead(self, tensor: gs.Tensor) -> None:
+        """Disconnect the nodes that computed ``tensor`` once nothing reads it, so the tensors
+        they read (a Shape's input) lose a reader now rather than at the final cleanup."""
+        stack = [tensor]
+        while stack:
+            current = stack.pop()
+            node = producer(current)
+            if (node is None or id(node) not in self.local or any(out.outputs for out in node.outputs)
+                    or any(is_graph_output(out, self.graph) for out in node.outputs)):
+                continue
+            inputs = list(node.inputs)
+            node.inputs.clear()
+            node.outputs.clear()
+            stack.extend(inputs)
+            for source in inputs:  # a reader left alone may now merge with its producer
+                self.push(source.outputs)
+
+
+def _unknown_dim(size) -> bool:
+    # ONNX shape inference names a size it cannot work out "unk__<n>".
+    return size is None or (isinstance(size, str) and size.startswith("unk__"))
+
+
+def refine_reshape_shape(node: gs.Node) -> None:
+    """Fill the output dims shape inference left unknown from a constant target.
+
+    ONNX propagates no values into If/Loop bodies, so a Reshape there whose target is an outer
+    constant gets an unknown shape; the target and the input's shape still say what it is.
+    """
+    target = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    out, data = node.outputs[0], node.inputs[0]
+    if target is None or target.ndim != 1 or (out.shape is not None
+                                             and not any(_unknown_dim(d) for d in out.shape)):
+        return
+    allowzero = node.attrs.get("allowzero", 0)
+    dims = []
+    for i, value in enumerate(int(v) for v in target):
+        if value > 0 or (value == 0 and allowzero):
+            dims.append(value)
+        elif value == 0:
+            dims.append(dim(data, i) if i < (rank(data) or 0) else None)
+        else:
+            dims.append(None)
+    if -1 in target.tolist() and data.shape is not None and all(
+            isinstance(d, int) for d in data.shape) and sum(d is None for d in dims) == 1:
+        known = int(np.prod([d for d in dims if d is not None]))
+        total = int(np.prod(data.shape))
+        dims = [total // known if d is None and known else d for d in dims]
+    old = out.shape if out.shape is not None and len(out.shape) == len(dims) else [None] * len(dims)
+    out.shape = [new if _unknown_dim(was) and new is not None else was
+                 for was, new in zip(old, dims, strict=True)]
+
+
+def is_identity_reshape(node: gs.Node) -> bool:
+    """Whether Reshape ``node`` provably returns its input unchanged: the shapes are equal dim
+    by dim, or the target keeps every dim (0 copies, or the same int) but at most one -1,
+    which the element count then makes equal too."""
+    data, out = node.inputs[0], node.outputs[0]
+    if same_shape(data.shape, out.shape):
+        return True
+    target = constant_value(node.inputs[1])
+    if target is None or target.ndim != 1 or rank(data) != target.size:
+        return False
+    allowzero = node.attrs.get("allowzero", 0)
+    free = 0
+    for i, value in enumerate(int(v) for v in target):
+        if value == -1:
+            free += 1
+        elif not ((value == 0 and not allowzero) or same_dim(value, dim(data, i))):
+            return False
+    return free <= 1
+
+
+def _resolve_against(position: int, value: int, middle: gs.Tensor, source: gs.Tensor,
+                     out: gs.Tensor, allowzero: int) -> Entry:
+    """Entry ``value`` of the second target of a chain, rewritten to read ``source``: a 0 that
+    copied the middle tensor's dim, or the -1, becomes the size it stands for when that is
+    known, or a copy of the source's dim when it is the same."""
+    if value > 0 or (value == 0 and allowzero):
+        return ("lit", value)
+    shown = middle if value == 0 else out
+    size = dim(shown, position) if position < (rank(shown) or 0) else None
+    if isinstance(size, int) and size > 0:
+        return ("lit", size)
+    if position < (rank(source) or 0) and same_dim(size, dim(source, position)):
+        return ("copy",)
+    return ("any",)
+
+
+# --- Squeeze/Unsqueeze and Cast ----------------------------------------------------------------
+
+def _axes(node: gs.Node) -> list[int] | None:
+    """The axes input (opset 13+) or attribute (older); None when absent or not constant."""
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        value = constant_eval(node.inputs[1])
+        return None if value is None else [int(a) for a in value.reshape(-1)]
+    axes = node.attrs.get("axes")
+    return [int(a) for a in axes] if axes is not None else None
+
+
+def _normalized(axes: list[int], size: int | None) -> set[int] | None:
+    if any(a < 0 for a in axes):
+        if size is None:
+            return None
+        axes = [a + size if a < 0 else a for a in axes]
+    return set(axes) if len(set(axes)) == len(axes) else None
+
+
+def _squeeze_pair_source(node: gs.Node, local: set[int]) -> gs.Tensor | None:
+    """x when ``node`` undoes its producer: Squeeze(Unsqueeze(x, a), a) or
+    Unsqueeze(Squeeze(x, a), a) with x's dims at a provably 1."""
+    inner = producer(node.inputs[0])
+    pair = {"Squeeze": "Unsqueeze", "Unsqueeze": "Squeeze"}[node.op]
+    if inner is None or inner.op != pair or id(inner) not in local:
+        return None
+    x = inner.inputs[0]
+    if node.op == "Squeeze":
+        size = rank(node.inputs[0])
+        expanded = _normalized(_axes(inner) or [], size)
+        axes = _axes(node)
+        if axes is None:  # squeeze every 1: only the inserted ones may be 1
+            ok = x.shape is not None and all(isinstance(d, int) and d != 1 for d in x.shape)
+            return x if ok and expanded else None
+        return x if expanded and expanded == _normalized(axes, size) else None
+    size = rank(x)
+    squeezed = _axes(inner)
+    if squeezed is None and x.shape is not None and all(isinstance(d, int) for d in x.shape):
+        squeezed = [i for i, d in enumerate(x.shape) if d == 1]
+    squeezed_set = _normalized(squeezed, size) if squeezed else None
+    axes = _axes(node)
+    if not squeezed_set or axes is None or _normalized(axes, size) != squeezed_set:
+        return None
+    return x if all(dim(x, a) == 1 for a in squeezed_set) else None
+
+
+def _cast_source(node: gs.Node, local: set[int]) -> gs.Tensor | None:
+    """x when a Cast is a no-op: to x's own type, or back from a lossless widening of x."""
+    to = node.attrs.get("to")
+    x = node.inputs[0]
+    if to is not None and onnx_dtype(x) == to:
+        return x
+    inner = producer(x)
+    if inner is None or inner.op != "Cast" or id(inner) not in local:
+        return None
+    source = inner.inputs[0]
+    original = onnx_dtype(source)
+    widened = inner.attrs.get("to")
+    if original is not None and original == to and widened in _LOSSLESS.get(original, ()):
+        return source
+    return None
+
+
+__all__ = [
+    "FixpointGraphPass", "Names", "SimplifyReshapes", "dim", "encode_target",
+    "is_identity_reshape", "rank", "refine_reshape_shape", "same_dim", "same_shape", "sweep_dead",
+    "target_elements",
+]

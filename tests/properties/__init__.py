@@ -1,0 +1,1 @@
+"""Property-based tests: the matcher and every registered pass on drawn graphs."""
