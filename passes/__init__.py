@@ -8,6 +8,7 @@ from .batched_heads import CollapseBatchedHeads
 from .canonicalize import Canonicalize
 from .layout_clutter import RemoveLayoutClutter
 from .reshapes import SimplifyReshapes
+from .split_static_kv import SplitStaticKV
 from .transposes import CancelTransposes, CanonicalKeyTranspose, SinkTransposes
 
 BUILTIN_PASSES = (
@@ -18,7 +19,8 @@ BUILTIN_PASSES = (
     CanonicalKeyTranspose,
     SimplifyReshapes,
     CollapseBatchedHeads,
+    SplitStaticKV,
 )
 
 __all__ = ["BUILTIN_PASSES", "CancelTransposes", "Canonicalize", "CanonicalKeyTranspose",
-           "CollapseBatchedHeads", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes"]
+           "CollapseBatchedHeads", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV"]

@@ -42,9 +42,17 @@ import onnx_graphsurgeon as gs
 
 from xattn_compiler.attention import AttentionMatch, find_attention
 from xattn_compiler.ir import is_graph_output, producer
-from xattn_compiler.rewrite import replace_uses, transpose_perm
+from xattn_compiler.rewrite import GraphPass, transpose_perm
 
-from .reshapes import FixpointGraphPass, Names, dim, rank, same_dim, sweep_dead
+from .reshapes import (
+    Names,
+    dim,
+    move_readers,
+    rank,
+    same_dim,
+    set_input,
+    sweep_dead,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +200,7 @@ def only_feeds_targets(reader: gs.Node, splits: list[gs.Node], graph: gs.Graph) 
 
 # --- the pass ---------------------------------------------------------------------------------
 
-class CollapseBatchedHeads(FixpointGraphPass):
+class CollapseBatchedHeads(GraphPass):
     """Rewrite attention cores (and detours) on batched ``[B*H,S,D]`` to run on ``[B,H,S,D]``."""
 
     name = "collapse-batched-heads"
@@ -257,7 +265,7 @@ class _Collapser:
         lifted = lift(batched, self.graph, self.local, spare)
         if lifted is None or not same_dim(lifted.heads, facts[1]):
             return False
-        return replace_uses(split.outputs[0], self.apply_lift(lifted), self.graph)
+        return move_readers(split.outputs[0], self.apply_lift(lifted), self.graph)
 
     # --- cores ---
 
@@ -314,7 +322,7 @@ class _Collapser:
             self._add("Reshape", [x, target], result)
         for node, index in lifted.path:
             perm = transpose_perm(node) if node.op == "Transpose" else None
-            node.inputs[index] = result
+            set_input(node, index, result)
             if perm is not None:
                 node.attrs["perm"] = [0, 1] + [axis + 1 for axis in perm[1:]]
             result = node.outputs[0]
@@ -329,29 +337,29 @@ class _Collapser:
             if key not in applied:
                 applied[key] = self.apply_lift(lifted)
         scores_node, context_node = core["scores.node"], core["context.node"]
-        scores_node.inputs[0] = applied[id(core["q"])]
-        scores_node.inputs[1] = applied[id(core["k_t"])]
+        set_input(scores_node, 0, applied[id(core["q"])])
+        set_input(scores_node, 1, applied[id(core["k_t"])])
         scores_node.outputs[0].shape = None
-        context_node.inputs[1] = applied[id(core["v"])]
+        set_input(context_node, 1, applied[id(core["v"])])
         for step in chain.steps:
             self._apply_step(step, heads)
         context = context_node.outputs[0]
         old_shape = context.shape
         context.shape = None
         for split in splits:
-            replace_uses(split.outputs[0], context, self.graph)
+            move_readers(split.outputs[0], context, self.graph)
         if others:
             self._rebatch(context, old_shape, others)
 
     def _apply_step(self, step: Step, heads) -> None:
         node = step.node
         if step.action == "drop":
-            replace_uses(node.outputs[0], node.inputs[0], self.graph)
+            move_readers(node.outputs[0], node.inputs[0], self.graph)
             return
         if node.op == "Softmax":
             node.attrs["axis"] = -1
         for index in step.reshape_inputs:
-            node.inputs[index] = self._mask_4d(node.inputs[index], heads)
+            set_input(node, index, self._mask_4d(node.inputs[index], heads))
         for out in step.reshaped_outputs:
             out.shape = None
 
@@ -385,7 +393,7 @@ class _Collapser:
         for reader in readers:
             for index, tensor in enumerate(reader.inputs):
                 if tensor is context:
-                    reader.inputs[index] = out
+                    set_input(reader, index, out)
 
     def _target_from_shape(self, tensor: gs.Tensor, head: list, start: int) -> gs.Tensor:
         """``Concat(head, Shape(tensor)[start:])``: a target for dims only known at run time."""

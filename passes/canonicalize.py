@@ -12,8 +12,10 @@ of initializer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -26,6 +28,7 @@ from xattn_compiler.ir import (
     producer,
 )
 from xattn_compiler.passmanager import Option, Pass, PassResult
+from xattn_compiler.rewrite import replace_uses
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,21 @@ class Canonicalize(Pass):
     )
 
     def run(self, model: onnx.ModelProto) -> PassResult:
+        # Folding inside If/Loop bodies makes shapes known that ONNX inference could not see
+        # (outer initializers), and the next round folds more: repeat until nothing changes,
+        # so a second call finds nothing left to do.
+        totals: dict[str, int] = {}
+        changed = False
+        for _ in range(4):
+            result = self._run_once(model)
+            for key, value in result.counts.items():
+                totals[key] = totals.get(key, 0) + value
+            if not result.changed:
+                break
+            model, changed = result.model, True
+        return PassResult(model, changed, totals)
+
+    def _run_once(self, model: onnx.ModelProto) -> PassResult:
         model = infer_shapes(model)
         graph = import_graph(model)
         initializers_before = _initializer_names(graph)
@@ -52,10 +70,12 @@ class Canonicalize(Pass):
         if self.option("fold-constants"):
             _quiet_onnxruntime()
             before = _node_count(graph)
-            graph.fold_constants(
-                fold_shapes=True, flatten_subgraphs=False, error_ok=True,
-                size_threshold=self.option("size-threshold"),
-            )
+            fold_sliced_shapes(graph)
+            with _hidden_sliced_shapes(graph):
+                graph.fold_constants(
+                    fold_shapes=True, flatten_subgraphs=False, error_ok=True,
+                    size_threshold=self.option("size-threshold"),
+                )
             graph.cleanup(remove_unused_graph_inputs=False)
             nodes_folded = before - _node_count(graph)
         out = infer_shapes(export_model(graph, model), in_place=True)
@@ -66,6 +86,49 @@ class Canonicalize(Pass):
         }
         changed = any(counts.values()) or _initializer_names(graph) != initializers_before
         return PassResult(out, changed, counts)
+
+
+def _sliced_shapes(graph: gs.Graph) -> list[gs.Node]:
+    return [node for _, body in iter_graphs(graph) for node in body.nodes
+            if node.op == "Shape" and ("start" in node.attrs or "end" in node.attrs)]
+
+
+def fold_sliced_shapes(graph: gs.Graph) -> int:
+    """``Shape(x, start, end)`` -> constant when those dims of x are known.
+
+    onnx-graphsurgeon's shape folding ignores ``start``/``end`` (opset 15) and folds such a node
+    to the *whole* shape of x, a wrong value; so these are folded here, correctly, and the rest
+    are hidden from it while it runs (:func:`_hidden_sliced_shapes`).
+    """
+    folded = 0
+    for _, body in iter_graphs(graph):
+        for node in list(body.nodes):
+            if node.op != "Shape" or not ("start" in node.attrs or "end" in node.attrs):
+                continue
+            shape = node.inputs[0].shape
+            if shape is None:
+                continue
+            dims = list(shape)[node.attrs.get("start", 0):node.attrs.get("end", None)]
+            if not all(isinstance(d, int) and d >= 0 for d in dims):
+                continue
+            out = node.outputs[0]
+            constant = gs.Constant(f"{out.name}_folded", np.array(dims, dtype=np.int64))
+            if replace_uses(out, constant, body):
+                node.outputs.clear()
+                folded += 1
+    return folded
+
+
+@contextlib.contextmanager
+def _hidden_sliced_shapes(graph: gs.Graph):
+    hidden = _sliced_shapes(graph)
+    for node in hidden:
+        node.op = "XattnSlicedShape"  # not a Shape to the folder; restored below
+    try:
+        yield
+    finally:
+        for node in hidden:
+            node.op = "Shape"
 
 
 def _quiet_onnxruntime() -> None:

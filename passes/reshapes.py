@@ -30,8 +30,8 @@ made constant with a -1 fails on empty tensors where the computed one did not; e
 
 Graph outputs and graph inputs never change: a rewrite that would rename an output is skipped.
 A worklist visits each candidate node once, plus once per rewrite next to it, so the pass is
-linear in the graph's size. The pass runs again on its own output until nothing changes (what
-it made constant can make shapes known that were not), so a second run is a no-op.
+linear in the graph's size. (The base runs the pass again on its output until nothing changes:
+what it made constant can make shapes known that were not, so a second call is a no-op.)
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ import onnx_graphsurgeon as gs
 
 from xattn_compiler.analysis import constant_eval
 from xattn_compiler.ir import constant_value, is_graph_output, iter_graphs, producer
-from xattn_compiler.passmanager import PassResult
-from xattn_compiler.rewrite import GraphPass, only_consumer, replace_uses
+from xattn_compiler.rewrite import GraphPass, only_consumer
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +135,59 @@ class Names:
         return name
 
 
+# --- edits ------------------------------------------------------------------------------------
+# graphsurgeon keeps each tensor's reader list in sync by ``list.remove``, which compares nodes
+# with a deep ``__eq__``: editing the readers of a widely shared tensor (a target constant every
+# layer reads) becomes quadratic. These edits unlink by identity instead.
+
+def _unlink(tensor: gs.Tensor, node: gs.Node) -> None:
+    readers = tensor.outputs
+    for index, reader in enumerate(readers):  # graph order: the edited reader is usually early
+        if reader is node:
+            list.pop(readers, index)
+            return
+
+
+def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    """``node.inputs[index] = tensor``, keeping both tensors' reader lists right."""
+    old = node.inputs[index]
+    if old is tensor:
+        return
+    list.__setitem__(node.inputs, index, tensor)
+    list.append(tensor.outputs, node)
+    _unlink(old, node)
+
+
+def disconnect(node: gs.Node) -> None:
+    """Detach ``node`` from every tensor it reads and writes (it is dead or bypassed)."""
+    for tensor in node.inputs:
+        _unlink(tensor, node)
+    list.clear(node.inputs)
+    for tensor in node.outputs:
+        _unlink_producer(tensor, node)
+    list.clear(node.outputs)
+
+
+def _unlink_producer(tensor: gs.Tensor, node: gs.Node) -> None:
+    producers = tensor.inputs
+    for index, writer in enumerate(producers):
+        if writer is node:
+            list.pop(producers, index)
+            return
+
+
+def move_readers(old: gs.Tensor, new: gs.Tensor, graph: gs.Graph) -> bool:
+    """Make every reader of ``old`` read ``new`` (readers in bodies too); False, and nothing
+    changes, when ``old`` is a graph output (its name must stay)."""
+    if is_graph_output(old, graph):
+        return False
+    for reader in list(old.outputs):
+        for index, tensor in enumerate(reader.inputs):
+            if tensor is old:
+                set_input(reader, index, new)
+    return True
+
+
 def sweep_dead(graph: gs.Graph) -> set[int]:
     """Remove the nodes of ``graph`` no graph output depends on; returns the ids of the nodes
     left. A dead reader (a Shape nobody uses) would make a tensor look shared.
@@ -154,8 +206,7 @@ def sweep_dead(graph: gs.Graph) -> set[int]:
         stack.extend(producer(tensor) for tensor in _reads(node))
     for node in graph.nodes:
         if id(node) not in live:
-            node.inputs.clear()
-            node.outputs.clear()
+            disconnect(node)
     if len(live) != len(graph.nodes):
         graph.nodes = [node for node in graph.nodes if id(node) in live]
     return live
@@ -184,10 +235,12 @@ def target_elements(target: gs.Tensor) -> list | None:
 
 
 def _elements(tensor: gs.Tensor, depth: int) -> list | None:
-    value = constant_eval(tensor)
+    value = constant_value(tensor)
+    node = producer(tensor)
+    if value is None and node is not None and node.op not in _STRUCTURAL:
+        value = constant_eval(tensor)  # arithmetic on static dims, say
     if value is not None:
         return [int(v) for v in value.reshape(-1)]
-    node = producer(tensor)
     if node is None or depth > _MAX_TARGET_DEPTH or len(node.outputs) != 1:
         return _unknown(tensor)
     if node.op == "Shape":
@@ -205,6 +258,11 @@ def _elements(tensor: gs.Tensor, depth: int) -> list | None:
         picked = _pick(node, data) if data is not None else None
         return picked if picked is not None else _unknown(tensor)
     return _unknown(tensor)
+
+
+#: Ops whose output elements :func:`target_elements` follows one by one.
+_STRUCTURAL = frozenset({"Shape", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Identity",
+                         "Flatten", "Cast", "Gather", "Slice"})
 
 
 def _unknown(tensor: gs.Tensor) -> list | None:
@@ -290,34 +348,7 @@ def encode_target(entries: list[Entry], allowzero: int) -> tuple[np.ndarray, int
 
 # --- the pass ---------------------------------------------------------------------------------
 
-class FixpointGraphPass(GraphPass):
-    """A :class:`GraphPass` run again on its own output until it changes nothing.
-
-    A rewrite can teach shape inference something (a constant target inside an If body gives
-    its Reshape a known shape, which ONNX cannot propagate from the outer scope), and the next
-    run would use it. Repeating here keeps the pass idempotent: a second run reports no change.
-    """
-
-    max_rounds: int = 4
-
-    def run(self, model: onnx.ModelProto) -> PassResult:
-        result = super().run(model)
-        totals = dict(result.counts)
-        rounds = 1
-        while result.changed and rounds < self.max_rounds:
-            again = super().run(result.model)
-            if not again.changed:
-                break
-            rounds += 1
-            result = again
-            for key, value in again.counts.items():
-                totals[key] = totals.get(key, 0) + value
-        if rounds > 1:
-            log.debug("%s: %d rounds to a fixpoint", self.name, rounds)
-        return PassResult(result.model, result.changed, totals)
-
-
-class SimplifyReshapes(FixpointGraphPass):
+class SimplifyReshapes(GraphPass):
     """Merge Reshape chains, drop identity Reshapes, make computed targets constant, cancel
     Squeeze/Unsqueeze pairs and drop round-trip or no-op Casts."""
 
@@ -374,12 +405,12 @@ class _Simplifier:
 
     def forward(self, node: gs.Node, source: gs.Tensor, count: str) -> bool:
         """Make ``node``'s readers read ``source`` (equal to its output) and drop it."""
-        if not replace_uses(node.outputs[0], source, self.graph):
+        if not move_readers(node.outputs[0], source, self.graph):
             return False
-        node.inputs.clear()
-        node.outputs.clear()
+        disconnect(node)
         self.counts[count] += 1
-        self.push(source.outputs)
+        if producer(source) is not None and producer(source).op in _OPS:
+            self.push(source.outputs)  # a reader may now pair with the source's producer
         return True
 
     def reshape(self, node: gs.Node) -> None:
@@ -401,16 +432,12 @@ class _Simplifier:
     def make_constant(self, node: gs.Node) -> bool:
         """Replace a computed target with a constant one, when every entry is proved."""
         allowzero = node.attrs.get("allowzero", 0)
-        value = constant_eval(node.inputs[1])
-        if value is not None:  # a shape expression of static dims only: its value is exact
-            encoded = (value.reshape(-1).astype(np.int64), allowzero)
-        else:
-            elements = target_elements(node.inputs[1])
-            if elements is None or (rank(node.outputs[0]) not in (None, len(elements))):
-                return False
-            data, out = node.inputs[0], node.outputs[0]
-            entries = [_entry(i, e, data, out, allowzero) for i, e in enumerate(elements)]
-            encoded = encode_target(entries, allowzero)
+        elements = target_elements(node.inputs[1])
+        if elements is None or (rank(node.outputs[0]) not in (None, len(elements))):
+            return False
+        data, out = node.inputs[0], node.outputs[0]
+        entries = [_entry(i, e, data, out, allowzero) for i, e in enumerate(elements)]
+        encoded = encode_target(entries, allowzero)
         if encoded is None:
             return False
         self.retarget(node, *encoded)
@@ -431,14 +458,14 @@ class _Simplifier:
         encoded = encode_target(entries, allowzero)
         if encoded is None:
             return False
-        node.inputs[0] = source
+        set_input(node, 0, source)
         self.retarget(node, *encoded)
         return True
 
     def retarget(self, node: gs.Node, values: np.ndarray, allowzero: int) -> None:
         old = node.inputs[1]
         name = self.names.fresh(f"{node.outputs[0].name}_target")
-        node.inputs[1] = gs.Constant(name, values)
+        set_input(node, 1, gs.Constant(name, values))
         self.drop_dead(old)
         if allowzero:
             node.attrs["allowzero"] = allowzero
@@ -456,11 +483,11 @@ class _Simplifier:
                     or any(is_graph_output(out, self.graph) for out in node.outputs)):
                 continue
             inputs = list(node.inputs)
-            node.inputs.clear()
-            node.outputs.clear()
+            disconnect(node)
             stack.extend(inputs)
             for source in inputs:  # a reader left alone may now merge with its producer
-                self.push(source.outputs)
+                if len(source.outputs) == 1:
+                    self.push(source.outputs)
 
 
 def _unknown_dim(size) -> bool:
@@ -598,7 +625,7 @@ def _cast_source(node: gs.Node, local: set[int]) -> gs.Tensor | None:
 
 
 __all__ = [
-    "FixpointGraphPass", "Names", "SimplifyReshapes", "dim", "encode_target",
-    "is_identity_reshape", "rank", "refine_reshape_shape", "same_dim", "same_shape", "sweep_dead",
-    "target_elements",
+    "Names", "SimplifyReshapes", "dim", "disconnect", "encode_target",
+    "is_identity_reshape", "move_readers", "rank", "refine_reshape_shape", "same_dim",
+    "same_shape", "set_input", "sweep_dead", "target_elements",
 ]

@@ -148,3 +148,25 @@ def test_output_is_deterministic():
         [value("x", [3])], [value("y", [3])])
     first = Canonicalize()(model).model.SerializeToString()
     assert Canonicalize()(model).model.SerializeToString() == first
+
+
+def test_a_sliced_shape_folds_to_its_slice():
+    # onnx-graphsurgeon alone folds Shape(x, start=1) to the whole shape of x.
+    model = make_model(
+        [helper.make_node("Shape", ["x"], ["s"], start=1),
+         helper.make_node("Reshape", ["y", "s"], ["z"])],
+        [value("x", [2, 3, 4]), value("y", [12])], [value("z", [3, 4])], opset=18)
+    out = Canonicalize()(model).model
+    assert "Shape" not in op_histogram(out)
+    y = np.arange(12, dtype=np.float32)
+    assert run(out, x=np.zeros((2, 3, 4), np.float32), y=y)[0].shape == (3, 4)
+
+
+def test_a_sliced_shape_of_dynamic_dims_is_left_alone():
+    model = make_model(
+        [helper.make_node("Shape", ["x"], ["s"], start=0, end=1),
+         helper.make_node("Reshape", ["y", "s"], ["z"])],
+        [value("x", ["n", 3, 4]), value("y", ["n"])], [value("z", ["n"])], opset=18)
+    out = Canonicalize()(model).model
+    assert op_histogram(out) == {"Reshape": 1, "Shape": 1}
+    assert run(out, x=np.zeros((5, 3, 4), np.float32), y=np.ones(5, np.float32))[0].shape == (5,)

@@ -174,8 +174,9 @@ def test_installed_command_runs_quietly_when_piped(tmp_path):
 
 
 def test_progress_line_shows_each_pass_on_a_terminal(capsys):
-    from xattn_compiler.cli import ProgressLine
     from xattn_compiler.passes import Canonicalize
+
+    from xattn_compiler.cli import ProgressLine
     from xattn_compiler.pipeline import optimize
 
     optimize(onnx.load(example_path()), [Canonicalize(), Canonicalize()],

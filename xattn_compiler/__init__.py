@@ -24,6 +24,7 @@ from .io import load, save
 from .passmanager import Option, Pass, PassResult, Pipeline, PipelineError
 from .pipeline import DEFAULT_PIPELINE, OptimizeResult, optimize
 from .registry import PassRegistry, default_registry
+from .split import SplitResult, split_static_kv, verify_split
 
 __version__ = "0.1.0"
 
@@ -42,5 +43,6 @@ __all__ = [
     "AttentionMatch", "analyze_attention", "find_attention", "DEFAULT_PIPELINE", "CheckFailed", "GraphStructureError", "InputError", "ModelLoadError",
     "Option", "OptimizeResult", "OutputError", "Pass", "PassError", "PassRegistry", "PassResult",
     "Pipeline", "PipelineError", "UnknownPassError", "VerifyResult", "XattnError",
-    "default_registry", "load", "optimize", "save", "verify",
+    "default_registry", "load", "optimize", "save", "verify", "SplitResult", "split_static_kv",
+    "verify_split",
 ]

@@ -20,6 +20,7 @@ from .io import load, save
 from .passmanager import Listener, Pass, PassRecord
 from .pipeline import DEFAULT_PIPELINE, model_summary, optimize
 from .registry import default_registry
+from .split_cli import add_split_commands
 from .zoo.cli import add_zoo_commands
 
 log = logging.getLogger("xattn_compiler")
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimize(commands, common)
     _add_verify(commands, common)
     _add_passes(commands, common)
+    add_split_commands(commands, common)
     add_zoo_commands(commands, common)
     return parser
 
@@ -185,9 +187,15 @@ def _add_verify(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    reference, candidate = load(args.reference), load(args.candidate)
-    check = _verify(reference, candidate, args.inputs, rtol=args.rtol, atol=args.atol,
-                    seed=args.seed)
+    if Path(args.candidate).is_dir():  # a split-kv directory: projector, then decoder
+        from .split import verify_split
+
+        check = verify_split(load(args.reference), args.candidate, inputs=args.inputs,
+                             rtol=args.rtol, atol=args.atol, seed=args.seed)
+    else:
+        reference, candidate = load(args.reference), load(args.candidate)
+        check = _verify(reference, candidate, args.inputs, rtol=args.rtol, atol=args.atol,
+                        seed=args.seed)
     if args.json:
         print(json.dumps(check.to_dict(), indent=2))
     elif not args.quiet:

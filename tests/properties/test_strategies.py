@@ -53,7 +53,10 @@ def test_examples_are_valid_and_compute_their_reference(ex):
                                    atol=atol * max(1.0, np.abs(want).max()), err_msg=name)
 
 
-CLUTTER_TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 4e-3}
+# The same arithmetic, yet not bit for bit: ORT picks other kernels once a weight is no longer
+# an initializer (float32: a few ulps, far below what a narrowing Cast would add), and its
+# float16 Erf differs by an ulp on a transposed-back input, which later layers amplify to ~1 %.
+CLUTTER_TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-2}
 
 
 @given(data=st.data())
@@ -65,8 +68,6 @@ def test_clutter_never_changes_a_value(data):
     for sample in clean.samples:
         want, got = run_model(clean.model, sample), run_model(noisy.model, sample)
         for name in want:
-            # The same arithmetic, but ORT may pick another kernel once a weight is no longer
-            # an initializer: a few ulps, far below any rounding a narrowing Cast would add.
             tol = CLUTTER_TOLERANCE[want[name].dtype.name] * max(1.0, np.abs(want[name]).max())
             np.testing.assert_allclose(got[name], want[name], rtol=0, atol=tol, err_msg=name)
 
@@ -155,4 +156,5 @@ def test_the_testing_guide_example_runs():
                  if "def test_my_pass" in b and "@given" in b)
     namespace: dict = {}
     exec(block, namespace)  # noqa: S102 - our own documentation
-    namespace["test_my_pass"]()
+    # A handful of examples: the snippet is checked, not the (no-op) pass in it.
+    settings(settings.default, max_examples=5)(namespace["test_my_pass"])()
