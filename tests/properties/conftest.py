@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
 settings.register_profile(
-    "ci", max_examples=40, deadline=None, derandomize=True, database=None,
+    "ci", max_examples=30, deadline=None, derandomize=True, database=None,
     suppress_health_check=_SLOW_IS_FINE, stateful_step_count=12, print_blob=True)
 settings.register_profile(
     "thorough", max_examples=2000, deadline=None, suppress_health_check=_SLOW_IS_FINE,

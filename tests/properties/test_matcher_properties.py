@@ -61,7 +61,7 @@ def known_matcher_bug(ex: Example) -> str | None:
     if r.clutter:
         unwrapped = build_example(replace(r, wrap=None)).model
         types = tensor_types(infer_shapes(unwrapped))
-        if any(types[c.tensor][1] == "int64" for c in r.clutter):
+        if any(types.get(c.tensor, ((), ""))[1] == "int64" for c in r.clutter):
             return "identity-on-shape-constant"
     if any(c.kind == "reshape_flatten" and c.region == "operand" for c in r.clutter) and \
             any(s.head_layout == "3d" for s in specs):
