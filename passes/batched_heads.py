@@ -208,6 +208,7 @@ class CollapseBatchedHeads(GraphPass):
                    "Reshapes that fold heads into the batch")
 
     def rewrite(self, graph: gs.Graph, path: str) -> dict[str, int]:
+        """Collapse one graph (the base calls this for the top level and each body)."""
         return _Collapser(graph, path).run()
 
 
@@ -222,6 +223,7 @@ class _Collapser:
         self.counts = {"blocks_collapsed": 0, "detours_collapsed": 0, "reshapes_removed": 0}
 
     def run(self) -> dict[str, int]:
+        """Collapse every batched core that can be, then every detour; count what went."""
         self.local = sweep_dead(self.graph)
         reshapes_before = self._reshape_count()
         for block in self._batched_blocks():
@@ -250,6 +252,7 @@ class _Collapser:
                 and block.layout == "(BH)SD"]
 
     def _reshape_count(self) -> int:
+        """Reshapes still in the graph (a bypassed one is disconnected until the sweep)."""
         return sum(1 for node in self.graph.nodes if node.op == "Reshape" and node.outputs)
 
     # --- detours ---
@@ -352,6 +355,7 @@ class _Collapser:
             self._rebatch(context, old_shape, others)
 
     def _apply_step(self, step: Step, heads) -> None:
+        """Drop a Reshape of the chain, or move a kept node to four dims."""
         node = step.node
         if step.action == "drop":
             move_readers(node.outputs[0], node.inputs[0], self.graph)
@@ -406,6 +410,7 @@ class _Collapser:
         return target
 
     def _add(self, op: str, inputs: list[gs.Tensor], output: gs.Tensor, **attrs) -> None:
+        """Append a new node writing ``output`` (the base's export sorts the graph)."""
         node = gs.Node(op, self.names.fresh(output.name, node=True), attrs, inputs, [output])
         self.graph.nodes.append(node)
         self.local.add(id(node))
@@ -529,6 +534,7 @@ def _plan_context(context: gs.Tensor, heads, graph: gs.Graph):
 
 
 def _static(value) -> bool:
+    """Whether a dim is a known positive int."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
 
 

@@ -101,6 +101,7 @@ def dim(tensor: gs.Tensor, axis: int):
 
 
 def rank(tensor: gs.Tensor) -> int | None:
+    """The tensor's rank, or None when shape inference does not know it."""
     return len(tensor.shape) if tensor.shape is not None else None
 
 
@@ -141,6 +142,7 @@ class Names:
 # layer reads) becomes quadratic. These edits unlink by identity instead.
 
 def _unlink(tensor: gs.Tensor, node: gs.Node) -> None:
+    """Drop ``node`` from ``tensor``'s readers (by identity)."""
     readers = tensor.outputs
     for index, reader in enumerate(readers):  # graph order: the edited reader is usually early
         if reader is node:
@@ -169,6 +171,7 @@ def disconnect(node: gs.Node) -> None:
 
 
 def _unlink_producer(tensor: gs.Tensor, node: gs.Node) -> None:
+    """Drop ``node`` as ``tensor``'s producer (by identity)."""
     producers = tensor.inputs
     for index, writer in enumerate(producers):
         if writer is node:
@@ -235,6 +238,7 @@ def target_elements(target: gs.Tensor) -> list | None:
 
 
 def _elements(tensor: gs.Tensor, depth: int) -> list | None:
+    """:func:`target_elements` of ``tensor``, ``depth`` ops below the target."""
     value = constant_value(tensor)
     node = producer(tensor)
     if value is None and node is not None and node.op not in _STRUCTURAL:
@@ -266,6 +270,7 @@ _STRUCTURAL = frozenset({"Shape", "Concat", "Unsqueeze", "Squeeze", "Reshape", "
 
 
 def _unknown(tensor: gs.Tensor) -> list | None:
+    """As many unknown elements as a 1-D ``tensor`` of static length has (None otherwise)."""
     shape = tensor.shape
     if shape is not None and len(shape) <= 1 and all(isinstance(d, int) for d in shape):
         return [None] * (shape[0] if shape else 1)
@@ -273,6 +278,7 @@ def _unknown(tensor: gs.Tensor) -> list | None:
 
 
 def _shape_elements(node: gs.Node) -> list | None:
+    """``(source, axis)`` for each dim a Shape node returns (its start/end applied)."""
     source = node.inputs[0]
     if source.shape is None:
         return None
@@ -357,6 +363,7 @@ class SimplifyReshapes(GraphPass):
                    "Reshapes, Squeeze/Unsqueeze pairs and lossless Cast round trips")
 
     def rewrite(self, graph: gs.Graph, path: str) -> dict[str, int]:
+        """Simplify one graph (the base calls this for the top level and each body)."""
         return _Simplifier(graph).run()
 
 
@@ -374,6 +381,7 @@ class _Simplifier:
                        "casts_removed": 0}
 
     def run(self) -> dict[str, int]:
+        """Visit every candidate, and again whatever a rewrite puts next to another candidate."""
         self.local = sweep_dead(self.graph)
         self.push(self.graph.nodes)
         while self.queue:
@@ -386,12 +394,14 @@ class _Simplifier:
         return self.counts
 
     def push(self, nodes: Iterable[gs.Node]) -> None:
+        """Queue the candidates among ``nodes`` that are not queued already."""
         for node in nodes:
             if node.op in _OPS and id(node) in self.local and id(node) not in self.queued:
                 self.queued.add(id(node))
                 self.queue.append(node)
 
     def visit(self, node: gs.Node) -> None:
+        """Try the rewrites that apply to ``node``'s op."""
         if node.op == "Reshape":
             self.reshape(node)
         elif node.op in ("Squeeze", "Unsqueeze"):
@@ -414,6 +424,7 @@ class _Simplifier:
         return True
 
     def reshape(self, node: gs.Node) -> None:
+        """Constant target, then merge with a Reshape producer, then drop if an identity."""
         if len(node.inputs) < 2:
             return
         if constant_value(node.inputs[1]) is None and self.make_constant(node):
@@ -463,6 +474,7 @@ class _Simplifier:
         return True
 
     def retarget(self, node: gs.Node, values: np.ndarray, allowzero: int) -> None:
+        """Give Reshape ``node`` the constant target ``values``, read with ``allowzero``."""
         old = node.inputs[1]
         name = self.names.fresh(f"{node.outputs[0].name}_target")
         set_input(node, 1, gs.Constant(name, values))
@@ -491,7 +503,7 @@ class _Simplifier:
 
 
 def _unknown_dim(size) -> bool:
-    # ONNX shape inference names a size it cannot work out "unk__<n>".
+    """Whether a dim is unknown: None, or a name ONNX shape inference made up ("unk__<n>")."""
     return size is None or (isinstance(size, str) and size.startswith("unk__"))
 
 
@@ -573,6 +585,8 @@ def _axes(node: gs.Node) -> list[int] | None:
 
 
 def _normalized(axes: list[int], size: int | None) -> set[int] | None:
+    """``axes`` as non-negative positions in a rank-``size`` tensor; None when not knowable
+    or repeated."""
     if any(a < 0 for a in axes):
         if size is None:
             return None
