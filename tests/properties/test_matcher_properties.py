@@ -12,7 +12,7 @@ import os
 from dataclasses import replace
 
 import pytest
-from hypothesis import example, given, note
+from hypothesis import event, example, given, note
 
 from xattn_compiler.attention import find_attention
 from xattn_compiler.ir import infer_shapes
@@ -44,6 +44,12 @@ KNOWN_BUGS = {
                 Layer((AttentionSpec(kind="cross"),))),
         norm="pre", batch=1, q_len=1, kv_len=1,
         clutter=(Clutter("identity", "const_1", region="outside"),)),
+    # Worse than unknown: with the head split's target behind an Identity, the head dim is
+    # read from the nearest Reshape, the Gemm projection's unflatten to [B, S, H*D]: 16, not 8.
+    "head-dim-from-unflatten": Recipe(
+        layers=(Layer((AttentionSpec(kind="self", projection="gemm", shape_style="computed"),)),),
+        dynamic=True, clutter=(Clutter("identity", "layers.0.self_attn.q.split_heads.shape",
+                                       region="shape"),)),
     # Heads are read from the first rank-raising Reshape in the Q chain; a flatten-and-back
     # of the [B,H,S,D] Q before the batched-heads Reshape is one, and S is taken for H.
     "flattened-q-in-batched-heads": Recipe(
@@ -81,16 +87,20 @@ def _regressions(test):
 @_regressions
 def test_matcher_finds_exactly_the_planted_blocks(ex):
     note(ex.description)
+    event(ex.category)
     try:
         assert_attention_found(ex)
     except AssertionError:
-        if STRICT or known_matcher_bug(ex) is None:
+        bug = known_matcher_bug(ex)
+        if STRICT or bug is None:
             raise
+        event(f"excused: known matcher bug {bug}")
 
 
 @given(ex=xst.examples(attention=False))
 def test_matcher_finds_nothing_in_lookalikes(ex):
     note(ex.description)
+    event(ex.category)
     found = find_attention(ex.model)
     assert found == [], [block.id for block in found]
 

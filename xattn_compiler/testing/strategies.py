@@ -219,6 +219,15 @@ class Example:
         """What was drawn, in words: spellings per layer, sizes, clutter, control flow."""
         return describe(self.recipe)
 
+    @property
+    def category(self) -> str:
+        """``clean``, ``cluttered``, ``wrapped`` or ``cluttered+wrapped``, with ``look-alike``
+        in front for models without attention (for ``hypothesis.event`` statistics)."""
+        parts = [p for p, on in (("cluttered", self.recipe.clutter),
+                                 ("wrapped", self.recipe.wrap)) if on]
+        text = "+".join(parts) or "clean"
+        return f"look-alike {text}" if self.recipe.lookalike else text
+
     def root(self, name: str) -> str:
         """The tensor whose value ``name`` repeats through clutter (``name`` if none)."""
         seen = set()
