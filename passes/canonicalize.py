@@ -26,6 +26,7 @@ from xattn_compiler.ir import (
     is_graph_output,
     iter_graphs,
     producer,
+    remove_dead_nodes,
 )
 from xattn_compiler.passmanager import Option, Pass, PassResult
 from xattn_compiler.rewrite import replace_uses
@@ -63,7 +64,7 @@ class Canonicalize(Pass):
         graph = import_graph(model)
         initializers_before = _initializer_names(graph)
         nodes_start = _node_count(graph)
-        graph.cleanup(remove_unused_graph_inputs=False)
+        remove_dead_nodes(graph)
         nodes_live = _node_count(graph)
         identities = remove_identities(graph)
         nodes_folded = 0
@@ -76,7 +77,7 @@ class Canonicalize(Pass):
                     fold_shapes=True, flatten_subgraphs=False, error_ok=True,
                     size_threshold=self.option("size-threshold"),
                 )
-            graph.cleanup(remove_unused_graph_inputs=False)
+            remove_dead_nodes(graph)
             nodes_folded = before - _node_count(graph)
         out = infer_shapes(export_model(graph, model), in_place=True)
         counts = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from xattn_compiler.ir import remove_dead_nodes
 from xattn_compiler.passmanager import Pass
 from xattn_compiler.rewrite import GraphPass
 
@@ -45,7 +46,9 @@ class RemoveLayoutClutter(GraphPass):
         # step invalidated leaves that spot alone; the next round (fresh shapes) takes it.
         totals: dict[str, int] = {}
         for step in self.steps:
-            for key, value in step.rewrite(graph, path).items():
+            counts = step.rewrite(graph, path)
+            for key, value in counts.items():
                 totals[f"{step.name}.{key}"] = totals.get(f"{step.name}.{key}", 0) + value
-            graph.cleanup(remove_unused_graph_inputs=False)
+            if any(counts.values()):
+                remove_dead_nodes(graph)
         return totals

@@ -15,6 +15,7 @@
     Cast(Cast(x, T), dtype(x))       -> x                  T holds every value of dtype(x)
                                                            (fp16 -> fp32 -> fp16; never
                                                            fp32 -> fp16 -> fp32)
+    Identity(x)                      -> x
 
 Facts come from ONNX shape inference (symbolic dims, data propagation), which the base runs
 right before the rewrite, from the structure of computed targets (``Gather(Shape(x), i)`` is
@@ -45,12 +46,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from xattn_compiler.analysis import constant_eval
-from xattn_compiler.ir import constant_value, is_graph_output, iter_graphs, producer
+from xattn_compiler.ir import constant_value, detach, is_graph_output, iter_graphs, producer
 from xattn_compiler.rewrite import GraphPass, only_consumer
 
 log = logging.getLogger(__name__)
 
-_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Cast"})
+_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity"})
 #: How deep the walk through a computed target goes (exporters use 3-4 levels).
 _MAX_TARGET_DEPTH = 8
 #: ``(source, widened)`` ONNX element types where every source value is exact in ``widened``,
@@ -207,10 +208,8 @@ def sweep_dead(graph: gs.Graph) -> set[int]:
             continue
         live.add(id(node))
         stack.extend(producer(tensor) for tensor in _reads(node))
-    for node in graph.nodes:
-        if id(node) not in live:
-            disconnect(node)
     if len(live) != len(graph.nodes):
+        detach([node for node in graph.nodes if id(node) not in live])
         graph.nodes = [node for node in graph.nodes if id(node) in live]
     return live
 
@@ -356,11 +355,11 @@ def encode_target(entries: list[Entry], allowzero: int) -> tuple[np.ndarray, int
 
 class SimplifyReshapes(GraphPass):
     """Merge Reshape chains, drop identity Reshapes, make computed targets constant, cancel
-    Squeeze/Unsqueeze pairs and drop round-trip or no-op Casts."""
+    Squeeze/Unsqueeze pairs and drop round-trip or no-op Casts and Identities."""
 
     name = "simplify-reshapes"
     description = ("merge Reshape chains, make computed Reshape targets constant, drop identity "
-                   "Reshapes, Squeeze/Unsqueeze pairs and lossless Cast round trips")
+                   "Reshapes, Squeeze/Unsqueeze pairs, lossless Cast round trips and Identities")
 
     def rewrite(self, graph: gs.Graph, path: str) -> dict[str, int]:
         """Simplify one graph (the base calls this for the top level and each body)."""
@@ -378,7 +377,7 @@ class _Simplifier:
         self.queued: set[int] = set()
         self.counts = {"reshape_chains_merged": 0, "identity_reshapes_removed": 0,
                        "computed_targets_made_constant": 0, "squeeze_unsqueeze_cancelled": 0,
-                       "casts_removed": 0}
+                       "casts_removed": 0, "identities_removed": 0}
 
     def run(self) -> dict[str, int]:
         """Visit every candidate, and again whatever a rewrite puts next to another candidate."""
@@ -412,6 +411,9 @@ class _Simplifier:
             source = _cast_source(node, self.local)
             if source is not None:
                 self.forward(node, source, "casts_removed")
+        elif node.op == "Identity" and node.inputs[0].name:
+            # Identity separates a Reshape or Transpose from its partner as well as a Cast does.
+            self.forward(node, node.inputs[0], "identities_removed")
 
     def forward(self, node: gs.Node, source: gs.Tensor, count: str) -> bool:
         """Make ``node``'s readers read ``source`` (equal to its output) and drop it."""

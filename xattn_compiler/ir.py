@@ -78,7 +78,8 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     graphsurgeon drops metadata and keeps its own producer fields; a pass must not change
     anything it did not mean to, so those are copied back from the original model.
     """
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    remove_dead_nodes(graph)
+    toposort(graph)
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = like.ir_version
     out.producer_name = like.producer_name
@@ -96,6 +97,128 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     if not out.functions and like.functions:
         out.functions.extend(like.functions)
     return out
+
+
+def remove_dead_nodes(graph: gs.Graph) -> int:
+    """Drop the nodes no graph output depends on, in bodies too; returns how many went.
+
+    What ``gs.Graph.cleanup`` does, in time linear in the graph (its own cost grows with the
+    number of bodies times the graph, which dominated passes on 100k-node models). A node with
+    bodies keeps alive whatever its bodies read from outer scopes. Graph inputs stay.
+    """
+    for tensor in graph.inputs:
+        tensor.inputs.clear()
+    live: set[int] = set()
+    stack = [producer(t) for t in graph.outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in live:
+            continue
+        live.add(id(node))
+        stack.extend(producer(t) for t in node.inputs)
+        stack.extend(producer(t) for t in _outer_reads(node))
+    kept = [node for node in graph.nodes if id(node) in live]
+    removed = len(graph.nodes) - len(kept)
+    if removed:
+        detach([node for node in graph.nodes if id(node) not in live])
+        graph.nodes = kept
+    for node in kept:
+        for body in _bodies(node):
+            removed += remove_dead_nodes(body)
+    return removed
+
+
+def detach(nodes: list[gs.Node]) -> None:
+    """Disconnect ``nodes`` from every tensor they read or write, all at once.
+
+    graphsurgeon unlinks one reader at a time with ``list.remove`` (deep node comparison), so
+    dropping the readers of a constant every layer shares is quadratic; this filters each
+    touched tensor's reader list once, by identity.
+    """
+    gone = {id(node) for node in nodes}
+    touched: dict[int, gs.Tensor] = {}
+    for node in nodes:
+        for tensor in node.inputs:
+            touched[id(tensor)] = tensor
+        for tensor in node.outputs:
+            if any(id(writer) in gone for writer in tensor.inputs):
+                kept = [w for w in tensor.inputs if id(w) not in gone]
+                list.clear(tensor.inputs)
+                list.extend(tensor.inputs, kept)
+        list.clear(node.inputs)
+        list.clear(node.outputs)
+    for tensor in touched.values():
+        readers = [r for r in tensor.outputs if id(r) not in gone]
+        list.clear(tensor.outputs)
+        list.extend(tensor.outputs, readers)
+
+
+def toposort(graph: gs.Graph) -> None:
+    """Order nodes so every producer comes before its readers, bodies included.
+
+    Stable: an already ordered graph keeps its order, and otherwise a node moves only as far
+    as its inputs require (ready nodes are taken in their original order), so a rewrite that
+    appends nodes changes the order locally. Linear (plus a heap) in the graph's size.
+    """
+    import heapq
+
+    for node in graph.nodes:
+        for body in _bodies(node):
+            toposort(body)
+    position = {id(node): i for i, node in enumerate(graph.nodes)}
+    waiting: list[int] = [0] * len(graph.nodes)
+    readers: list[list[int]] = [[] for _ in graph.nodes]
+    for i, node in enumerate(graph.nodes):
+        sources = {id(t.inputs[0]) for t in node.inputs if t.inputs}
+        if node.attrs:
+            sources.update(id(t.inputs[0]) for t in _outer_reads(node) if t.inputs)
+        for source in sources:
+            j = position.get(source)
+            if j is not None and j != i:
+                readers[j].append(i)
+                waiting[i] += 1
+    if all(j > i for i, after in enumerate(readers) for j in after):
+        return
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in readers[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) != len(graph.nodes):
+        stuck = next(graph.nodes[i] for i, count in enumerate(waiting) if count > 0)
+        raise ValueError(f"graph {graph.name!r} has a cycle through node {stuck.name!r} ({stuck.op})")
+    graph.nodes = [graph.nodes[i] for i in order]
+
+
+def _bodies(node: gs.Node) -> list[gs.Graph]:
+    bodies = []
+    for value in node.attrs.values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, gs.Graph):
+                bodies.append(item)
+    return bodies
+
+
+def _outer_reads(node: gs.Node) -> list[gs.Tensor]:
+    """Tensors a node's bodies read without computing them: its implicit inputs."""
+    bodies = _bodies(node)
+    if not bodies:
+        return []
+    reads: list[gs.Tensor] = []
+    for body in bodies:
+        inner = {id(t) for t in body.inputs}
+        for inner_node in body.nodes:
+            inner.update(id(t) for t in inner_node.outputs)
+        for inner_node in body.nodes:
+            reads.extend(t for t in inner_node.inputs if id(t) not in inner)
+            reads.extend(t for t in _outer_reads(inner_node) if id(t) not in inner)
+        reads.extend(t for t in body.outputs if id(t) not in inner)
+    return reads
 
 
 def iter_graphs(graph: gs.Graph, path: str = "") -> Iterator[tuple[str, gs.Graph]]:
@@ -191,6 +314,41 @@ def _copy_value_info(source: onnx.GraphProto, target: onnx.GraphProto) -> None:
         for src_attr, dst_attr in zip(src_node.attribute, dst_node.attribute, strict=False):
             if src_attr.type == onnx.AttributeProto.GRAPH:
                 _copy_value_info(src_attr.g, dst_attr.g)
+
+
+def refresh_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Give ``graph``'s tensors the types and shapes recorded in ``model`` (its export, inferred).
+
+    Afterwards the graph holds what a fresh import of ``model`` would, without the import:
+    a pass that rewrites in rounds keeps one graph and only refreshes what shape inference
+    learned. Tensors ``model`` records nothing for get no shape, as on import.
+    """
+    from onnx_graphsurgeon.importers.onnx_importer import (
+        get_onnx_tensor_dtype,
+        get_onnx_tensor_shape,
+    )
+
+    known: dict[str, onnx.ValueInfoProto] = {}
+    for proto in iter_graph_protos(model.graph):
+        for value in (*proto.input, *proto.output, *proto.value_info):
+            known.setdefault(value.name, value)
+    for _, body in iter_graphs(graph):
+        for tensor in _variables(body):
+            value = known.get(tensor.name)
+            if value is None:
+                tensor.dtype, tensor.shape = None, None
+            else:
+                tensor.dtype = get_onnx_tensor_dtype(value)
+                tensor.shape = get_onnx_tensor_shape(value)
+
+
+def _variables(graph: gs.Graph) -> Iterator[gs.Variable]:
+    seen: set[int] = set()
+    for tensor in (*graph.inputs, *graph.outputs,
+                   *(t for node in graph.nodes for t in (*node.inputs, *node.outputs))):
+        if isinstance(tensor, gs.Variable) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield tensor
 
 
 def shape_of(tensor: gs.Tensor) -> list[int | str | None] | None:

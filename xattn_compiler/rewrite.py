@@ -18,7 +18,14 @@ from typing import ClassVar
 import onnx
 import onnx_graphsurgeon as gs
 
-from .ir import export_model, import_graph, infer_shapes, is_graph_output, iter_graphs
+from .ir import (
+    export_model,
+    import_graph,
+    infer_shapes,
+    is_graph_output,
+    iter_graphs,
+    refresh_shapes,
+)
 from .passmanager import Pass, PassResult
 
 
@@ -37,26 +44,28 @@ class GraphPass(Pass):
         raise NotImplementedError
 
     def run(self, model: onnx.ModelProto) -> PassResult:
+        # One import for all rounds: after a round's export and shape inference the graph only
+        # takes the new shapes (refresh_shapes), which costs a fraction of a fresh import.
+        graph = import_graph(infer_shapes(model))
         totals: dict[str, int] = {}
         changed = False
         for _ in range(self.max_rounds):
-            model, counts = self._run_once(model)
+            counts = self._rewrite_all(graph)
             for key, value in counts.items():
                 totals[key] = totals.get(key, 0) + value
             if not any(counts.values()):
                 break
             changed = True
+            model = infer_shapes(export_model(graph, model), in_place=True)
+            refresh_shapes(graph, model)
         return PassResult(model, changed, totals)
 
-    def _run_once(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-        graph = import_graph(infer_shapes(model))
+    def _rewrite_all(self, graph: gs.Graph) -> dict[str, int]:
         totals: dict[str, int] = {}
         for path, body in reversed(list(iter_graphs(graph))):
             for key, value in self.rewrite(body, path).items():
                 totals[key] = totals.get(key, 0) + value
-        if not any(totals.values()):
-            return model, totals
-        return infer_shapes(export_model(graph, model), in_place=True), totals
+        return totals
 
 
 def replace_uses(old: gs.Tensor, new: gs.Tensor, graph: gs.Graph) -> bool:

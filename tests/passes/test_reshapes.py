@@ -447,7 +447,18 @@ def test_the_pass_declares_its_name_description_and_counts():
     counts = SimplifyReshapes()(cast_model(FLOAT, [FLOAT])).counts
     assert set(counts) == {"reshape_chains_merged", "identity_reshapes_removed",
                            "computed_targets_made_constant", "squeeze_unsqueeze_cancelled",
-                           "casts_removed"}
+                           "casts_removed", "identities_removed"}
+
+
+def test_an_identity_between_a_reshape_and_its_partner_goes():
+    m = model([reshape("x", "flat_shape", "flat"), node("Identity", ["flat"], ["kept"]),
+               reshape("kept", "back_shape", "back"), node("Relu", ["back"], ["y"])],
+              [value("x", [2, 3, 8])], [value("y", [2, 3, 8])],
+              [ints("flat_shape", [2, 24]), ints("back_shape", [2, 3, 8])])
+    result = simplified(m)
+    assert result.counts["identities_removed"] == 1
+    assert "Identity" not in op_histogram(result.model)
+    assert "Reshape" not in op_histogram(result.model)
 
 
 # --- real exports -------------------------------------------------------------------------------
