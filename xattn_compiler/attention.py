@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -279,10 +280,19 @@ def _merge_heads(context: gs.Tensor, body: gs.Graph) -> tuple[list[gs.Node], gs.
             break
         nodes.append(consumer)
         tensor = consumer.outputs[0]
-        if consumer.op == "Reshape" and tensor.shape is not None and len(tensor.shape) <= 3 \
-                and any(n.op == "Transpose" for n in nodes):
+        if consumer.op == "Reshape" and any(n.op == "Transpose" for n in nodes) \
+                and (_rank(tensor, consumer) or 0) <= 3:
+            # The merge ends at the first Reshape to [B, S, E] after the Transpose; without
+            # shapes (inside bodies) the target's length says so. Past it lies the projection.
             break
     return nodes, tensor
+
+
+def _rank(tensor: gs.Tensor, reshape: gs.Node) -> int | None:
+    if tensor.shape is not None:
+        return len(tensor.shape)
+    target = reshape_target(reshape)
+    return len(target) if target is not None else None
 
 
 # --- block facts ------------------------------------------------------------------------------
@@ -298,30 +308,62 @@ def _num_heads(core_operand: gs.Tensor, operand: Operand, kv: bool = False) -> i
     shape = core_operand.shape
     if shape is not None and len(shape) == 4 and _static_dim(shape, 1):
         return _static_dim(shape, 1)
-    # The head split is a Reshape that adds dims, its target ending in [..., H, D].
-    for node in operand.nodes:
-        if node.op != "Reshape":
-            continue
-        target = reshape_target(node)
-        rank_in = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
-        if target and len(target) >= 4 and (rank_in is None or len(target) > rank_in):
-            heads = target[-2]
-            if isinstance(heads, int) and heads > 0:
-                return heads
-    return None
+    split = _head_split(operand)
+    return split[0] if split else None
 
 
 def _head_dim(core_operand: gs.Tensor, operand: Operand) -> int | None:
     known = _static_dim(core_operand.shape, -1)
     if known:
         return known
-    # Shapes unknown (TorchScript computes reshape targets): the nearest Reshape's last dim.
-    for node in operand.nodes:
-        if node.op == "Reshape":
-            target = reshape_target(node)
-            if target and isinstance(target[-1], int) and target[-1] > 0:
-                return target[-1]
+    # Shapes unknown (TorchScript computes reshape targets): the head split's last dim. Not any
+    # Reshape's: a Gemm projection's unflatten to [B, S, H*D] ends in H*D.
+    split = _head_split(operand)
+    return split[1] if split else None
+
+
+def _head_split(operand: Operand) -> tuple[int, int] | None:
+    """``(H, D)`` from the Reshape that splits the projection's features into heads.
+
+    It is the first rank-raising Reshape seen from the projection whose target ends in
+    constant ``[..., H, D]`` (a later one, such as a flatten-and-back of ``[B, H, S, D]``,
+    would give S for H); where its input's feature dim is known, ``H * D`` must equal it.
+    """
+    for node in _chain_from_projection(operand):
+        if node.op != "Reshape":
+            continue
+        target = reshape_target(node)
+        in_shape = node.inputs[0].shape
+        rank_in = len(in_shape) if in_shape is not None else None
+        if not target or len(target) < 4 or (rank_in is not None and len(target) <= rank_in):
+            continue
+        heads, dim = target[-2], target[-1]
+        if not (isinstance(heads, int) and heads > 0 and isinstance(dim, int) and dim > 0):
+            return None
+        features = _static_dim(in_shape, -1)
+        if features and rank_in == len(target) - 1 and features != heads * dim:
+            return None
+        return heads, dim
     return None
+
+
+def _chain_from_projection(operand: Operand) -> list[gs.Node]:
+    """The operand's data path, projection side first (shape computations left out)."""
+    inside = {id(n) for n in operand.nodes}
+    chain: list[gs.Node] = []
+    tensor = operand.tensor
+    while True:
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None or id(node) not in inside or any(n is node for n in chain):
+            break
+        chain.append(node)
+        data = [t for t in node.inputs if t.inputs and id(t.inputs[0]) in inside]
+        if not data:
+            data = [t for t in node.inputs if constant_eval(t) is None]
+        if not data:
+            break
+        tensor = data[0]
+    return chain[::-1]
 
 
 def reshape_target(node: gs.Node) -> list[int | None] | None:
@@ -335,6 +377,9 @@ def reshape_target(node: gs.Node) -> list[int | None] | None:
     if value is not None:
         return [int(v) for v in value.reshape(-1)]
     producer_node = shape_input.inputs[0] if shape_input.inputs else None
+    while producer_node is not None and producer_node.op == "Identity":  # clutter on the target
+        shape_input = producer_node.inputs[0]
+        producer_node = shape_input.inputs[0] if shape_input.inputs else None
     if producer_node is None or producer_node.op != "Concat":
         return None
     target: list[int | None] = []
@@ -342,11 +387,44 @@ def reshape_target(node: gs.Node) -> list[int | None] | None:
         value = constant_eval(part)
         if value is not None:
             target.extend(int(v) for v in value.reshape(-1))
-        elif part.shape is not None and len(part.shape) == 1 and isinstance(part.shape[0], int):
-            target.extend([None] * part.shape[0])
+        elif (length := _vector_length(part)) is not None:
+            target.extend([None] * length)
         else:
             return None
     return target
+
+
+def _vector_length(tensor: gs.Tensor) -> int | None:
+    """How many elements a 1-D piece of a computed target has, from its shape or, where shape
+    inference saw nothing (inside bodies), from how it was made: ``Unsqueeze(Gather(Shape(x),
+    i))`` with a scalar ``i`` is one dim."""
+    if tensor.shape is not None and len(tensor.shape) == 1 and isinstance(tensor.shape[0], int):
+        return tensor.shape[0]
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or node.op not in ("Unsqueeze", "Gather", "Slice"):
+        return None
+    if node.op == "Slice":  # Slice(Shape(x), [s], [e]) with 0 <= s <= e: e - s dims
+        bounds = [constant_eval(t) for t in node.inputs[1:3]]
+        steps = constant_eval(node.inputs[4]) if len(node.inputs) > 4 else None
+        if any(b is None or b.size != 1 for b in bounds) or (steps is not None and
+                                                              not np.all(steps == 1)):
+            return None
+        start, end = (int(b.reshape(-1)[0]) for b in bounds)
+        shape_node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        if shape_node is None or shape_node.op != "Shape" or shape_node.attrs.get("start") \
+                or shape_node.attrs.get("end") is not None or shape_node.inputs[0].shape is None:
+            return None  # the rank clamps the end: without it the length is a guess
+        end = min(end, len(shape_node.inputs[0].shape))
+        return end - start if 0 <= start <= end else None
+    if node.op == "Gather":
+        index = constant_eval(node.inputs[1])
+        return index.size if index is not None and index.ndim == 1 else None
+    axes = constant_eval(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("axes")
+    source = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if axes is None or np.asarray(axes).size != 1 or source is None or source.op != "Gather":
+        return None
+    index = constant_eval(source.inputs[1])
+    return 1 if index is not None and index.ndim == 0 else None
 
 
 def _scale(core: Match, q: Operand, k: Operand) -> float | None:
