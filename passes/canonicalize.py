@@ -26,6 +26,7 @@ from xattn_compiler.ir import (
     is_graph_output,
     iter_graphs,
     producer,
+    refresh_shapes,
     remove_dead_nodes,
 )
 from xattn_compiler.passmanager import Option, Pass, PassResult
@@ -47,46 +48,102 @@ class Canonicalize(Pass):
     def run(self, model: onnx.ModelProto) -> PassResult:
         # Folding inside If/Loop bodies makes shapes known that ONNX inference could not see
         # (outer initializers), and the next round folds more: repeat until nothing changes,
-        # so a second call finds nothing left to do.
+        # so a second call finds nothing left to do. One import serves every round; between
+        # rounds the graph only takes the re-inferred shapes.
+        graph = import_graph(infer_shapes(model))
         totals: dict[str, int] = {}
         changed = False
         for _ in range(4):
-            result = self._run_once(model)
-            for key, value in result.counts.items():
+            counts, round_changed = self._round(graph)
+            for key, value in counts.items():
                 totals[key] = totals.get(key, 0) + value
-            if not result.changed:
+            if not round_changed:
                 break
-            model, changed = result.model, True
+            changed = True
+            model = infer_shapes(export_model(graph, model), in_place=True)
+            refresh_shapes(graph, model)
         return PassResult(model, changed, totals)
 
-    def _run_once(self, model: onnx.ModelProto) -> PassResult:
-        model = infer_shapes(model)
-        graph = import_graph(model)
+    def _round(self, graph: gs.Graph) -> tuple[dict[str, int], bool]:
         initializers_before = _initializer_names(graph)
-        nodes_start = _node_count(graph)
-        remove_dead_nodes(graph)
-        nodes_live = _node_count(graph)
+        dead = remove_dead_nodes(graph)
         identities = remove_identities(graph)
         nodes_folded = 0
         if self.option("fold-constants"):
-            _quiet_onnxruntime()
             before = _node_count(graph)
             fold_sliced_shapes(graph)
-            with _hidden_sliced_shapes(graph):
-                graph.fold_constants(
-                    fold_shapes=True, flatten_subgraphs=False, error_ok=True,
-                    size_threshold=self.option("size-threshold"),
-                )
+            # graphsurgeon's folder copies the whole graph before it looks: ask it only when
+            # something can fold (the confirming round of a large model usually has nothing).
+            if _has_foldable(graph):
+                _quiet_onnxruntime()
+                with _hidden_sliced_shapes(graph):
+                    graph.fold_constants(
+                        fold_shapes=True, flatten_subgraphs=False, error_ok=True,
+                        size_threshold=self.option("size-threshold"),
+                    )
             remove_dead_nodes(graph)
             nodes_folded = before - _node_count(graph)
-        out = infer_shapes(export_model(graph, model), in_place=True)
-        counts = {
-            "dead_nodes_removed": nodes_start - nodes_live,
-            "identities_removed": identities,
-            "nodes_folded": nodes_folded,
-        }
+        counts = {"dead_nodes_removed": dead, "identities_removed": identities,
+                  "nodes_folded": nodes_folded}
         changed = any(counts.values()) or _initializer_names(graph) != initializers_before
-        return PassResult(out, changed, counts)
+        return counts, changed
+
+
+def _has_foldable(graph: gs.Graph) -> bool:
+    """Whether graphsurgeon's folder could change anything: a Constant node, a node reading
+    only constants, or a Shape of a tensor with a static dim (a Gather of it may fold)."""
+    for _, body in iter_graphs(graph):
+        for node in body.nodes:
+            if node.op == "Constant":
+                return True
+            if node.op == "Shape":
+                if _shape_folds(node):
+                    return True
+                continue
+            inputs = [t for t in node.inputs if t.name]
+            if inputs and all(_is_constant(t) for t in inputs):
+                return True
+    return False
+
+
+def _shape_folds(node: gs.Node) -> bool:
+    """Whether graphsurgeon can fold this Shape, or a Gather or Slice of it, to a constant."""
+    shape = node.inputs[0].shape
+    if shape is None:
+        return False
+    static = [isinstance(d, int) and d >= 0 for d in shape]
+    if all(static):
+        return True
+    for reader in node.outputs[0].outputs:
+        picked = None
+        if reader.op == "Gather" and len(reader.inputs) > 1:
+            index = _constant_array(reader.inputs[1])
+            if index is not None:
+                picked = [static[int(i)] for i in index.reshape(-1) if -len(static) <= i < len(static)]
+        elif reader.op == "Slice" and len(reader.inputs) >= 3 and len(reader.inputs) < 5:
+            bounds = [_constant_array(t) for t in reader.inputs[1:3]]
+            if all(b is not None and b.size == 1 for b in bounds):
+                start, end = (int(b.reshape(-1)[0]) for b in bounds)
+                picked = static[start:end]
+        if picked and all(picked):
+            return True
+    return False
+
+
+def _constant_array(tensor: gs.Tensor) -> np.ndarray | None:
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = producer(tensor)
+    if node is not None and node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+        return np.asarray(node.attrs["value"].values)
+    return None
+
+
+def _is_constant(tensor: gs.Tensor) -> bool:
+    if isinstance(tensor, gs.Constant):
+        return True
+    node = producer(tensor)
+    return node is not None and node.op == "Constant"
 
 
 def _sliced_shapes(graph: gs.Graph) -> list[gs.Node]:
