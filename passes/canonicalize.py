@@ -180,13 +180,18 @@ def fold_sliced_shapes(graph: gs.Graph) -> int:
 @contextlib.contextmanager
 def _hidden_sliced_shapes(graph: gs.Graph):
     hidden = _sliced_shapes(graph)
+    # Not a Shape to the folder, and with an input that is no constant, so it never tries to
+    # evaluate one (ONNX Runtime knows no such op, and one failed evaluation stops all folding).
+    unknown = gs.Variable("xattn_hidden_sliced_shape_input")
     for node in hidden:
-        node.op = "XattnSlicedShape"  # not a Shape to the folder; restored below
+        node.op = "XattnSlicedShape"
+        node.inputs.append(unknown)
     try:
         yield
     finally:
         for node in hidden:
             node.op = "Shape"
+            node.inputs.pop()
 
 
 def _quiet_onnxruntime() -> None:

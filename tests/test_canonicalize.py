@@ -170,3 +170,23 @@ def test_a_sliced_shape_of_dynamic_dims_is_left_alone():
     out = Canonicalize()(model).model
     assert op_histogram(out) == {"Reshape": 1, "Shape": 1}
     assert run(out, x=np.zeros((5, 3, 4), np.float32), y=np.ones(5, np.float32))[0].shape == (5,)
+
+
+def test_a_sliced_shape_of_a_computed_constant_does_not_stop_the_other_folds():
+    # Its input is constant-valued but not yet a constant, so graphsurgeon's folder would try
+    # to evaluate it, fail, and fold nothing at all.
+    # (NonZero's output length is unknown to shape inference, known once evaluated.)
+    ones = numpy_helper.from_array(np.array([1, 0, 1, 1], np.float32), "ones")
+    twos = numpy_helper.from_array(np.full((4,), 2.0, np.float32), "twos")
+    model = make_model(
+        [helper.make_node("NonZero", ["ones"], ["where"]),
+         helper.make_node("Shape", ["where"], ["s"], start=1),
+         helper.make_node("Reshape", ["y", "s"], ["z"]),
+         helper.make_node("Mul", ["twos", "twos"], ["four"]),
+         helper.make_node("Add", ["x", "four"], ["w"])],
+        [value("x", [4]), value("y", [3])], [value("z", [3]), value("w", [4])],
+        [ones, twos], opset=18)
+    out = Canonicalize()(model).model
+    assert op_histogram(out) == {"Add": 1, "Reshape": 1}
+    z, w = run(out, x=np.zeros(4, np.float32), y=np.arange(3, dtype=np.float32))
+    assert z.tolist() == [0, 1, 2] and w.tolist() == [4, 4, 4, 4]
