@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .backends.cli import add_backend_commands
 from .errors import CheckFailed, InputError, OutputError, PassError
 from .io import load, save
 from .passmanager import Listener, Pass, PassRecord
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_passes(commands, common)
     add_split_commands(commands, common)
     add_zoo_commands(commands, common)
+    add_backend_commands(commands, common)
     return parser
 
 

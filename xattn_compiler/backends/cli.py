@@ -1,0 +1,220 @@
+"""The TensorRT-stage commands: ``build``, ``lint-trt`` and ``triton-repo``.
+
+    xattn-compiler build MODEL|SPLIT_DIR --engine OUT [--fp16|--bf16|--int8]
+                   [--profile NAME:MIN:OPT:MAX ...] [--dim SYMBOL=MIN:OPT:MAX ...]
+                   [--plugin-lib PATH ...] [--timing-cache PATH] [--fp32-softmax] [--emit-trtexec]
+    xattn-compiler lint-trt MODEL|SPLIT_DIR [--trt-version X] [--precision P] [--json]
+    xattn-compiler triton-repo MODEL|SPLIT_DIR -o REPO [--engine [PART=]PLAN ...]
+
+Wired into the main parser by :func:`add_backend_commands`. Handlers return an exit code;
+:class:`~xattn_compiler.errors.InputError` (TensorRT missing included) is exit 2 and
+:class:`~xattn_compiler.errors.CheckFailed` (lint blockers) exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckFailed, InputError, OutputError
+
+EXIT_OK = 0
+
+
+def add_backend_commands(subparsers: Any, common_parent_parser: argparse.ArgumentParser) -> None:
+    """Add ``build``, ``lint-trt`` and ``triton-repo`` to the CLI's subcommands."""
+    _add_build(subparsers, common_parent_parser)
+    _add_lint(subparsers, common_parent_parser)
+    _add_triton(subparsers, common_parent_parser)
+
+
+# --- build -----------------------------------------------------------------------------------
+
+def _add_build(commands: Any, common: argparse.ArgumentParser) -> None:
+    cmd = commands.add_parser(
+        "build", parents=[common], help="build a TensorRT engine (or print the trtexec command)",
+        description="Build a TensorRT engine with one optimization profile. A split-kv "
+                    "directory builds DIR/kv_projector.plan and DIR/decoder.plan into --engine.")
+    cmd.add_argument("model", help="the ONNX model, or a split-kv directory")
+    cmd.add_argument("--engine", required=True, metavar="OUT",
+                     help="engine file to write (a directory for a split model)")
+    precision = cmd.add_mutually_exclusive_group()
+    for name in ("fp16", "bf16", "int8"):
+        precision.add_argument(f"--{name}", dest="precision", action="store_const", const=name,
+                               help=f"allow {name} kernels")
+    cmd.set_defaults(precision="fp32")
+    cmd.add_argument("--profile", action="append", default=[], metavar="NAME:MIN:OPT:MAX",
+                     help="shapes of one input, like input_ids:1x1:1x64:8x448 (repeatable)")
+    cmd.add_argument("--dim", action="append", default=[], metavar="SYMBOL=MIN:OPT:MAX",
+                     help="range of one symbolic dim in every input, like enc_len=1500:1500:1500")
+    cmd.add_argument("--plugin-lib", action="append", default=[], metavar="PATH",
+                     help="plugin library to load (repeatable)")
+    cmd.add_argument("--timing-cache", metavar="PATH",
+                     help="timing cache to read (if present) and update")
+    cmd.add_argument("--fp32-softmax", action="store_true",
+                     help="keep every Softmax layer in fp32 (precision constraints, obeyed)")
+    cmd.add_argument("--workspace", type=int, metavar="MIB", help="workspace limit in MiB")
+    cmd.add_argument("--emit-trtexec", action="store_true",
+                     help="print the equivalent trtexec command and a Polygraphy comparison "
+                          "with ONNX Runtime instead of building (no TensorRT needed)")
+    cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    cmd.set_defaults(handler=run_build)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """Build every part of ``args.model``, or print the commands that would."""
+    from .parts import load_parts, part_profiles
+    from .profiles import parse_dim_range
+    from .trtexec import BuildPlan, softmax_layer_names
+
+    parts = load_parts(args.model)
+    split = len(parts) > 1 or parts[0].name != "model"
+    engine = Path(args.engine)
+    if split and engine.suffix == ".plan":
+        raise InputError(f"--engine {engine}: a split model builds two engines; give a directory")
+    profiles = part_profiles(parts, args.profile, dict(parse_dim_range(d) for d in args.dim))
+    plugins = [Path(p) for p in args.plugin_lib]
+    cache = Path(args.timing_cache) if args.timing_cache else None
+    plans = [BuildPlan(part.path, part.engine_in(engine, split), profile, args.precision,
+                       plugins, cache,
+                       softmax_layer_names(part.model) if args.fp32_softmax else [])
+             for part, profile in zip(parts, profiles, strict=True)]
+    if args.emit_trtexec:
+        return _emit(parts, plans, args.json)
+    return _build(parts, plans, args)
+
+
+def _emit(parts: list, plans: list, as_json: bool) -> int:
+    from .trtexec import polygraphy_command, shell_join, trtexec_command
+
+    records = [{"part": part.name, "role": part.role, "trtexec": trtexec_command(plan),
+                "polygraphy": polygraphy_command(plan)} for part, plan in zip(parts, plans, strict=True)]
+    if as_json:
+        print(json.dumps(records, indent=2))
+        return EXIT_OK
+    for record in records:
+        print(f"# {record['part']}: {record['role']}")
+        print(shell_join(record["trtexec"]))
+        print("# check TensorRT against ONNX Runtime:")
+        print(shell_join(record["polygraphy"]))
+    return EXIT_OK
+
+
+def _build(parts: list, plans: list, args: argparse.Namespace) -> int:
+    from .tensorrt import build_engine
+
+    results = []
+    for part, plan in zip(parts, plans, strict=True):
+        if plan.engine.exists() and plan.engine.resolve() == part.path.resolve():
+            raise OutputError(f"{plan.engine}: refusing to write over the input model")
+        result = build_engine(
+            part.path, plan.profile, plan.precision, plan.plugins, engine_path=plan.engine,
+            timing_cache=plan.timing_cache, fp32_softmax=bool(plan.fp32_layers),
+            workspace_bytes=args.workspace * (1 << 20) if args.workspace else None,
+            protect=[part.path])
+        results.append({"part": part.name, "engine": str(result.engine),
+                        "seconds": round(result.seconds, 2), **result.summary})
+        if not args.quiet and not args.json:
+            print(f"wrote {result.engine} ({part.role}): {result.summary.get('layers')} layers, "
+                  f"{len(result.summary.get('attention_layers', []))} fused attention, "
+                  f"{result.seconds:.1f} s", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return EXIT_OK
+
+
+# --- lint-trt --------------------------------------------------------------------------------
+
+def _add_lint(commands: Any, common: argparse.ArgumentParser) -> None:
+    from .trt_ops import DEFAULT_VERSION, format_version
+
+    cmd = commands.add_parser(
+        "lint-trt", parents=[common], help="check a model against TensorRT's ONNX support",
+        description="Print what would block or slow a TensorRT build: unsupported ops and "
+                    "types, If/Loop constructs, the opset, dynamic inputs without a profile, "
+                    "attention that will not fuse. Exit 1 when something blocks the build.")
+    cmd.add_argument("model", help="the ONNX model, or a split-kv directory (both parts)")
+    cmd.add_argument("--trt-version", default=format_version(DEFAULT_VERSION), metavar="X.Y",
+                     help="TensorRT version to check against (default: %(default)s)")
+    cmd.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"),
+                     help="the build's precision (default: the model's own types)")
+    cmd.add_argument("--profile", action="append", default=[], metavar="NAME[:MIN:OPT:MAX]",
+                     help="an input that will get a profile (no warning for it)")
+    cmd.add_argument("--json", action="store_true", help="print the findings as JSON")
+    cmd.set_defaults(handler=run_lint)
+
+
+def run_lint(args: argparse.Namespace) -> int:
+    from .lint_trt import lint_trt
+    from .parts import load_parts
+    from .trt_ops import parse_version
+
+    try:
+        version = parse_version(args.trt_version)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    profiled = [text.split(":", 1)[0] for text in args.profile]
+    reports = [lint_trt(part.model, version, precision=args.precision, profiled_inputs=profiled,
+                        name=str(part.path)) for part in load_parts(args.model)]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    elif not args.quiet:
+        print("\n".join(r.render() for r in reports))
+    blockers = sum(len(r.blockers) for r in reports)
+    if blockers:
+        raise CheckFailed(f"{args.model}: {blockers} finding(s) block a TensorRT "
+                          f"{args.trt_version} build")
+    return EXIT_OK
+
+
+# --- triton-repo -----------------------------------------------------------------------------
+
+def _add_triton(commands: Any, common: argparse.ArgumentParser) -> None:
+    cmd = commands.add_parser(
+        "triton-repo", parents=[common], help="write a Triton Inference Server model repository",
+        description="One Triton model per part (TensorRT plans given with --engine, else the "
+                    "ONNX model for ONNX Runtime) and, for a split model, an ensemble that runs "
+                    "the projector then the decoder.")
+    cmd.add_argument("model", help="the ONNX model, or a split-kv directory")
+    cmd.add_argument("-o", "--output", required=True, metavar="REPO", help="repository directory")
+    cmd.add_argument("--engine", action="append", default=[], metavar="[PART=]PLAN",
+                     help="serve this TensorRT plan for PART (kv_projector, decoder; "
+                          "a single model takes just PLAN)")
+    cmd.add_argument("--name", default="model", help="model name of a single model")
+    cmd.add_argument("--ensemble-name", default="ensemble", help="the split ensemble's name")
+    cmd.add_argument("--max-batch-size", type=int, default=8,
+                     help="max_batch_size of batching models (default: %(default)s)")
+    cmd.add_argument("--max-queue-delay-us", type=int, default=100,
+                     help="dynamic batching queue delay in microseconds (default: %(default)s)")
+    cmd.set_defaults(handler=run_triton_repo)
+
+
+def run_triton_repo(args: argparse.Namespace) -> int:
+    from ..io import load
+    from .triton import TritonModel, split_models, write_repository
+
+    source, out = Path(args.model), Path(args.output)
+    engines = dict(_engine_arg(text) for text in args.engine)
+    if source.is_dir():
+        models, kv_names = split_models(source, engines, args.max_batch_size)
+        ensemble = (args.ensemble_name, kv_names)
+    else:
+        plan = engines.pop("", None) or engines.pop(args.name, None)
+        if engines:
+            raise InputError(f"--engine names parts {sorted(engines)}; a single model takes "
+                             "--engine PLAN")
+        models = [TritonModel(args.name, load(source), plan, args.max_batch_size)]
+        ensemble = None
+    configs = write_repository(out, models, ensemble=ensemble,
+                               max_queue_delay_us=args.max_queue_delay_us, protect=[source])
+    if not args.quiet:
+        print(f"wrote {out}: " + ", ".join(c.parent.name for c in configs), file=sys.stderr)
+    return EXIT_OK
+
+
+def _engine_arg(text: str) -> tuple[str, Path]:
+    part, sep, path = text.partition("=")
+    return (part, Path(path)) if sep else ("", Path(text))

@@ -1,0 +1,340 @@
+"""Build a TensorRT engine from an ONNX model (TensorRT >= 10 Python API, imported lazily).
+
+:func:`build_engine` parses the model with ``OnnxParser`` (every parser error is reported with
+its node), adds one optimization profile per :class:`~.profiles.Profile`, sets the precision
+flags, optionally keeps Softmax layers in fp32 (precision constraints, obeyed), loads plugin
+libraries, reads and updates a timing cache, writes the engine atomically and summarizes it
+with the engine inspector. Importing this module never imports TensorRT; calling into it
+without TensorRT raises :class:`TensorRTMissing`, which the CLI turns into exit code 2 with
+:data:`INSTALL_HINT`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ..errors import InputError, OutputError
+from .profiles import InputShapes, Profile, derive_profile
+
+log = logging.getLogger(__name__)
+
+MIN_VERSION = (10, 0)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+INSTALL_HINT = (
+    "install TensorRT >= 10 on a machine with an NVIDIA GPU: `pip install tensorrt` "
+    "(NVIDIA's wheels, from pypi.nvidia.com) or run inside the nvcr.io/nvidia/tensorrt "
+    "container; without it, `xattn-compiler build MODEL --engine OUT.plan --emit-trtexec` prints "
+    "the equivalent trtexec and Polygraphy commands to run where TensorRT is installed")
+
+
+class TensorRTMissing(InputError):
+    """TensorRT cannot be imported (or is older than 10)."""
+
+
+class TensorRTBuildError(InputError):
+    """The parser rejected the model or the builder failed; names the nodes when it can."""
+
+
+@dataclass
+class ParserIssue:
+    """One ``OnnxParser`` error, with the node it is about."""
+
+    node_index: int
+    node_name: str
+    op: str
+    description: str
+    code: str
+
+    def __str__(self) -> str:
+        where = f"node '{self.node_name}' ({self.op})" if self.node_name else \
+            f"node #{self.node_index}" if self.node_index >= 0 else "the model"
+        return f"{where}: {self.description} [{self.code}]"
+
+
+@dataclass
+class BuildResult:
+    engine: Path
+    seconds: float
+    precision: str
+    profiles: list[Profile]
+    fp32_layers: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    timing_cache: Path | None = None
+
+
+def import_tensorrt() -> Any:
+    """The ``tensorrt`` module; :class:`TensorRTMissing` naming the remedy when it is absent."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTMissing(f"TensorRT is not installed ({exc}); {INSTALL_HINT}") from None
+    version = tuple(int(p) for p in trt.__version__.split(".")[:2] if p.isdigit())
+    if version < MIN_VERSION:
+        raise TensorRTMissing(f"TensorRT {trt.__version__} is too old (need >= 10); {INSTALL_HINT}")
+    return trt
+
+
+def build_engine(
+    model: onnx.ModelProto | str | os.PathLike,
+    profiles: Profile | Sequence[Profile] | None = None,
+    precision: str = "fp32",
+    plugins: Iterable[str | os.PathLike] = (),
+    *,
+    engine_path: str | os.PathLike,
+    timing_cache: str | os.PathLike | None = None,
+    fp32_softmax: bool = False,
+    workspace_bytes: int | None = None,
+    optimization_level: int | None = None,
+    strongly_typed: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
+) -> BuildResult:
+    """Build ``model`` into a serialized engine at ``engine_path`` (written atomically).
+
+    ``profiles`` default to :func:`~.profiles.derive_profile` of the model. ``precision`` is
+    one of :data:`PRECISIONS`; with ``fp32_softmax`` every Softmax layer is constrained to fp32
+    (``OBEY_PRECISION_CONSTRAINTS``). ``plugins`` are shared libraries loaded into the plugin
+    registry. ``timing_cache`` is read when it exists and written back after the build.
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    engine_path = Path(engine_path)
+    _refuse_protected(engine_path, [*protect, *([model] if isinstance(model, (str, os.PathLike)) else [])])
+    trt = import_tensorrt()
+    started = time.perf_counter()
+    logger = _make_logger(trt)
+    builder = trt.Builder(logger)
+    trt.init_libnvinfer_plugins(logger, "")
+    _libraries = _load_plugins(plugins)   # handles must outlive the build
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    proto = _parse(trt, network, logger, model)
+    if profiles is None:
+        profiles = derive_profile(proto)
+    profiles = [profiles] if isinstance(profiles, Profile) else list(profiles)
+    config = builder.create_builder_config()
+    _add_profiles(builder, config, network, profiles)
+    _set_precision(trt, config, precision, strongly_typed)
+    fp32_layers = _constrain_softmax(trt, config, network) if fp32_softmax else []
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if optimization_level is not None:
+        config.builder_optimization_level = optimization_level
+    cache = _attach_timing_cache(config, timing_cache)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        errors = "; ".join(logger.errors[-5:]) or "no error was logged"
+        raise TensorRTBuildError(f"TensorRT could not build an engine from the model: {errors}")
+    _write_atomic(engine_path, bytes(plan))
+    if cache is not None and timing_cache is not None:
+        _write_atomic(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
+    summary = inspect_engine(trt, logger, bytes(plan))
+    return BuildResult(engine_path, time.perf_counter() - started, precision, profiles,
+                       fp32_layers, summary, Path(timing_cache) if timing_cache else None)
+
+
+# --- steps -----------------------------------------------------------------------------------
+
+def _make_logger(trt: Any) -> Any:
+    class Logger(trt.ILogger):
+        """Forwards TensorRT's log to ours and keeps the errors for the failure message."""
+
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                self.errors.append(msg)
+                log.error("TensorRT: %s", msg)
+            elif severity == trt.ILogger.WARNING:
+                log.warning("TensorRT: %s", msg)
+            else:
+                log.debug("TensorRT: %s", msg)
+
+    return Logger()
+
+
+def _load_plugins(plugins: Iterable[str | os.PathLike]) -> list[Any]:
+    # Loading the library runs its static plugin registrations (REGISTER_TENSORRT_PLUGIN), as
+    # trtexec --staticPlugins and Polygraphy --plugins do; the handles must outlive the build.
+    import ctypes
+
+    handles = []
+    for path in plugins:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: plugin library not found")
+        try:
+            handles.append(ctypes.CDLL(str(path.resolve()), mode=ctypes.RTLD_GLOBAL))
+        except OSError as exc:
+            raise TensorRTBuildError(f"{path}: the plugin library does not load: {exc}") from None
+    return handles
+
+
+def _parse(trt: Any, network: Any, logger: Any, model: Any) -> onnx.ModelProto:
+    parser = trt.OnnxParser(network, logger)
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        # From the file, so external data next to it is found.
+        ok = parser.parse_from_file(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
+    else:
+        proto = model
+        ok = parser.parse(proto.SerializeToString())
+    if not ok or parser.num_errors:
+        issues = parser_issues(parser)
+        raise TensorRTBuildError(
+            f"TensorRT's ONNX parser rejected the model ({len(issues)} error(s)): "
+            + "; ".join(str(i) for i in issues) + " -- run `xattn-compiler lint-trt` for fixes")
+    return proto
+
+
+def parser_issues(parser: Any) -> list[ParserIssue]:
+    """Every error of an ``OnnxParser`` after ``parse``, with node index, name and op."""
+    issues = []
+    for index in range(parser.num_errors):
+        error = parser.get_error(index)
+        issues.append(ParserIssue(
+            node_index=int(error.node()), node_name=_call(error, "node_name"),
+            op=_call(error, "node_operator"), description=str(error.desc()),
+            code=str(error.code()).rsplit(".", 1)[-1]))
+    return issues
+
+
+def _call(error: Any, method: str) -> str:
+    # node_name/node_operator arrived in TensorRT 10; keep older-looking errors readable.
+    fn = getattr(error, method, None)
+    return str(fn()) if fn is not None else ""
+
+
+def _add_profiles(builder: Any, config: Any, network: Any, profiles: list[Profile]) -> None:
+    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
+    dynamic = {name for name, t in inputs.items() if any(d < 0 for d in t.shape)}
+    for index, profile in enumerate(profiles):
+        unknown = set(profile.inputs) - set(inputs)
+        if unknown:
+            raise InputError(f"profile {index} names {sorted(unknown)}, which are not inputs of "
+                             f"the network ({', '.join(inputs)})")
+        missing = dynamic - set(profile.inputs)
+        if missing:
+            raise InputError(f"profile {index} has no shapes for dynamic input(s) "
+                             f"{sorted(missing)}; add --profile NAME:MIN:OPT:MAX")
+        trt_profile = builder.create_optimization_profile()
+        for name, shapes in profile.inputs.items():
+            _set_shape(trt_profile, inputs[name], shapes)
+        config.add_optimization_profile(trt_profile)
+
+
+def _set_shape(trt_profile: Any, tensor: Any, shapes: InputShapes) -> None:
+    if getattr(tensor, "is_shape_tensor", False):
+        raise InputError(f"input '{tensor.name}' is a shape tensor: its profile needs values, "
+                         "which xattn-compiler does not derive; build it with trtexec")
+    trt_profile.set_shape(tensor.name, *shapes.as_tuple())
+
+
+def _set_precision(trt: Any, config: Any, precision: str, strongly_typed: bool) -> None:
+    if precision == "fp32":
+        return
+    if strongly_typed:
+        raise InputError(f"--{precision} with a strongly typed network: the model's own types "
+                         "decide precision; convert the model instead")
+    flag = getattr(trt.BuilderFlag, precision.upper(), None)
+    if flag is None:
+        raise TensorRTBuildError(f"TensorRT {trt.__version__} has no BuilderFlag.{precision.upper()}"
+                                 " (newer TensorRT builds strongly typed networks only): convert "
+                                 f"the model to {precision} before building")
+    config.set_flag(flag)
+
+
+def _constrain_softmax(trt: Any, config: Any, network: Any) -> list[str]:
+    names = []
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.type == trt.LayerType.SOFTMAX:
+            layer.precision = trt.float32
+            layer.set_output_type(0, trt.float32)
+            names.append(layer.name)
+    if names:
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    return names
+
+
+def _attach_timing_cache(config: Any, path: str | os.PathLike | None) -> Any:
+    if path is None:
+        return None
+    path = Path(path)
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise TensorRTBuildError(f"{path}: the timing cache does not match this GPU or TensorRT; "
+                                 "delete it to start a new one")
+    return cache
+
+
+def inspect_engine(trt: Any, logger: Any, plan: bytes) -> dict[str, Any]:
+    """The engine inspector's layer information, summarized (see :func:`summarize_layers`)."""
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        return {"error": "the engine could not be deserialized for inspection"}
+    inspector = engine.create_engine_inspector()
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    return summarize_layers(info)
+
+
+def summarize_layers(info: dict[str, Any]) -> dict[str, Any]:
+    """Layer count, layer types and the layers that look like fused attention.
+
+    ``info`` is the engine inspector's JSON (``{"Layers": [...], "Bindings": [...]}``); with
+    detailed profiling verbosity each layer is an object with ``Name`` and ``LayerType``, else a
+    name. A layer counts as fused attention when its name, type or tactic mentions ``mha`` or
+    ``attention`` (Myelin's ``_gemm_mha_v2``, IAttention layers).
+    """
+    layers = info.get("Layers", [])
+    types: Counter[str] = Counter()
+    attention = []
+    for layer in layers:
+        if isinstance(layer, str):
+            name, kind, text = layer, "unknown", layer
+        else:
+            name, kind = str(layer.get("Name", "")), str(layer.get("LayerType", "unknown"))
+            text = " ".join(str(layer.get(key, "")) for key in ("Name", "LayerType", "TacticName"))
+        types[kind] += 1
+        if "mha" in text.lower() or "attention" in text.lower():
+            attention.append(name)
+    return {"layers": len(layers), "layer_types": dict(types.most_common()),
+            "attention_layers": attention, "bindings": list(info.get("Bindings", []))}
+
+
+# --- files -----------------------------------------------------------------------------------
+
+def _refuse_protected(path: Path, protect: Iterable[Any]) -> None:
+    for guarded in protect:
+        if isinstance(guarded, (str, os.PathLike)) and Path(guarded).exists() \
+                and path.exists() and path.resolve() == Path(guarded).resolve():
+            raise OutputError(f"{path}: refusing to write over the input model")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,200 @@
+"""A Triton Inference Server model repository for a model, or for a split model's parts.
+
+Layout (one directory per model, version ``1``)::
+
+    REPO/kv_projector/config.pbtxt   1/model.plan (TensorRT) or 1/model.onnx (ONNX Runtime)
+    REPO/decoder/config.pbtxt        1/model.plan or 1/model.onnx
+    REPO/ensemble/config.pbtxt       1/            (an ensemble has no model file)
+
+Each ``config.pbtxt`` names the platform (``tensorrt_plan`` or ``onnxruntime_onnx``), every
+input and output with its Triton type and dims (-1 for a dynamic dim), and turns on dynamic
+batching when every input and output shares one batch dim on axis 0 (then ``dims`` leave it
+out and ``max_batch_size`` is its profile maximum); otherwise ``max_batch_size: 0`` and full
+dims. The ensemble wires the projector's K/V outputs into the decoder, so one request runs
+projector then decoder; a client that decodes step by step calls ``kv_projector`` once and
+``decoder`` per step, passing the K/V back (the split deployment of docs/tensorrt.md).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ..errors import InputError
+from ..io import save
+from .profiles import input_dims
+
+ONNX_TO_TRITON = {
+    "FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_BF16", "DOUBLE": "TYPE_FP64",
+    "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64",
+    "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64", "BOOL": "TYPE_BOOL", "STRING": "TYPE_STRING",
+}
+PLATFORMS = {"plan": ("tensorrt_plan", "model.plan"), "onnx": ("onnxruntime_onnx", "model.onnx")}
+
+
+@dataclass
+class Tensor:
+    name: str
+    data_type: str        # Triton type, TYPE_*
+    dims: list[int]       # full dims, -1 where dynamic
+    batch_symbol: str | None
+
+
+@dataclass
+class TritonModel:
+    """One model of the repository: an ONNX model, served as itself or as a built plan."""
+
+    name: str
+    model: onnx.ModelProto
+    plan: Path | None = None
+    max_batch: int | None = None    # the batch dim's profile maximum (None: 8)
+
+    def io(self) -> tuple[list[Tensor], list[Tensor]]:
+        initializers = {t.name for t in self.model.graph.initializer}
+        inputs = [_tensor(v) for v in self.model.graph.input if v.name not in initializers]
+        return inputs, [_tensor(v) for v in self.model.graph.output]
+
+    def batch_symbol(self) -> str | None:
+        """The one symbol every input and output has on axis 0, else None (no batching)."""
+        inputs, outputs = self.io()
+        symbols = {t.batch_symbol for t in [*inputs, *outputs]}
+        return symbols.pop() if len(symbols) == 1 and None not in symbols else None
+
+
+def _tensor(value: onnx.ValueInfoProto) -> Tensor:
+    kind = value.type.tensor_type
+    type_name = onnx.TensorProto.DataType.Name(kind.elem_type)
+    if type_name not in ONNX_TO_TRITON:
+        raise InputError(f"tensor '{value.name}': type {type_name} has no Triton equivalent")
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in kind.shape.dim]
+    first = kind.shape.dim[0] if kind.shape.dim else None
+    batch = first.dim_param if first is not None and first.dim_param else None
+    return Tensor(value.name, ONNX_TO_TRITON[type_name], dims, batch)
+
+
+def model_config(model: TritonModel, *, max_queue_delay_us: int = 100) -> str:
+    """The ``config.pbtxt`` text of one model."""
+    platform = PLATFORMS["plan" if model.plan is not None else "onnx"][0]
+    batching = model.batch_symbol() is not None
+    max_batch = (model.max_batch or 8) if batching else 0
+    inputs, outputs = model.io()
+    lines = [f'name: "{model.name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch}"]
+    lines += _tensor_block("input", inputs, batching)
+    lines += _tensor_block("output", outputs, batching)
+    if batching:
+        lines += ["dynamic_batching {", f"  max_queue_delay_microseconds: {max_queue_delay_us}",
+                  "}"]
+    kind = "KIND_GPU" if model.plan is not None else "KIND_AUTO"
+    lines += ["instance_group [", "  {", "    count: 1", f"    kind: {kind}", "  }", "]"]
+    return "\n".join(lines) + "\n"
+
+
+def ensemble_config(name: str, projector: TritonModel, decoder: TritonModel,
+                    kv_names: Sequence[str]) -> str:
+    """An ensemble: projector (static inputs -> K/V), then decoder (the rest + K/V -> outputs)."""
+    batching = projector.batch_symbol() is not None and decoder.batch_symbol() is not None
+    max_batch = min(projector.max_batch or 8, decoder.max_batch or 8) if batching else 0
+    p_inputs, p_outputs = projector.io()
+    d_inputs, d_outputs = decoder.io()
+    kv = set(kv_names)
+    missing = kv - {t.name for t in p_outputs} | kv - {t.name for t in d_inputs}
+    if missing:
+        raise InputError(f"ensemble '{name}': K/V tensors {sorted(missing)} are not both "
+                         "projector outputs and decoder inputs")
+    outer_inputs = p_inputs + [t for t in d_inputs if t.name not in kv
+                               and t.name not in {p.name for p in p_inputs}]
+    lines = [f'name: "{name}"', 'platform: "ensemble"', f"max_batch_size: {max_batch}"]
+    lines += _tensor_block("input", outer_inputs, batching)
+    lines += _tensor_block("output", d_outputs, batching)
+    lines += ["ensemble_scheduling {", "  step ["]
+    steps = [(projector.name, [t.name for t in p_inputs], [t.name for t in p_outputs]),
+             (decoder.name, [t.name for t in d_inputs], [t.name for t in d_outputs])]
+    for index, (model_name, ins, outs) in enumerate(steps):
+        lines += ["    {", f'      model_name: "{model_name}"', "      model_version: -1"]
+        lines += [f'      input_map {{ key: "{n}" value: "{n}" }}' for n in ins]
+        lines += [f'      output_map {{ key: "{n}" value: "{n}" }}' for n in outs]
+        lines.append("    }" + ("," if index < len(steps) - 1 else ""))
+    lines += ["  ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _tensor_block(kind: str, tensors: Iterable[Tensor], batching: bool) -> list[str]:
+    tensors = list(tensors)
+    lines = [f"{kind} ["]
+    for index, tensor in enumerate(tensors):
+        dims = tensor.dims[1:] if batching else tensor.dims
+        lines += ["  {", f'    name: "{tensor.name}"', f"    data_type: {tensor.data_type}",
+                  f"    dims: [ {', '.join(str(d) for d in dims)} ]",
+                  "  }" + ("," if index < len(tensors) - 1 else "")]
+    return lines + ["]"]
+
+
+def write_repository(
+    out_dir: str | Path,
+    models: Sequence[TritonModel],
+    *,
+    ensemble: tuple[str, Sequence[str]] | None = None,
+    max_queue_delay_us: int = 100,
+    protect: Iterable[str | Path] = (),
+) -> list[Path]:
+    """Write a model repository; ``ensemble`` is ``(name, kv_names)`` for a projector+decoder
+    pair (``models[0]`` the projector, ``models[1]`` the decoder). Returns the config files."""
+    out = Path(out_dir)
+    names = [m.name for m in models] + ([ensemble[0]] if ensemble else [])
+    if len(set(names)) != len(names):
+        raise InputError(f"Triton model names must be unique, got {names}")
+    configs = []
+    for model in models:
+        version = out / model.name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        if model.plan is not None:
+            if not model.plan.is_file():
+                raise InputError(f"{model.plan}: engine file not found")
+            shutil.copyfile(model.plan, version / PLATFORMS["plan"][1])
+        else:
+            save(model.model, version / PLATFORMS["onnx"][1], protect=list(protect))
+        configs.append(_write_text(out / model.name / "config.pbtxt",
+                                   model_config(model, max_queue_delay_us=max_queue_delay_us)))
+    if ensemble is not None:
+        name, kv_names = ensemble
+        (out / name / "1").mkdir(parents=True, exist_ok=True)
+        configs.append(_write_text(out / name / "config.pbtxt",
+                                   ensemble_config(name, models[0], models[1], kv_names)))
+    return configs
+
+
+def split_models(directory: str | Path, plans: Mapping[str, Path] | None = None,
+                 max_batch: int | None = None) -> tuple[list[TritonModel], list[str]]:
+    """The projector and decoder of a ``split-kv`` directory, and the K/V tensor names."""
+    from ..io import load
+
+    directory = Path(directory)
+    spec = json.loads((directory / "split.json").read_text())
+    if not spec.get("projector"):
+        raise InputError(f"{directory}: the split folded every K/V into the decoder; there is "
+                         "no projector to serve (serve decoder.onnx alone)")
+    plans = dict(plans or {})
+    models = [TritonModel(part, load(directory / spec[key]), plans.pop(part, None), max_batch)
+              for part, key in (("kv_projector", "projector"), ("decoder", "decoder"))]
+    if plans:
+        raise InputError(f"--engine names {sorted(plans)}; the split has kv_projector and decoder")
+    kv_names = [name for entry in spec["kv"] for name in (entry["key"], entry["value"])]
+    return models, kv_names
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def describe(models: Sequence[TritonModel]) -> dict[str, Any]:
+    """Per model: platform, batching and input dims (for the CLI's summary line)."""
+    return {m.name: {"platform": PLATFORMS["plan" if m.plan else "onnx"][0],
+                     "batch": m.batch_symbol(), "inputs": input_dims(m.model)} for m in models}

@@ -1,0 +1,107 @@
+"""The trtexec command that reproduces a build, and a Polygraphy command that checks it.
+
+``build --emit-trtexec`` prints both, shell-quoted, so a user on a TensorRT machine rebuilds
+exactly what :func:`~.tensorrt.build_engine` would (same shapes, precision, Softmax
+constraints, plugins and timing cache) and compares TensorRT with ONNX Runtime on the same
+model. Flags are those of trtexec and Polygraphy for TensorRT 10 (``--staticPlugins`` replaced
+``--plugins`` there; TensorRT 11 drops ``--fp16``/``--bf16`` for strongly typed networks).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from ..errors import InputError
+from .profiles import Profile
+
+_TRTEXEC_PRECISION = {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"], "int8": ["--int8"]}
+_POLYGRAPHY_PRECISION = _TRTEXEC_PRECISION
+
+
+@dataclass
+class BuildPlan:
+    """What one engine build needs; the CLI makes one per model (two for a split model)."""
+
+    model: Path
+    engine: Path
+    profile: Profile | None
+    precision: str = "fp32"
+    plugins: Sequence[Path] = ()
+    timing_cache: Path | None = None
+    fp32_layers: Sequence[str] = field(default_factory=list)
+
+
+def softmax_layer_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the top-level Softmax nodes: the parser names their layers after them."""
+    names = [n.name for n in model.graph.node if n.op_type == "Softmax" and n.name]
+    for name in names:
+        if "," in name:
+            raise InputError(f"Softmax node '{name}': a ',' in its name cannot be written in "
+                             "trtexec's --layerPrecisions; rename the node")
+    return names
+
+
+def trtexec_command(plan: BuildPlan) -> list[str]:
+    """trtexec's argv for ``plan`` (join with :func:`shell_join`)."""
+    argv = ["trtexec", f"--onnx={plan.model}", f"--saveEngine={plan.engine}"]
+    if plan.profile is not None and plan.profile.inputs:
+        argv += [f"--{which}Shapes={plan.profile.spec(which)}" for which in ("min", "opt", "max")]
+    argv += _TRTEXEC_PRECISION[plan.precision]
+    if plan.fp32_layers:
+        layers = ",".join(f"{_quote_layer(name)}:fp32" for name in plan.fp32_layers)
+        argv += ["--precisionConstraints=obey", f"--layerPrecisions={layers}"]
+    argv += [f"--staticPlugins={path}" for path in plan.plugins]
+    if plan.timing_cache is not None:
+        argv.append(f"--timingCacheFile={plan.timing_cache}")
+    argv += ["--profilingVerbosity=detailed", f"--exportLayerInfo={plan.engine}.layers.json",
+             "--skipInference"]
+    return argv
+
+
+def polygraphy_command(plan: BuildPlan, rtol: float | None = None,
+                       atol: float | None = None) -> list[str]:
+    """``polygraphy run``: build with TensorRT as in ``plan``, run ONNX Runtime, compare."""
+    argv = ["polygraphy", "run", str(plan.model), "--trt", "--onnxrt"]
+    if plan.profile is not None and plan.profile.inputs:
+        for which in ("min", "opt", "max"):
+            argv += [f"--trt-{which}-shapes", *_polygraphy_shapes(plan.profile, which)]
+        argv += ["--input-shapes", *_polygraphy_shapes(plan.profile, "opt")]
+    argv += _POLYGRAPHY_PRECISION[plan.precision]
+    if plan.fp32_layers:
+        argv += ["--precision-constraints", "obey", "--layer-precisions",
+                 *(f"{name}:float32" for name in plan.fp32_layers)]
+    if plan.plugins:
+        argv += ["--plugins", *(str(p) for p in plan.plugins)]
+    if plan.timing_cache is not None:
+        argv += ["--load-timing-cache", str(plan.timing_cache)]
+    rtol, atol = _tolerances(plan.precision, rtol, atol)
+    argv += ["--rtol", f"{rtol:g}", "--atol", f"{atol:g}"]
+    return argv
+
+
+def shell_join(argv: Iterable[str]) -> str:
+    """``argv`` as one POSIX shell line, every argument quoted where it needs to be."""
+    return shlex.join(list(argv))
+
+
+def _polygraphy_shapes(profile: Profile, which: str) -> list[str]:
+    return [f"{name}:[{','.join(str(d) for d in getattr(shapes, which))}]"
+            for name, shapes in profile.inputs.items()]
+
+
+def _quote_layer(name: str) -> str:
+    # trtexec splits a spec at its last ':' and strips single quotes around the layer name.
+    return f"'{name}'" if ":" in name else name
+
+
+def _tolerances(precision: str, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    # Half precision differs from fp32 ONNX Runtime by design; these are the tolerances the
+    # project's own verification uses per dtype.
+    half = precision in ("fp16", "bf16", "int8")
+    return (rtol if rtol is not None else (2e-2 if half else 1e-3),
+            atol if atol is not None else (2e-2 if half else 1e-4))
