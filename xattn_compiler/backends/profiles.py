@@ -31,6 +31,7 @@ from typing import Any
 import onnx
 
 from ..errors import InputError
+from ..ir import constant_value
 
 Range = tuple[int, int, int]
 Shape = tuple[int, ...]
@@ -189,6 +190,7 @@ def derive_profile(
     for name, input_dim in dims.items():
         if name in by_override:
             shapes[name] = by_override[name]
+            symbols.update({d: pinned[d] for d in input_dim if isinstance(d, str) and d})
             continue
         if all(isinstance(d, int) for d in input_dim):
             continue
@@ -256,44 +258,65 @@ def position_limits(model: onnx.ModelProto) -> dict[str, tuple[int, str]]:
     """``symbol -> (largest valid size, table node)`` from learned position tables.
 
     A table is a Gather/GatherND whose data is a constant of R rows and whose indices come
-    from a ``Range`` through reshaping ops and constant ``Add``s; every symbolic dim of the
-    indices can then reach at most R minus the constant offsets (and the Range's start).
+    from a ``Range`` through reshaping ops and constant ``Add``s; the dims of the indices (and
+    the dim the Range's limit reads through ``Shape``) can then reach at most R minus the
+    constant offsets and the Range's start.
     """
-    from ..ir import constant_value, import_graph, infer_shapes
+    from ..ir import import_graph, infer_shapes
 
     graph = import_graph(infer_shapes(model))
+    # Only the inputs' symbols matter to a profile (inference invents others, like unk__0).
+    named = {d for dims in input_dims(model).values() for d in dims if isinstance(d, str)}
     limits: dict[str, tuple[int, str]] = {}
     for node in graph.nodes:
         if node.op not in ("Gather", "GatherND") or node.attrs.get("axis", 0) != 0:
             continue
         table = constant_value(node.inputs[0])
-        offset = _range_offset(node.inputs[1], constant_value) if table is not None else None
-        if offset is None or node.inputs[1].shape is None:
+        found = _range_offset(node.inputs[1]) if table is not None else None
+        if found is None:
             continue
+        offset, range_node = found
         cap = int(table.shape[0]) - offset
-        for dim in node.inputs[1].shape:
-            if isinstance(dim, str) and not _BATCH.match(dim) and cap > 0:
-                if dim not in limits or cap < limits[dim][0]:
-                    limits[dim] = (cap, node.name or node.op)
+        symbols = {d for d in node.inputs[1].shape or () if isinstance(d, str)}
+        symbols |= {_limit_symbol(range_node.inputs[1])} - {None}
+        for dim in symbols & named:
+            if not _BATCH.match(dim) and cap > 0 and (dim not in limits or cap < limits[dim][0]):
+                limits[dim] = (cap, node.name or node.op)
     return limits
 
 
-def _range_offset(tensor: Any, constant_value: Any, depth: int = 0) -> int | None:
-    """The constant added to a Range on the way to ``tensor``, or None when none feeds it."""
+def _range_offset(tensor: Any, depth: int = 0) -> tuple[int, Any] | None:
+    """``(constant added to a Range, the Range)`` on the way to ``tensor``, else None."""
     node = tensor.inputs[0] if tensor.inputs else None
     if node is None or node.op not in _POSITION_PATH_OPS or depth > 8:
         return None
     if node.op == "Range":
         start = constant_value(node.inputs[0])
-        return int(start) if start is not None and start.size == 1 else None
+        return (int(start), node) if start is not None and start.size == 1 else None
     if node.op != "Add":
         # Reshaping ops carry the positions in input 0; their other inputs are shapes.
-        return _range_offset(node.inputs[0], constant_value, depth + 1)
+        return _range_offset(node.inputs[0], depth + 1)
     values = [constant_value(t) for t in node.inputs]
     if sum(v is None for v in values) != 1:
         return None
     addend = next(v for v in values if v is not None)
-    below = _range_offset(node.inputs[values.index(None)], constant_value, depth + 1)
+    below = _range_offset(node.inputs[values.index(None)], depth + 1)
     if below is None or addend.size != 1:
         return None
-    return below + int(addend.reshape(-1)[0])
+    return below[0] + int(addend.reshape(-1)[0]), below[1]
+
+
+def _limit_symbol(tensor: Any, depth: int = 0) -> str | None:
+    """The symbolic dim a Range limit reads: ``Gather(Shape(x), k)`` through casts/squeezes."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or depth > 4:
+        return None
+    if node.op in ("Squeeze", "Unsqueeze", "Cast", "Reshape"):
+        return _limit_symbol(node.inputs[0], depth + 1)
+    if node.op == "Gather" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Shape":
+        index = constant_value(node.inputs[1])
+        shape = node.inputs[0].inputs[0].inputs[0].shape
+        if index is not None and index.size == 1 and shape is not None:
+            dim = shape[int(index.reshape(-1)[0])]
+            return dim if isinstance(dim, str) else None
+    return None
