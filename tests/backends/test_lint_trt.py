@@ -86,9 +86,20 @@ def test_an_onnx_runtime_contrib_op_blocks_and_points_at_fusion():
 
 
 def test_a_custom_domain_op_is_a_plugin_lookup():
-    [finding] = findings(unary("fMHCA", domain="trt.plugins"))
+    [finding] = findings(unary("MyAttention", domain="trt.plugins"))
     assert (finding.severity, finding.code) == ("warning", "plugin")
     assert "--plugin-lib" in finding.fix
+
+
+def test_the_removed_stable_diffusion_plugins_are_named_as_such():
+    [finding] = findings(unary("fMHCA", domain="trt.plugins"))
+    assert finding.code == "plugin" and "8.6" in finding.message
+
+
+def test_an_unknown_default_domain_op_is_a_plugin_lookup_not_a_blocker():
+    model = unary("CustomNorm")
+    [finding] = findings(model)
+    assert (finding.severity, finding.code, finding.node) == ("warning", "plugin", "the_customnorm")
 
 
 def test_an_opset_past_the_documented_range_blocks():

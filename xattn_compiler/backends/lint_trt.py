@@ -36,6 +36,8 @@ _CORE_OPS = {"MatMul", "Softmax", "Add", "Where", "Mul", "Div"}
 _HALF = {"fp16", "bf16", "int8"}
 # Clutter remove-layout-clutter takes out of a core (Cast round trips included); anything else
 # inside a core (IsNaN guards of fully masked rows, for one) goes when the block is fused.
+# The Stable Diffusion demo's fused attention plugins, removed from TensorRT in 8.6.
+_REMOVED_PLUGINS = {"fMHCA", "fMHA_V2"}
 _LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity"}
 
 
@@ -146,6 +148,9 @@ def _check_node(node: gs.Node, path: str, version: tuple[int, int], types: dict[
     if (node.domain or "") not in _DEFAULT_DOMAINS:
         yield _custom_domain(node, finding)
         return
+    if node.op not in trt_ops.SUPPORTED and not onnx.defs.has(node.op):
+        yield _custom_domain(node, finding)      # not an ONNX op: the parser tries a plugin
+        return
     if node.op in trt_ops.UNSUPPORTED or node.op not in trt_ops.SUPPORTED:
         yield finding(BLOCKER, "unsupported-op", f"TensorRT does not import {node.op}",
                       "none: rewrite the op or provide a plugin")
@@ -182,8 +187,13 @@ def _custom_domain(node: gs.Node, finding) -> Finding:
                if "Attention" in node.op else "none: export without ONNX Runtime's fusions")
         return finding(BLOCKER, "unsupported-op", f"{node.domain}.{node.op} is an ONNX Runtime "
                        "contrib op; TensorRT's parser does not know it", fix)
-    return finding(WARNING, "plugin", f"{node.domain}.{node.op} is resolved as a TensorRT plugin "
-                   "by op name (attributes plugin_version, plugin_namespace)",
+    if node.op in _REMOVED_PLUGINS:
+        return finding(WARNING, "plugin", f"plugin {node.op} left TensorRT's plugin library in "
+                       "8.6 (Myelin fuses attention instead): it must come from a library built "
+                       "from the TensorRT 8.5 plugin sources",
+                       "build --plugin-lib PATH, or fuse-attention{target=onnx-attention}")
+    return finding(WARNING, "plugin", f"{node.domain or 'ai.onnx'}.{node.op} is resolved as a "
+                   "TensorRT plugin by op name (attributes plugin_version, plugin_namespace)",
                    "build --plugin-lib PATH (unless the plugin ships with TensorRT)")
 
 
