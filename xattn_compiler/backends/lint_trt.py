@@ -294,7 +294,7 @@ def _check_profiles(model: onnx.ModelProto, profiled: set[str]) -> Iterator[Find
     missing = {n: d for n, d in dynamic_inputs(model).items() if n not in profiled}
     if not missing:
         return
-    profile = derive_profile(model, context_inputs=())
+    profile = derive_profile(model)
     for name, dims in missing.items():
         shapes = profile.inputs[name]
         yield Finding(WARNING, "dynamic-input", f"dims {dims} are dynamic and have no profile; "
