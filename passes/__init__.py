@@ -6,6 +6,7 @@ Every class listed in :data:`BUILTIN_PASSES` is registered under its kebab-case 
 
 from .batched_heads import CollapseBatchedHeads
 from .canonicalize import Canonicalize
+from .fuse_attention import FuseAttention
 from .layout_clutter import RemoveLayoutClutter
 from .reshapes import SimplifyReshapes
 from .split_static_kv import SplitStaticKV
@@ -20,7 +21,8 @@ BUILTIN_PASSES = (
     SimplifyReshapes,
     CollapseBatchedHeads,
     SplitStaticKV,
+    FuseAttention,
 )
 
 __all__ = ["BUILTIN_PASSES", "CancelTransposes", "Canonicalize", "CanonicalKeyTranspose",
-           "CollapseBatchedHeads", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV"]
+           "CollapseBatchedHeads", "FuseAttention", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV"]

@@ -7,8 +7,10 @@ The ``fuse-attention`` pass drives a target:
 2. per block the matcher found, the pass's common checks (already fused, escaping
    intermediates, heads or head dim unknown or contradicted by the shapes), then
    ``skip_reason(block)``;
-3. ``fuse(block)`` rewrites ``block.graph`` in place: the new nodes produce the value of
-   ``block.output`` (the pass reconnects consumers and removes the old block);
+3. ``fuse(block)`` rewrites ``block.graph`` in place so that ``block.output`` keeps its value
+   (and its name: a graph output must stay one), computed by the new nodes, directly or
+   through block nodes a target keeps (such as the head merge below the core's context);
+   the pass exports the graph, which drops what became dead;
 4. ``finish(model)`` after export (e.g. register a custom domain's opset import).
 """
 
@@ -28,6 +30,9 @@ class FusionTarget:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    #: Whether ``skip_reason``/``fuse`` also see blocks that already are one fused op (the
+    #: ``canonical`` target takes ONNX Attention apart); otherwise the pass leaves them.
+    rewrites_fused: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any]):
         self.options = dict(options)
@@ -42,7 +47,7 @@ class FusionTarget:
 
     def fuse(self, block: AttentionMatch) -> list[gs.Node]:
         """Rewrite ``block.graph`` in place so new nodes compute ``block.output``'s value;
-        return the new nodes."""
+        return the new nodes. Called only for blocks ``skip_reason`` accepted."""
         raise NotImplementedError(f"target '{self.name}' does not implement fuse")
 
     def finish(self, model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,0 +1,127 @@
+"""``fuse-attention``: replace each matched attention block with what a runtime runs fused.
+
+The target (option ``target``) decides what that is; see :mod:`xattn_compiler.fusion`::
+
+    onnx-attention   Attention(q, k, v, [mask])                       (opset 23, the default)
+    canonical        MatMul(q * s, K^T) -> [Add mask] -> Softmax -> MatMul(., v)
+    ort-mha          com.microsoft.MultiHeadAttention(q_BSE, k, v, .., [bias])
+    trt-plugin       fMHCA / fMHA_V2 or a plugin declared in ``plugin-spec``
+
+Per block, the pass first applies the checks every target shares, then asks the target:
+
+1. already one fused op (ONNX Attention, com.microsoft, a plugin): counted as fused, left;
+2. an intermediate tensor is read outside the block (``escapes``): rewriting would change
+   what that reader sees;
+3. the head count or head dim is unknown, or the shapes and head-split targets contradict
+   the matcher (a fused op built on a wrong head count changes outputs);
+4. ``target.skip_reason(block)``.
+
+Only when some block is left to fuse does the target ``prepare`` the model (an opset
+upgrade), after which the blocks are matched again and fused. Blocks inside If/Loop bodies
+are fused like the others (bodies follow the model's opset). Counts: ``blocks_fused``,
+``blocks_skipped``, ``already_fused``; details: per-block records and skip reasons.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import onnx
+
+from xattn_compiler.attention import AttentionMatch, find_attention
+from xattn_compiler.fusion import TARGETS, FusionTarget, load_target
+from xattn_compiler.fusion.operands import head_problem
+from xattn_compiler.fusion.opset import OpsetUpgradeError
+from xattn_compiler.ir import export_model, import_graph, infer_shapes
+from xattn_compiler.passmanager import Option, Pass, PassResult
+
+log = logging.getLogger(__name__)
+
+
+def common_skip_reason(block: AttentionMatch, target: FusionTarget) -> str | None:
+    """The checks every target shares (see the module docstring), or None."""
+    if block.fused and not target.rewrites_fused:
+        return f"already fused as {block.op}"
+    if block.escapes:
+        return "intermediate tensors escape: " + "; ".join(block.escapes)
+    return head_problem(block)
+
+
+class FuseAttention(Pass):
+    """Replace each attention block with one fused node (or the canonical core)."""
+
+    name = "fuse-attention"
+    description = ("replace each attention block with the target's fused node: ONNX Attention, "
+                   "canonical core, TensorRT plugin, com.microsoft MultiHeadAttention")
+    options = (
+        Option("target", str, "onnx-attention",
+               "onnx-attention | canonical | ort-mha | trt-plugin"),
+        Option("plugin-spec", str, "",
+               "trt-plugin: a TOML/JSON plugin spec (empty: the fMHCA/fMHA_V2 presets)"),
+    )
+    run_after = ("canonicalize", "remove-layout-clutter")
+
+    def target(self) -> FusionTarget:
+        options: dict[str, Any] = {key.replace("-", "_"): value for key, value in self.values.items()}
+        return load_target(self.values["target"])(options)
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        target = self.target()
+        graph = import_graph(infer_shapes(model))
+        decisions = self._decide(find_attention(graph), target)
+        if not any(reason is None for _, reason in decisions):
+            return PassResult(model, False, *self._report(decisions, set()))
+        try:
+            prepared = target.prepare(model)
+        except OpsetUpgradeError as exc:
+            decisions = [(b, r if r is not None else str(exc)) for b, r in decisions]
+            return PassResult(model, False, *self._report(decisions, set()))
+        if prepared is not model:
+            graph = import_graph(infer_shapes(prepared))
+            decisions = self._decide(find_attention(graph), target)
+        fused: set[str] = set()
+        new_nodes: dict[str, list[str]] = {}
+        for block, reason in decisions:
+            if reason is None:
+                nodes = target.fuse(block)
+                fused.add(block.id)
+                new_nodes[block.id] = [node.name for node in nodes]
+        out = infer_shapes(export_model(graph, prepared), in_place=True)
+        out = target.finish(out)
+        counts, details = self._report(decisions, fused, new_nodes)
+        return PassResult(out, bool(fused), counts, details)
+
+    def _decide(self, blocks: list[AttentionMatch], target: FusionTarget
+                ) -> list[tuple[AttentionMatch, str | None]]:
+        decisions = []
+        for block in blocks:
+            reason = common_skip_reason(block, target) or target.skip_reason(block)
+            if reason is not None:
+                log.info("fuse-attention{target=%s}: %s%s left: %s", target.name,
+                         f"{block.subgraph}/" if block.subgraph else "", block.id, reason)
+            decisions.append((block, reason))
+        return decisions
+
+    def _report(self, decisions, fused: set[str], new_nodes: dict | None = None):
+        reasons: dict[str, int] = {}
+        records = []
+        for block, reason in decisions:
+            record = {"id": block.id, "kind": block.kind, "subgraph": block.subgraph,
+                      "num_heads": block.num_heads, "head_dim": block.head_dim,
+                      "fused": block.id in fused, "was_fused": block.fused}
+            if block.id in fused:
+                record["nodes"] = (new_nodes or {}).get(block.id, [])
+            else:
+                record["reason"] = reason
+                reasons[reason] = reasons.get(reason, 0) + 1
+            records.append(record)
+        left = [block for block, _ in decisions if block.id not in fused]
+        counts = {"blocks_fused": len(fused),
+                  "blocks_skipped": sum(1 for block in left if not block.fused),
+                  "already_fused": sum(1 for block in left if block.fused)}
+        details = {"target": self.values["target"], "blocks": records, "skipped": reasons}
+        return counts, details
+
+
+__all__ = ["TARGETS", "FuseAttention", "common_skip_reason"]

@@ -1,0 +1,69 @@
+"""``onnx-attention``: the ONNX ``Attention`` op (opset 23), one node per block.
+
+    context_BHSD = Attention(q_BHSD, k_BHSD, v_BHSD, [mask], scale=a, q_num_heads=H,
+                             kv_num_heads=Hkv, [softmax_precision=FLOAT])
+
+Q, K and V stay 4-D and the projections and head split/merge stay outside the op: what
+TensorRT 10.14's parser turns into ``IAttention`` (no past inputs, one output, a 4-D mask) and
+what ONNX Runtime and ``onnx.reference`` run on CPU. Scales on Q and K are folded into
+``scale`` where nothing else reads them; a mask is the keep conditions as a bool tensor, or
+the float terms (plus keep conditions as ``Where(keep, 0, fill)``) cast to Q's type, expanded
+to ``[., ., Sq, Sk]``. A Softmax that ran in float32 inside an fp16 block keeps float32
+through ``softmax_precision``.
+
+The model's default-domain opset goes to 23 when it is lower (``prepare``), and only when
+some block will be fused.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from xattn_compiler.attention import AttentionMatch
+
+from .base import FusionTarget, register_target
+from .operands import CorePlan, Editor, plan_core, static_dim
+from .opset import ATTENTION_OPSET, upgrade_opset
+
+
+@register_target
+class OnnxAttentionTarget(FusionTarget):
+    """Each block becomes one ONNX ``Attention`` node on [B,H,S,D] operands."""
+
+    name = "onnx-attention"
+    description = "ONNX Attention (opset 23): TensorRT 10.14+, ONNX Runtime"
+
+    def prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return upgrade_opset(model, ATTENTION_OPSET)
+
+    def skip_reason(self, block: AttentionMatch) -> str | None:
+        plan = plan_core(block)
+        return plan if isinstance(plan, str) else None
+
+    def fuse(self, block: AttentionMatch) -> list[gs.Node]:
+        plan = plan_core(block)
+        assert isinstance(plan, CorePlan)  # skip_reason said so
+        edit = Editor(block.graph, f"{block.id}_attention")
+        edit.fold_scales(plan)
+        k = edit.batched_like(edit.key(plan.k_t), plan.q, "key_batched", plan.k_t)
+        v = edit.batched_like(plan.v, plan.q, "value_batched")
+        inputs = [plan.q, k, v]
+        mask = None
+        if plan.terms:
+            mask = edit.additive_mask(plan, plan.dtype)
+        elif plan.keeps:
+            mask = edit.keep_mask(plan)
+        if mask is not None:
+            inputs.append(edit.full_mask(mask, plan))
+        attrs: dict = {"scale": float(plan.folded_scale)}
+        # With 4-D operands the op reads the head counts from the shapes; the attributes are
+        # written only where shapes confirm them (a wrong one fails at run time).
+        heads, kv_heads = static_dim(plan.q, 1), static_dim(plan.k_t, 1)
+        if heads and kv_heads:
+            attrs.update(q_num_heads=heads, kv_num_heads=kv_heads)
+        if plan.softmax_dtype != plan.dtype:
+            attrs["softmax_precision"] = int(plan.softmax_dtype)
+        out = edit.node("Attention", inputs, "attention", dtype=plan.context.dtype, **attrs)
+        edit.take_over(plan.context_node, out)
+        return edit.added

@@ -1,0 +1,467 @@
+"""What every fusion target reads off a matched block, and the edits they share.
+
+Names carry shapes (B batch, H query heads, Hkv key/value heads, Sq/Sk lengths, D head dim)::
+
+    scores_BHSS  = MatMul(q_BHSD, k_BHDS)
+    logits_BHSS  = chain(scores)          Mul/Div by constants, Add(mask), Where(keep, ., fill),
+                                          Cast (the precision Softmax runs in)
+    probs_BHSS   = guard(Softmax(logits)) Cast back, Dropout (inference), Identity,
+                                          Where(IsNaN(p), 0, p)
+    context_BHSD = MatMul(probs, v_BHSD)
+
+:func:`plan_core` reads that into a :class:`CorePlan` without touching the graph: the scale
+as one number, the mask as additive terms and boolean "keep" conditions, the precision of the
+Softmax, and the Mul/Div on Q or K that a fused op can take over as its ``scale``. The chain is
+affine in the scores: ``logits = a * scores + sum(f_i * m_i)`` with masked positions
+(``Where``) at a very negative fill, so the fused op's ``scale`` is ``a`` and its mask
+``sum(f_i * m_i)`` (``f_i``: the factors applied after term ``i`` was added), or the keep
+conditions where there are no float terms.
+
+A Where fill that is not a mask value (above ``-1e4``) is not a mask, and such blocks stay.
+Rows where every key is masked differ anyway: the unfused graph gives NaN (``-inf`` masks,
+unless a ``Where(IsNaN)`` guard zeroes them) or a uniform average (finite fills), ONNX
+Runtime's fused kernels give 0. Such rows carry no information and the verification inputs
+never hold them.
+
+:class:`Editor` holds the edits targets share: fold operand scales, K from K^T, one mask
+tensor in the form an op accepts, and taking over a tensor's producer so names and graph
+outputs stay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from xattn_compiler.analysis import constant_eval
+from xattn_compiler.attention import AttentionMatch, _head_split
+from xattn_compiler.ir import is_graph_output, producer
+from xattn_compiler.passes.reshapes import Names, disconnect, move_readers, onnx_dtype, same_dim
+from xattn_compiler.rewrite import compose_perms, is_identity_perm, transpose_perm
+
+#: A Where fill at or below this is a mask: exp(fill + score) underflows to 0 in float32 and
+#: float16 for any score a trained model produces.
+MASK_FILL_LIMIT = -1e4
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                onnx.TensorProto.DOUBLE}
+
+
+@dataclass
+class ScaleFold:
+    """A Mul/Div by a constant on the Q or K path that a fused op's ``scale`` can replace."""
+
+    node: gs.Node
+    data: gs.Tensor          # the input it scales
+    factor: float            # what it multiplies by (1/c for a Div)
+
+
+@dataclass
+class KeepCondition:
+    """``Where(cond, logits, fill)`` (``negate``: ``Where(cond, fill, logits)``)."""
+
+    cond: gs.Tensor
+    negate: bool
+    fill: float              # the fill times every factor applied after the Where
+
+
+@dataclass
+class CorePlan:
+    """One unfused block as a fused op sees it. Nothing in the graph changes to make it."""
+
+    q: gs.Tensor                        # [B,H,Sq,D], the core's first operand
+    k_t: gs.Tensor                      # [B,Hkv,D,Sk]
+    v: gs.Tensor                        # [B,Hkv,Sk,Dv]
+    context: gs.Tensor                  # [B,H,Sq,Dv], what the fused op computes
+    context_node: gs.Node
+    chain_scale: float                  # a: the factor on the scores inside the chain
+    operand_scale: float                # the product of every Mul/Div on Q and K's paths
+    folds: list[ScaleFold]              # those a fused op can take over (a subset)
+    terms: list[tuple[gs.Tensor, float]] = field(default_factory=list)   # (m_i, f_i)
+    keeps: list[KeepCondition] = field(default_factory=list)
+    dtype: int | None = None            # ONNX type of Q
+    softmax_dtype: int | None = None    # the type Softmax runs in
+    guarded: bool = False               # Where(IsNaN(p), 0, p) after Softmax
+    chain_ops: list[str] = field(default_factory=list)  # score-chain ops, in order
+
+    @property
+    def scale(self) -> float:
+        """The whole softmax scale: chain and operand factors."""
+        return self.chain_scale * self.operand_scale
+
+    @property
+    def folded_scale(self) -> float:
+        """The scale a fused op applies once the folds are done."""
+        folded = 1.0
+        for fold in self.folds:
+            folded *= fold.factor
+        return self.chain_scale * folded
+
+    @property
+    def has_mask(self) -> bool:
+        return bool(self.terms or self.keeps)
+
+
+# --- reading a block ----------------------------------------------------------------------------
+
+def plan_core(block: AttentionMatch) -> CorePlan | str:
+    """The block as a :class:`CorePlan`, or why a fused op cannot compute it."""
+    core = block.core
+    if block.fused or core is None:
+        return f"already fused as {block.op}"
+    if block.layout != "BHSD":
+        return ("the core runs on batched heads [B*H,S,D] (remove-layout-clutter's "
+                "collapse-batched-heads puts it on [B,H,S,D])")
+    q, k_t, v, context_node = core["q"], core["k_t"], core["v"], core["context.node"]
+    for name, tensor in (("Q", q), ("K^T", k_t), ("V", v)):
+        if tensor.shape is not None and len(tensor.shape) != 4:
+            return f"operand {name} '{tensor.name}' is {len(tensor.shape)}-D, not [B,H,S,D]"
+    dtype = onnx_dtype(q)
+    if dtype not in _FLOAT_TYPES:
+        return f"Q '{q.name}' has no known float type"
+    softmax = core["softmax.node"]
+    plan = CorePlan(q=q, k_t=k_t, v=v, context=context_node.outputs[0], context_node=context_node,
+                    chain_scale=1.0, operand_scale=1.0, folds=[], dtype=dtype)
+    problem = _read_chain(plan, core["scores.node"].outputs[0], softmax, set(map(id, core.nodes)))
+    if problem:
+        return problem
+    problem = _read_probs(plan, softmax.outputs[0], context_node)
+    if problem:
+        return problem
+    problem = _read_operand_scales(plan, block)
+    if problem:
+        return problem
+    if not (plan.scale > 0 and np.isfinite(plan.scale)):
+        return f"the softmax scale {plan.scale} is not a positive number"
+    return plan
+
+
+def _scalar(tensor: gs.Tensor) -> float | None:
+    value = constant_eval(tensor)
+    if value is None or value.size != 1:
+        return None
+    return float(value.reshape(-1)[0])
+
+
+def _read_chain(plan: CorePlan, tensor: gs.Tensor, softmax: gs.Node, inside: set[int]) -> str | None:
+    """Walk scores -> Softmax, turning each step into scale, mask terms or keep conditions."""
+    for _ in range(16):
+        if tensor is softmax.inputs[0]:
+            plan.softmax_dtype = onnx_dtype(tensor) or plan.dtype
+            return _check_fills(plan)
+        readers = [n for n in tensor.outputs if id(n) in inside and n.op != "IsNaN"]
+        if len(readers) != 1:
+            return f"the scores chain at '{tensor.name}' branches"
+        node = readers[0]
+        plan.chain_ops.append(node.op)
+        data = next(i for i, t in enumerate(node.inputs) if t is tensor)
+        other = node.inputs[1 - data] if len(node.inputs) == 2 else None
+        if node.op == "Cast":
+            pass
+        elif node.op in ("Mul", "Div"):
+            factor = _scalar(other) if other is not None else None
+            if factor is None or (node.op == "Div" and data != 0) or factor == 0:
+                return f"{node.op} '{node.name}' does not scale the scores by a constant"
+            factor = 1.0 / factor if node.op == "Div" else factor
+            plan.chain_scale *= factor
+            plan.terms = [(m, f * factor) for m, f in plan.terms]
+            for keep in plan.keeps:
+                keep.fill *= factor
+        elif node.op == "Add":
+            plan.terms.append((other, 1.0))
+        elif node.op == "Where" and data in (1, 2):
+            fill = _scalar(node.inputs[3 - data])
+            if fill is None:
+                return f"Where '{node.name}' fills masked scores with a value that is not constant"
+            plan.keeps.append(KeepCondition(node.inputs[0], negate=data == 2, fill=fill))
+        else:
+            return f"{node.op} '{node.name}' in the scores chain"
+        tensor = node.outputs[0]
+    return "the scores chain is too long"
+
+
+def _check_fills(plan: CorePlan) -> str | None:
+    for keep in plan.keeps:
+        if not keep.fill <= MASK_FILL_LIMIT:
+            return (f"a Where on '{keep.cond.name}' leaves masked scores at {keep.fill:g}, not a "
+                    f"mask value (at most {MASK_FILL_LIMIT:g})")
+    return None
+
+
+def _read_probs(plan: CorePlan, tensor: gs.Tensor, context_node: gs.Node) -> str | None:
+    """Softmax -> context MatMul: casts back, inference Dropout, Identity, the IsNaN guard."""
+    for _ in range(8):
+        if context_node.inputs[0] is tensor:
+            if onnx_dtype(tensor) not in (None, plan.dtype) and onnx_dtype(plan.v) not in (None, onnx_dtype(tensor)):
+                return f"the probabilities '{tensor.name}' and V differ in type"
+            return None
+        readers = [n for n in tensor.outputs if n.op != "IsNaN"]
+        if len(readers) != 1:
+            return f"the probabilities '{tensor.name}' are read twice"
+        node = readers[0]
+        if node.op == "Where" and node.inputs[2] is tensor and node.inputs[0].inputs \
+                and node.inputs[0].inputs[0].op == "IsNaN":
+            fill = _scalar(node.inputs[1])
+            if fill != 0.0:
+                return f"Where '{node.name}' replaces NaN probabilities by {fill}, not 0"
+            plan.guarded = True
+        elif node.op == "Dropout":
+            training = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+            if training is not None and _scalar(training) not in (0.0,):
+                return f"Dropout '{node.name}' may run in training mode"
+        elif node.op not in ("Cast", "Identity"):
+            return f"{node.op} '{node.name}' between Softmax and the context MatMul"
+        tensor = node.outputs[0]
+    return "the probabilities chain is too long"
+
+
+def _read_operand_scales(plan: CorePlan, block: AttentionMatch) -> str | None:
+    """Multiply in every Mul/Div on Q's and K's paths; list those a fused op can take over."""
+    inside = {id(n) for n in block.nodes}
+    seen: set[int] = set()
+    for operand in (block.q, block.k):
+        for tensor in operand.scales:
+            node = next((n for n in operand.nodes if any(t is tensor for t in n.inputs)
+                         and n.op in ("Mul", "Div")), None)
+            factor = _scalar(tensor)
+            if node is None or factor is None or factor == 0:
+                return f"the scale '{tensor.name}' on the {operand.tensor.name} path is not a constant"
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            factor = 1.0 / factor if node.op == "Div" else factor
+            plan.operand_scale *= factor
+            data = node.inputs[0] if node.inputs[1] is tensor else node.inputs[1]
+            if _foldable(node, data, tensor, inside, block.graph):
+                plan.folds.append(ScaleFold(node, data, factor))
+    return None
+
+
+def _foldable(node: gs.Node, data: gs.Tensor, scale: gs.Tensor, inside: set[int],
+              graph: gs.Graph) -> bool:
+    """Whether removing ``node`` leaves every reader of its output with the same shape and type
+    (the scale broadcasts to nothing new) and nothing outside the block reads that output."""
+    if node.op == "Div" and node.inputs[0] is not data:
+        return False
+    out = node.outputs[0]
+    if is_graph_output(out, graph) or any(id(r) not in inside for r in out.outputs):
+        return False
+    if scale.shape is None or data.shape is None or len(scale.shape) > len(data.shape):
+        return False
+    return onnx_dtype(data) == onnx_dtype(out)
+
+
+# --- heads --------------------------------------------------------------------------------------
+
+def head_problem(block: AttentionMatch) -> str | None:
+    """Why the block's head count or head dim cannot be trusted, or None.
+
+    The core operands' static dims are the evidence (H at axis 1 of Q, K^T and V; D at Q's
+    axis 3 and K^T's axis 2): none may contradict the matcher. Where shape inference saw none
+    (inside If/Loop bodies), the head-split Reshape on each operand's path must give the same
+    H and D; without either, the head count is a guess and the block stays.
+    """
+    heads, head_dim = block.num_heads, block.head_dim
+    kv_heads = block.num_kv_heads or heads
+    if not heads or not head_dim:
+        return "the head count or head dim is unknown"
+    if block.core is None:
+        return None
+    core = block.core
+    evidence = [("Q", core["q"], 1, heads), ("Q", core["q"], 3, head_dim),
+                ("K^T", core["k_t"], 1, kv_heads), ("K^T", core["k_t"], 2, head_dim),
+                ("V", core["v"], 1, kv_heads)]
+    seen = 0
+    for name, tensor, axis, expected in evidence:
+        value = static_dim(tensor, axis)
+        if value is not None:
+            seen += 1
+            if value != expected:
+                return (f"the matcher says {expected} at axis {axis} of {name} '{tensor.name}', "
+                        f"its shape says {value}")
+    if seen:
+        return None
+    for name, operand, expected in (("Q", block.q, heads), ("K", block.k, kv_heads),
+                                    ("V", block.v, kv_heads)):
+        split = _head_split(operand)
+        if split is None:
+            continue
+        seen += 1
+        if split != (expected, head_dim):
+            return (f"the matcher says {expected} heads of {head_dim} for {name}, its head "
+                    f"split says {split[0]} of {split[1]}")
+    if not seen:
+        return "no shape or head-split Reshape confirms the head count and head dim"
+    return None
+
+
+def static_dim(tensor: gs.Tensor, axis: int) -> int | None:
+    """Dim ``axis`` of a 4-D ``tensor`` when it is a known int."""
+    shape = tensor.shape
+    value = shape[axis] if shape is not None and len(shape) == 4 else None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _dim(tensor: gs.Tensor, axis: int):
+    shape = tensor.shape
+    return shape[axis] if shape is not None and len(shape) > axis else None
+
+
+# --- editing ------------------------------------------------------------------------------------
+
+class Editor:
+    """New nodes for one graph, with fresh deterministic names; remembers what it added."""
+
+    def __init__(self, graph: gs.Graph, prefix: str):
+        self.graph = graph
+        self.names = Names(graph)
+        self.prefix = prefix
+        self.added: list[gs.Node] = []
+
+    def tensor(self, hint: str, dtype=None) -> gs.Variable:
+        return gs.Variable(self.names.fresh(f"{self.prefix}/{hint}"), dtype=dtype)
+
+    def const(self, hint: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.names.fresh(f"{self.prefix}/{hint}"), np.asarray(value))
+
+    def node(self, op: str, inputs: list[gs.Tensor], hint: str, *, outputs: list[gs.Tensor] | None = None,
+             domain: str | None = None, dtype=None, **attrs) -> gs.Tensor:
+        """Append ``op`` and return its (first) output."""
+        outs = outputs if outputs is not None else [self.tensor(hint, dtype)]
+        node = gs.Node(op, self.names.fresh(f"{self.prefix}/{hint}", node=True), attrs,
+                       list(inputs), list(outs), domain=domain)
+        self.graph.nodes.append(node)
+        self.added.append(node)
+        return outs[0]
+
+    def take_over(self, old: gs.Node, new_output: gs.Tensor) -> None:
+        """Make ``new_output``'s producer compute ``old``'s (first) output tensor itself, so its
+        name, its readers and a graph output stay; ``old`` is left dead."""
+        target = old.outputs[0]
+        maker = producer(new_output)
+        assert maker is not None  # always one of the nodes this editor added
+        disconnect(old)
+        index = next(i for i, t in enumerate(maker.outputs) if t is new_output)
+        maker.outputs[index] = target
+        if target.dtype is None:
+            target.dtype = new_output.dtype
+
+    def replace(self, old: gs.Tensor, new: gs.Tensor) -> bool:
+        return move_readers(old, new, self.graph)
+
+    # --- shared pieces ---
+
+    def fold_scales(self, plan: CorePlan) -> None:
+        """Remove the Mul/Div on Q and K that the fused op's ``scale`` now applies."""
+        for fold in plan.folds:
+            out = fold.node.outputs[0]
+            move_readers(out, fold.data, self.graph)
+            disconnect(fold.node)
+            # The Mul may be the last op before the core (SDPA scales K^T itself).
+            if plan.q is out:
+                plan.q = fold.data
+            if plan.k_t is out:
+                plan.k_t = fold.data
+            # The op's scale now applies the factor: move it from the operands to the chain.
+            plan.chain_scale *= fold.factor
+            plan.operand_scale /= fold.factor
+        plan.folds = []
+
+    def key(self, k_t: gs.Tensor) -> gs.Tensor:
+        """K as [B,Hkv,Sk,D] from K^T: the Transpose that made K^T with its last two axes
+        swapped back (nothing when that is the identity), else a new Transpose."""
+        maker = producer(k_t)
+        swap = [0, 1, 3, 2]
+        if maker is not None and maker.op == "Transpose":
+            perm = transpose_perm(maker)
+            if perm is not None and len(perm) == 4:
+                perm = compose_perms(perm, swap)
+                source = maker.inputs[0]
+                if is_identity_perm(perm):
+                    return source
+                return self.node("Transpose", [source], "key", dtype=k_t.dtype, perm=perm)
+        return self.node("Transpose", [k_t], "key", dtype=k_t.dtype, perm=swap)
+
+    def batched_like(self, tensor: gs.Tensor, q: gs.Tensor, hint: str,
+                     shape_of: gs.Tensor | None = None) -> gs.Tensor:
+        """``tensor`` with Q's batch: MatMul broadcasts a K or V of batch 1 (a constant
+        context), fused ops do not. ``shape_of``: the tensor whose (inferred) batch
+        ``tensor`` has, when ``tensor`` is new."""
+        if same_dim(_dim(shape_of if shape_of is not None else tensor, 0), _dim(q, 0)):
+            return tensor
+        batch = self.shape_slice(q, 0, "batch")
+        ones = self.const("ones", np.array([1, 1, 1], np.int64))
+        target = self.node("Concat", [batch, ones], f"{hint}_shape", dtype=np.int64, axis=0)
+        return self.node("Expand", [tensor, target], hint, dtype=tensor.dtype)
+
+    def cast(self, tensor: gs.Tensor, to: int, hint: str) -> gs.Tensor:
+        if onnx_dtype(tensor) == to:
+            return tensor
+        return self.node("Cast", [tensor], hint, dtype=onnx.helper.tensor_dtype_to_np_dtype(to), to=to)
+
+    def keep_mask(self, plan: CorePlan) -> gs.Tensor:
+        """One bool tensor, True where a key is attended."""
+        result = None
+        for keep in plan.keeps:
+            cond = self.cast(keep.cond, onnx.TensorProto.BOOL, "keep")
+            if keep.negate:
+                cond = self.node("Not", [cond], "keep", dtype=np.bool_)
+            result = cond if result is None else self.node("And", [result, cond], "keep",
+                                                           dtype=np.bool_)
+        assert result is not None
+        return result
+
+    def additive_mask(self, plan: CorePlan, dtype: int) -> gs.Tensor | None:
+        """``sum(f_i * m_i)`` plus the keep conditions as ``Where(keep, 0, fill)``, in ``dtype``;
+        None without a mask."""
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+        result = None
+        for tensor, factor in plan.terms:
+            term = self.cast(tensor, dtype, "mask")
+            if factor != 1.0:
+                term = self.node("Mul", [term, self.const("mask_factor", np.array(factor, np_dtype))],
+                                 "mask", dtype=np_dtype)
+            result = term if result is None else self.node("Add", [result, term], "mask",
+                                                           dtype=np_dtype)
+        if plan.keeps:
+            fill = max(k.fill for k in plan.keeps)
+            fill_value = np.array(max(fill, float(np.finfo(np_dtype).min)) if np.isfinite(fill)
+                                  else fill, np_dtype)
+            term = self.node("Where", [self.keep_mask(plan), self.const("zero", np.array(0, np_dtype)),
+                                       self.const("fill", fill_value)], "mask", dtype=np_dtype)
+            result = term if result is None else self.node("Add", [result, term], "mask",
+                                                           dtype=np_dtype)
+        return result
+
+    def full_mask(self, mask: gs.Tensor, plan: CorePlan) -> gs.Tensor:
+        """``mask`` broadcast to rank 4 with its last two dims exactly [Sq, Sk]: fused kernels
+        (ONNX Runtime's Attention and MultiHeadAttention, TensorRT's IAttention) take a mask of
+        that form and broadcast only batch and heads."""
+        shape, q, k_t = mask.shape, plan.q, plan.k_t
+        if shape is not None and len(shape) == 4 and q.shape is not None and k_t.shape is not None \
+                and same_dim(shape[2], q.shape[2]) and same_dim(shape[3], k_t.shape[3]):
+            return mask
+        int64 = np.int64
+        sq = self.shape_slice(q, 2, "q_len")
+        sk = self.shape_slice(k_t, 3, "k_len")
+        target = self.node("Concat", [self.const("ones", np.array([1, 1], int64)), sq, sk],
+                           "mask_shape", dtype=int64, axis=0)
+        return self.node("Expand", [mask, target], "mask_full", dtype=mask.dtype)
+
+    def shape_slice(self, tensor: gs.Tensor, axis: int, hint: str) -> gs.Tensor:
+        """``[tensor.shape[axis]]`` as a 1-D int64 tensor (a constant when static)."""
+        shape = tensor.shape
+        if shape is not None and len(shape) > axis and isinstance(shape[axis], int) and shape[axis] > 0:
+            return self.const(hint, np.array([shape[axis]], np.int64))
+        if (self.graph.opset or 0) >= 15:
+            return self.node("Shape", [tensor], hint, dtype=np.int64, start=axis, end=axis + 1)
+        whole = self.node("Shape", [tensor], hint, dtype=np.int64)
+        return self.node("Gather", [whole, self.const(hint + "_axis", np.array([axis], np.int64))],
+                         hint, dtype=np.int64, axis=0)
+
+
+__all__ = ["MASK_FILL_LIMIT", "CorePlan", "Editor", "KeepCondition", "ScaleFold", "head_problem",
+           "plan_core", "static_dim"]
