@@ -30,6 +30,6 @@ def load_target(name: str) -> type[FusionTarget]:
 
 
 # Registration happens on import; these modules define nothing else this package exports.
-from . import onnx_attention, ort_mha  # noqa: E402, F401
+from . import canonical, onnx_attention, ort_mha  # noqa: E402, F401
 
 __all__ = ["TARGETS", "FusionTarget", "load_target", "register_target"]
