@@ -6,6 +6,7 @@ Every class listed in :data:`BUILTIN_PASSES` is registered under its kebab-case 
 
 from .batched_heads import CollapseBatchedHeads
 from .canonicalize import Canonicalize
+from .control_flow import InlineConstantIf, SpecializeInputs, UnrollControlFlow, UnrollLoops
 from .fuse_attention import FuseAttention
 from .layout_clutter import RemoveLayoutClutter
 from .reshapes import SimplifyReshapes
@@ -21,8 +22,13 @@ BUILTIN_PASSES = (
     SimplifyReshapes,
     CollapseBatchedHeads,
     SplitStaticKV,
+    UnrollControlFlow,
+    InlineConstantIf,
+    UnrollLoops,
+    SpecializeInputs,
     FuseAttention,
 )
 
 __all__ = ["BUILTIN_PASSES", "CancelTransposes", "Canonicalize", "CanonicalKeyTranspose",
-           "CollapseBatchedHeads", "FuseAttention", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV"]
+           "CollapseBatchedHeads", "FuseAttention", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV",
+           "InlineConstantIf", "SpecializeInputs", "UnrollControlFlow", "UnrollLoops"]

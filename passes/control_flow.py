@@ -1,0 +1,498 @@
+"""Control flow unrolled and specialised, so attention in bodies is seen by every later pass.
+
+``c`` is a value known at compile time (a constant, or computed from constants and static
+shapes; :mod:`.control_flow_eval`), ``x.iter<i>`` a body tensor or node copied for iteration
+``i``::
+
+    inline-constant-if
+        If(c, then=T, else=E) -> T if c else E      the branch's nodes join the owning graph
+                                                    under their own names, its outputs become
+                                                    the If's outputs
+
+    unroll-loops                                    (up to max-trip-count iterations)
+        Loop(M=c, cond, v0..., body(i, cond_in, v...) -> (cond_out, v'..., s...))
+            -> body.iter0(0, true, v0...) ; body.iter1(1, true, v'.iter0...) ; ...
+               final v = v'.iter<M-1>,  s stacked = Concat(Unsqueeze(s.iter<i>, 0) for each i)
+            when cond is absent or c, and cond_out is a constant true or cond_in passed
+            through (so the condition never changes); cond = false: zero iterations
+        Scan(v0..., x..., body(v..., x_t...) -> (v'..., y_t...))
+            -> body.iter<t>(v..., Gather(x, t, axis)...) for t < L, L static;
+               y = Concat(Unsqueeze(y.iter<t>, axis) ...) (directions honoured)
+
+    specialize-inputs{values=NAME=VALUE,...}
+        graph input NAME -> constant VALUE (its shape must be static), then both rules
+        above; graph inputs no longer read afterwards are removed
+
+    unroll-control-flow{values=... max-trip-count=N}
+        all of the above, in one graph, to a fixpoint
+
+Bodies are handled innermost first, so an If inside a Loop body is inlined before the Loop is
+unrolled; an If whose condition reads the iteration counter becomes inlinable once the copies
+hold the counter as a constant (the next round). Tensors a body reads from outer scopes stay
+shared by every copy. A rule that cannot apply (condition or trip count not known, a while
+loop, more iterations than the bound, a scan length that is not static) leaves the node as
+it is and says why in ``details["refused"]``; nothing is rewritten half way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from xattn_compiler.errors import InputError
+from xattn_compiler.ir import (
+    export_model,
+    import_graph,
+    infer_shapes,
+    iter_graphs,
+    producer,
+    refresh_shapes,
+    remove_dead_nodes,
+)
+from xattn_compiler.passmanager import Option, Pass, PassResult
+from xattn_compiler.rewrite import replace_uses
+
+from .control_flow_clone import Names, clone_nodes, computed_in, discard_bodies
+from .control_flow_eval import Unknown, as_bool, as_int, compile_time_value
+from .control_flow_specialize import (
+    parse_values,
+    pin_inputs,
+    remove_unread_inputs,
+    verify_specialized,
+)
+
+__all__ = ["InlineConstantIf", "SpecializeInputs", "UnrollControlFlow", "UnrollLoops",
+           "parse_values", "run_rules", "specialize", "verify_specialized"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TRIP_COUNT = 64
+_MAX_ROUNDS = 8
+
+
+@dataclass
+class _Context:
+    """One run of the rules: the options, fresh names, counts and refusals of the round."""
+
+    top: gs.Graph
+    inline_ifs: bool
+    unroll: bool
+    max_trip_count: int
+    counts: dict[str, int] = field(default_factory=dict)
+    refused: list[dict[str, str]] = field(default_factory=list)
+    _names: Names | None = None
+
+    @property
+    def names(self) -> Names:
+        if self._names is None:
+            self._names = Names(self.top)
+        return self._names
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def refuse(self, node: gs.Node, path: str, reason: str) -> None:
+        self.refused.append({"node": node.name, "op": node.op, "graph": path, "reason": reason})
+        log.info("%s '%s'%s left as it is: %s", node.op, node.name,
+                 f" (in {path})" if path else "", reason)
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+def _rewrite_graph(graph: gs.Graph, path: str, ctx: _Context) -> None:
+    """Apply the rules to each control-flow node of one graph (its bodies were done before)."""
+    for node in list(graph.nodes):
+        if node.op == "If" and ctx.inline_ifs:
+            new = _inline_if(node, graph, path, ctx)
+        elif node.op == "Loop" and ctx.unroll:
+            new = _unroll_loop(node, graph, path, ctx)
+        elif node.op == "Scan" and ctx.unroll:
+            new = _unroll_scan(node, graph, path, ctx)
+        else:
+            continue
+        if new is not None:
+            index = next(i for i, n in enumerate(graph.nodes) if n is node)
+            graph.nodes[index:index + 1] = new
+
+
+def _round(graph: gs.Graph, ctx: _Context) -> None:
+    for path, body in reversed(list(iter_graphs(graph))):
+        _rewrite_graph(body, path, ctx)
+
+
+def run_rules(model: onnx.ModelProto, *, inline_ifs: bool = True, unroll: bool = True,
+              max_trip_count: int = DEFAULT_MAX_TRIP_COUNT,
+              values: Mapping[str, Any] | None = None) -> PassResult:
+    """Specialise ``values`` (graph input name -> value), then apply the rules to a fixpoint.
+
+    Rounds repeat on one graph: a round's rewrites can make a condition known (the copies of
+    an iteration counter) or expose a body that the next round unrolls.
+    """
+    graph = import_graph(infer_shapes(model))
+    remove_dead_nodes(graph)
+    read_before = {t.name for t in graph.inputs if t.outputs}
+    pinned, details = pin_inputs(graph, values or {})
+    totals: dict[str, int] = {"inputs_specialized": len(pinned)} if values else {}
+    changed = dirty = bool(pinned)
+    refused: list[dict[str, str]] = []
+    for _ in range(_MAX_ROUNDS):
+        if dirty:  # the rules read shapes (scan lengths, Shape of static tensors)
+            model = infer_shapes(export_model(graph, model), in_place=True)
+            refresh_shapes(graph, model)
+            dirty = False
+        ctx = _Context(graph, inline_ifs, unroll, max_trip_count)
+        _round(graph, ctx)
+        refused = ctx.refused
+        for key, value in ctx.counts.items():
+            totals[key] = totals.get(key, 0) + value
+        if not ctx.counts:
+            break
+        changed = dirty = True
+    if values is not None:
+        removed = remove_unread_inputs(graph, read_before)
+        totals["inputs_removed"] = len(removed)
+        details["removed_inputs"] = removed
+        changed |= bool(removed)
+        dirty |= bool(removed)
+    if dirty:
+        model = infer_shapes(export_model(graph, model), in_place=True)
+    details["refused"] = refused
+    return PassResult(model, changed, totals, details)
+
+
+# --- If -------------------------------------------------------------------------------------------
+
+def _inline_if(node: gs.Node, graph: gs.Graph, path: str, ctx: _Context) -> list[gs.Node] | None:
+    condition = node.inputs[0]
+    try:
+        taken = as_bool(compile_time_value(condition, graph.opset or 1), "the condition")
+    except Unknown as why:
+        hint = (f"; specialise it: --specialize {condition.name}=VALUE"
+                if any(t is condition for t in ctx.top.inputs) else "")
+        ctx.refuse(node, path, f"condition '{condition.name}' is not known at compile time "
+                               f"({why}){hint}")
+        return None
+    branch = node.attrs["then_branch" if taken else "else_branch"]
+    outputs = list(node.outputs)
+    if len(branch.outputs) != len(outputs):
+        ctx.refuse(node, path, f"the {'then' if taken else 'else'} branch has "
+                               f"{len(branch.outputs)} outputs, the If {len(outputs)}")
+        return None
+    _release(node)
+    mapping = _seed_outputs(branch.outputs, outputs, branch)
+    new = clone_nodes(branch.nodes, mapping, _same, _same)
+    new += _bind(outputs, [mapping.get(id(t), t) for t in branch.outputs], graph, node.name)
+    discard_bodies(node)
+    ctx.count("ifs_inlined")
+    return new
+
+
+def _same(name: str) -> str:
+    return name
+
+
+def _release(node: gs.Node) -> None:
+    """Disconnect the node itself (its outputs get new writers); its bodies stay readable."""
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def _seed_outputs(body_outputs: list[gs.Tensor], targets: list[gs.Tensor], body: gs.Graph
+                  ) -> dict[int, gs.Tensor]:
+    """Body outputs the copy can write straight into their targets: computed in the body and
+    bound to one target only (the rest go through :func:`_bind`)."""
+    mapping: dict[int, gs.Tensor] = {}
+    for inner, outer in zip(body_outputs, targets, strict=True):
+        if id(inner) not in mapping and computed_in(inner, body) and outer.name:
+            mapping[id(inner)] = outer
+    return mapping
+
+
+def _bind(targets: list[gs.Tensor], values: list[gs.Tensor], graph: gs.Graph,
+          owner: str) -> list[gs.Node]:
+    """Make each target hold its value: readers read the value, or an Identity writes a graph
+    output (whose name is the interface)."""
+    identities = []
+    for target, value in zip(targets, values, strict=True):
+        if value is target or not target.name:
+            continue
+        if not replace_uses(target, value, graph):
+            identities.append(gs.Node("Identity", f"{owner}.{target.name}", inputs=[value],
+                                      outputs=[target]))
+    return identities
+
+
+# --- Loop -----------------------------------------------------------------------------------------
+
+def _unroll_loop(node: gs.Node, graph: gs.Graph, path: str, ctx: _Context
+                 ) -> list[gs.Node] | None:
+    trips = _loop_trips(node, graph.opset or 1, path, ctx)
+    if trips is None:
+        return None
+    body = node.attrs["body"]
+    n_carried = len(node.inputs) - 2
+    n_scan = len(body.outputs) - 1 - n_carried
+    if trips == 0 and n_scan:
+        ctx.refuse(node, path, "zero iterations with scan outputs: their element shape is "
+                               "not known without running the body")
+        return None
+    outputs = list(node.outputs)
+    carried = list(node.inputs[2:])
+    _release(node)
+    new: list[gs.Node] = []
+    scans: list[list[gs.Tensor]] = []
+    counter, cond_in = body.inputs[0], body.inputs[1]
+    for i in range(trips):
+        mapping: dict[int, gs.Tensor] = {
+            id(counter): gs.Constant(ctx.names.fresh(f"{counter.name}.iter{i}"),
+                                     np.array(i, np.int64)),
+            id(cond_in): gs.Constant(ctx.names.fresh(f"{cond_in.name}.iter{i}"),
+                                     np.array(True)),
+        }
+        mapping.update({id(inner): value for inner, value in zip(body.inputs[2:], carried,
+                                                                 strict=True)})
+        if i == trips - 1:
+            for inner, outer in _seed_outputs(body.outputs[1:1 + n_carried],
+                                              outputs[:n_carried], body).items():
+                mapping.setdefault(inner, outer)
+        new += clone_nodes(body.nodes, mapping, _iteration_names(ctx, i),
+                           lambda name, i=i: f"{name}.iter{i}")
+        carried = [mapping.get(id(t), t) for t in body.outputs[1:1 + n_carried]]
+        scans.append([mapping.get(id(t), t) for t in body.outputs[1 + n_carried:]])
+    new += _bind(outputs[:n_carried], carried, graph, node.name)
+    for k, target in enumerate(outputs[n_carried:]):
+        new += _stack([scan[k] for scan in scans], target, 0, node.name, k, graph, ctx)
+    discard_bodies(node)
+    ctx.count("loops_unrolled")
+    ctx.count("iterations", trips)
+    return new
+
+
+def _iteration_names(ctx: _Context, i: int):
+    return lambda name: ctx.names.fresh(f"{name}.iter{i}")
+
+
+def _loop_trips(node: gs.Node, opset: int, path: str, ctx: _Context) -> int | None:
+    """How many times the Loop runs, or None (refused, with the reason recorded)."""
+    limit, condition = node.inputs[0], node.inputs[1]
+    if not limit.name:
+        ctx.refuse(node, path, "no trip count M: a while loop runs until its condition fails")
+        return None
+    try:
+        trips = max(0, as_int(compile_time_value(limit, opset), "the trip count"))
+        first = True if not condition.name else as_bool(
+            compile_time_value(condition, opset), "the condition")
+    except Unknown as why:
+        ctx.refuse(node, path, f"trip count or condition not known at compile time ({why})")
+        return None
+    if not first:
+        return 0
+    body = node.attrs["body"]
+    if not _condition_stays_true(body, opset):
+        ctx.refuse(node, path, f"the body computes its condition '{body.outputs[0].name}' "
+                               "(a while loop): only a constant true or the incoming "
+                               "condition passed through unrolls")
+        return None
+    if trips > ctx.max_trip_count:
+        ctx.refuse(node, path, f"trip count {trips} exceeds max-trip-count "
+                               f"{ctx.max_trip_count}")
+        return None
+    return trips
+
+
+def _condition_stays_true(body: gs.Graph, opset: int) -> bool:
+    out = body.outputs[0]
+    while producer(out) is not None and producer(out).op == "Identity" \
+            and computed_in(out, body):
+        out = producer(out).inputs[0]
+    if out is body.inputs[1]:
+        return True
+    try:
+        return as_bool(compile_time_value(out, opset), "the body's condition")
+    except Unknown:
+        return False
+
+
+def _stack(pieces: list[gs.Tensor], target: gs.Tensor, axis: int, owner: str, k: int,
+           graph: gs.Graph, ctx: _Context) -> list[gs.Node]:
+    """``target = Concat(Unsqueeze(piece, axis)...)``: scan outputs stacked along ``axis``."""
+    opset = graph.opset or 1
+    axes = gs.Constant(ctx.names.fresh(f"{owner}.stack{k}.axes"), np.array([axis], np.int64))
+    nodes, parts = [], []
+    for i, piece in enumerate(pieces):
+        last = len(pieces) == 1
+        out = target if last else gs.Variable(ctx.names.fresh(f"{target.name}.iter{i}"),
+                                              dtype=piece.dtype)
+        if opset >= 13:
+            nodes.append(gs.Node("Unsqueeze", f"{owner}.stack{k}.iter{i}", inputs=[piece, axes],
+                                 outputs=[out]))
+        else:
+            nodes.append(gs.Node("Unsqueeze", f"{owner}.stack{k}.iter{i}", {"axes": [axis]},
+                                 inputs=[piece], outputs=[out]))
+        parts.append(out)
+    if len(pieces) > 1:
+        nodes.append(gs.Node("Concat", f"{owner}.stack{k}", {"axis": axis}, inputs=parts,
+                             outputs=[target]))
+    return nodes
+
+
+# --- Scan -----------------------------------------------------------------------------------------
+
+def _unroll_scan(node: gs.Node, graph: gs.Graph, path: str, ctx: _Context
+                 ) -> list[gs.Node] | None:
+    opset = graph.opset or 1
+    if opset < 9:
+        ctx.refuse(node, path, f"Scan of opset {opset} (with a batch axis) is not unrolled")
+        return None
+    body = node.attrs["body"]
+    n_in = node.attrs["num_scan_inputs"]
+    n_state = len(node.inputs) - n_in
+    xs = list(node.inputs[n_state:])
+    in_axes = list(node.attrs.get("scan_input_axes", [0] * n_in))
+    in_dirs = list(node.attrs.get("scan_input_directions", [0] * n_in))
+    n_out = len(body.outputs) - n_state
+    out_axes = list(node.attrs.get("scan_output_axes", [0] * n_out))
+    out_dirs = list(node.attrs.get("scan_output_directions", [0] * n_out))
+    length = _scan_length(xs, in_axes)
+    if isinstance(length, str):
+        ctx.refuse(node, path, length)
+        return None
+    if length > ctx.max_trip_count:
+        ctx.refuse(node, path, f"sequence length {length} exceeds max-trip-count "
+                               f"{ctx.max_trip_count}")
+        return None
+    if length == 0 and n_out:
+        ctx.refuse(node, path, "an empty sequence with scan outputs: their element shape is "
+                               "not known without running the body")
+        return None
+    outputs = list(node.outputs)
+    states = list(node.inputs[:n_state])
+    _release(node)
+    new: list[gs.Node] = []
+    scans: list[list[gs.Tensor]] = []
+    for t in range(length):
+        mapping = {id(inner): value for inner, value in zip(body.inputs[:n_state], states,
+                                                            strict=True)}
+        for m, (x, axis, reverse) in enumerate(zip(xs, in_axes, in_dirs, strict=True)):
+            step = length - 1 - t if reverse else t
+            index = gs.Constant(ctx.names.fresh(f"{node.name}.index{step}"),
+                                np.array(step, np.int64))
+            element = body.inputs[n_state + m]
+            piece = gs.Variable(ctx.names.fresh(f"{element.name}.iter{t}"), dtype=element.dtype)
+            new.append(gs.Node("Gather", f"{node.name}.input{m}.iter{t}", {"axis": axis},
+                               inputs=[x, index], outputs=[piece]))
+            mapping[id(element)] = piece
+        if t == length - 1:
+            for inner, outer in _seed_outputs(body.outputs[:n_state], outputs[:n_state],
+                                              body).items():
+                mapping.setdefault(inner, outer)
+        new += clone_nodes(body.nodes, mapping, _iteration_names(ctx, t),
+                           lambda name, t=t: f"{name}.iter{t}")
+        states = [mapping.get(id(v), v) for v in body.outputs[:n_state]]
+        scans.append([mapping.get(id(v), v) for v in body.outputs[n_state:]])
+    new += _bind(outputs[:n_state], states, graph, node.name)
+    for k, target in enumerate(outputs[n_state:]):
+        pieces = [scan[k] for scan in scans]
+        new += _stack(pieces[::-1] if out_dirs[k] else pieces, target, out_axes[k], node.name,
+                      k, graph, ctx)
+    discard_bodies(node)
+    ctx.count("scans_unrolled")
+    ctx.count("iterations", length)
+    return new
+
+
+def _scan_length(xs: list[gs.Tensor], axes: list[int]) -> int | str:
+    """The common static length of the scan inputs along their axes, or why there is none."""
+    lengths = set()
+    for x, axis in zip(xs, axes, strict=True):
+        shape = x.shape
+        if shape is None or not -len(shape) <= axis < len(shape):
+            return f"scan input '{x.name}' has no known shape"
+        dim = shape[axis]
+        if not isinstance(dim, int) or dim < 0:
+            return f"scan input '{x.name}' has a dynamic length ({dim!r} on axis {axis})"
+        lengths.add(dim)
+    if len(lengths) != 1:
+        return f"scan inputs differ in length ({sorted(lengths)})" if lengths else \
+            "no scan inputs"
+    return lengths.pop()
+
+
+# --- specialising inputs ----------------------------------------------------------------------------
+
+def specialize(model: onnx.ModelProto, values: Mapping[str, Any], *,
+               max_trip_count: int = DEFAULT_MAX_TRIP_COUNT) -> PassResult:
+    """``model`` with graph inputs fixed to ``values`` (name -> value or text), control flow
+    inlined and unrolled, and inputs that are no longer read removed.
+
+    Unlike the pass (which must run twice without complaint), a name that is not a graph
+    input is an :class:`InputError` naming the inputs there are.
+    """
+    names = [value.name for value in model.graph.input]
+    unknown = [name for name in values if name not in names]
+    if unknown:
+        raise InputError(f"specialise: no graph input {', '.join(repr(u) for u in unknown)} "
+                         f"(inputs: {', '.join(names)})")
+    return run_rules(model, max_trip_count=max_trip_count, values=values)
+
+
+# --- the passes ---------------------------------------------------------------------------------
+
+_MAX_TRIPS = Option("max-trip-count", int, DEFAULT_MAX_TRIP_COUNT,
+                    "unroll a Loop or Scan only up to this many iterations")
+_VALUES = Option("values", str, "", "graph inputs to fix, NAME=VALUE separated by commas "
+                                    "(e.g. use_cache_branch=false)")
+
+
+class InlineConstantIf(Pass):
+    """If with a condition known at compile time -> the nodes of the branch it takes."""
+
+    name = "inline-constant-if"
+    description = "inline each If whose condition is known at compile time"
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        return run_rules(model, unroll=False)
+
+
+class UnrollLoops(Pass):
+    """Loop with a static trip count and an unchanging condition, Scan with a static length ->
+    one copy of the body per iteration."""
+
+    name = "unroll-loops"
+    description = "unroll Loop and Scan with a static trip count, up to max-trip-count"
+    options = (_MAX_TRIPS,)
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        return run_rules(model, inline_ifs=False, max_trip_count=self.option("max-trip-count"))
+
+
+class SpecializeInputs(Pass):
+    """Graph inputs fixed to given values, then If inlined and Loop/Scan unrolled; inputs no
+    longer read are removed."""
+
+    name = "specialize-inputs"
+    description = "fix graph inputs to values (use_cache_branch=false), inline and unroll"
+    options = (_VALUES, _MAX_TRIPS)
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        return run_rules(model, max_trip_count=self.option("max-trip-count"),
+                         values=parse_values(self.option("values")))
+
+
+class UnrollControlFlow(Pass):
+    """Every control-flow rule (specialise, inline If, unroll Loop/Scan) to a fixpoint."""
+
+    name = "unroll-control-flow"
+    description = "specialise inputs, inline constant If, unroll static Loop/Scan (fixpoint)"
+    options = (_VALUES, _MAX_TRIPS)
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        values = parse_values(self.option("values"))
+        return run_rules(model, max_trip_count=self.option("max-trip-count"),
+                         values=values or None)
