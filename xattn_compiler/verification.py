@@ -195,11 +195,11 @@ def _session(model: ModelLike) -> Iterator[ort.InferenceSession]:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # errors only: ORT's warnings are noise in a verification
     with contextlib.ExitStack() as stack:
-        plugin_session = _plugin_session(model)
-        if plugin_session is not None:
-            yield plugin_session
-            return
-        source = _session_source(model, stack)
+        try:
+            runnable = _without_plugins(model)
+        except InputError as exc:  # a plugin node without a spec: this model cannot run here
+            raise _OrtFailure(str(exc)) from exc
+        source = _session_source(runnable, stack)
         try:
             session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises several unrelated pybind exception types
@@ -207,27 +207,25 @@ def _session(model: ModelLike) -> Iterator[ort.InferenceSession]:
         yield session
 
 
-def _plugin_session(model: ModelLike):
-    """A ReferenceSession when ``model`` has TensorRT plugin nodes (ORT cannot load those:
-    their numpy references in ``xattn_compiler.plugins`` run the model instead), else None."""
-    from .plugins.reference import ReferenceSession, has_plugin_nodes
+def _without_plugins(model: ModelLike) -> ModelLike:
+    """``model`` with TensorRT plugin nodes spelled in standard ops (ORT cannot load plugins;
+    see ``xattn_compiler.plugins.decompose``); any other model unchanged."""
+    from .plugins import decompose_plugins, has_plugin_nodes
 
+    proto = model
     if not isinstance(model, onnx.ModelProto):
         if not Path(model).is_file():
-            return None
+            return model
         try:  # the nodes are enough to decide; the weights only when it has plugin nodes
-            skeleton = onnx.load(str(model), load_external_data=False)
+            proto = onnx.load(str(model), load_external_data=False)
         except Exception:  # not loadable: ORT reports it in its own words
-            return None
-        if not has_plugin_nodes(skeleton):
-            return None
-        model = onnx.load(str(model))
+            return model
+        if not has_plugin_nodes(proto):
+            return model
+        proto = onnx.load(str(model))
     elif not has_plugin_nodes(model):
-        return None
-    try:
-        return ReferenceSession(model)
-    except Exception as exc:  # onnx.reference raises many types for models it cannot run
-        raise _OrtFailure(f"onnx.reference (plugin nodes): {_first_line(exc)}") from exc
+        return model
+    return decompose_plugins(proto)
 
 
 def _session_source(model: ModelLike, stack: contextlib.ExitStack) -> str | bytes:
@@ -248,11 +246,6 @@ def _session_source(model: ModelLike, stack: contextlib.ExitStack) -> str | byte
 
 def _run(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     arrays = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
-    if hasattr(session, "run_dict"):  # a plugins.reference.ReferenceSession
-        try:
-            return session.run_dict(arrays)
-        except Exception as exc:  # onnx.reference raises many types
-            raise _OrtFailure(f"onnx.reference (plugin nodes): {_first_line(exc)}") from exc
     try:
         # OrtValues (not session.run) because ORT's numpy bridge rejects bfloat16 and float8.
         feeds = {name: _to_ort_value(array) for name, array in arrays.items()}

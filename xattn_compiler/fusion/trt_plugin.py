@@ -60,33 +60,33 @@ class TrtPluginTarget(FusionTarget):
         path = self.options.get("plugin_spec") or ""
         self.specs: tuple[PluginSpec, ...] = (load_spec(path),) if path else LEGACY_PRESETS
         self.used: dict[str, PluginSpec] = {}
-        self._chosen: dict[int, PluginSpec] = {}
-
-    # --- choosing --------------------------------------------------------------------------
 
     def skip_reason(self, block: AttentionMatch) -> str | None:
+        spec, reason = self._choose(block)
+        return None if spec is not None else reason
+
+    def _choose(self, block: AttentionMatch) -> tuple[PluginSpec | None, str]:
+        """The first spec that can run ``block``, or None and why none can."""
         if self.options.get("guard_precision"):
-            return "guard-precision keeps Softmax and the score MatMul in fp32; a plugin has neither"
+            return None, ("guard-precision keeps Softmax and the score MatMul in fp32; a plugin "
+                          "has neither")
         common = _block_problem(block)
         if common:
-            return common
+            return None, common
         reasons = []
         for spec in self.specs:
             problem = _spec_problem(spec, block)
             if problem is None:
-                self._chosen[id(block)] = spec
-                return None
+                return spec, ""
             reasons.append(f"{spec.op}: {problem}")
-        return "; ".join(reasons)
+        return None, "; ".join(reasons)
 
     # --- rewriting -------------------------------------------------------------------------
 
     def fuse(self, block: AttentionMatch) -> list[gs.Node]:
-        spec = self._chosen.pop(id(block), None)
-        if spec is None:  # fuse without skip_reason: choose now
-            if self.skip_reason(block) is not None:
-                raise ValueError(f"block {block.id} cannot become a plugin node")
-            spec = self._chosen.pop(id(block))
+        spec, reason = self._choose(block)
+        if spec is None:
+            raise ValueError(f"block {block.id} cannot become a plugin node: {reason}")
         nodes = _Writer(block, spec).write()
         block.graph.nodes.extend(nodes)  # in place; the old block's nodes become dead
         self.used.setdefault(spec.op, spec)

@@ -9,10 +9,12 @@ One implementation serves the presets and every user-declared spec.
 Which spec a node follows: the model's metadata (the ``trt-plugin`` target records the specs
 it used under :data:`METADATA_KEY`), then the legacy presets, matched by op name.
 
-Why not an ONNX Runtime route: a model-local function named like the plugin would let ORT run
-it, but TensorRT's ONNX parser prefers a local function over a plugin of the same op name
-(``ModelImporter.cpp``: local functions are looked up before the plugin fallback), so such a
-model would no longer build the plugin; a compiled custom-op library is a dependency we avoid.
+ONNX Runtime: a model-local function named like the plugin would let ORT run a shipped model,
+but TensorRT's ONNX parser prefers a local function over a plugin of the same op name
+(``ModelImporter.cpp``: local functions are looked up before the plugin fallback), so that model
+would no longer build the plugin; a compiled custom-op library is a dependency we avoid. For
+verification, :mod:`.decompose` writes a throw-away copy with the plugin nodes spelled in
+standard ops, which ORT runs with its own (fair) fp16 numerics.
 """
 
 from __future__ import annotations
@@ -203,30 +205,7 @@ def run_reference(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
     return dict(zip(evaluator.output_names, values, strict=True))
 
 
-__all__ = ["METADATA_KEY", "PluginOpRun", "ReferenceSession", "attention_bnsh", "has_plugin_nodes", "known_specs",
+__all__ = ["METADATA_KEY", "PluginOpRun", "attention_bnsh", "has_plugin_nodes", "known_specs",
            "op_class", "plugin_nodes", "record_specs", "recorded_specs", "reference_evaluator",
            "run_plugin", "run_reference", "unpack"]
 
-
-class _Value:
-    def __init__(self, name: str):
-        self.name = name
-
-
-class ReferenceSession:
-    """The slice of ``onnxruntime.InferenceSession`` that verification uses, backed by
-    :func:`reference_evaluator`: for models with plugin nodes, which ORT cannot load."""
-
-    def __init__(self, model: onnx.ModelProto, extra: Iterable[PluginSpec] = ()):
-        self.evaluator = reference_evaluator(model, extra)
-
-    def get_inputs(self) -> list[_Value]:
-        return [_Value(name) for name in self.evaluator.input_names]
-
-    def get_outputs(self) -> list[_Value]:
-        return [_Value(name) for name in self.evaluator.output_names]
-
-    def run_dict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.evaluator.run(None, dict(inputs))
-        return {name: np.asarray(value)
-                for name, value in zip(self.evaluator.output_names, values, strict=True)}
