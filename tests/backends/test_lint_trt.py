@@ -333,3 +333,19 @@ def test_lint_trt_rejects_a_malformed_version(capsys, tmp_path):
     xc.save(unary("Relu"), path)
     assert main(["lint-trt", str(path), "--trt-version", "ten"]) == 2
     assert "MAJOR.MINOR" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_onnx_attention_fusion_builds_from_10_14_and_not_before(name, export_cache):
+    if "fuse-attention" not in {cls.name for cls in default_registry()}:
+        pytest.skip("the fuse-attention pass is not registered")
+    model = xc.load(zoo_export(name, export_cache).path)
+    fused = xc.optimize(model, "canonicalize,remove-layout-clutter,"
+                               "fuse-attention{target=onnx-attention}").model
+    attention = [n.name for n in fused.graph.node if n.op_type == "Attention"]
+    assert lint_trt(fused, "10.14").blockers == []
+    assert not [f for f in lint_trt(fused, "10.14").findings if f.node in attention]
+    if attention:    # top-level Attention nodes: TensorRT 10.13 cannot import them
+        blocked = {f.node for f in lint_trt(fused, "10.13").blockers}
+        assert set(attention) <= blocked
