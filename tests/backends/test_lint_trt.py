@@ -349,3 +349,13 @@ def test_onnx_attention_fusion_builds_from_10_14_and_not_before(name, export_cac
     if attention:    # top-level Attention nodes: TensorRT 10.13 cannot import them
         blocked = {f.node for f in lint_trt(fused, "10.13").blockers}
         assert set(attention) <= blocked
+
+
+def test_lint_trt_checks_both_parts_of_a_split(capsys, export_cache, tmp_path):
+    model = xc.load(zoo_export("whisper-decoder-eager", export_cache).path)
+    xc.split_static_kv(model).save(tmp_path / "split")
+    assert main(["lint-trt", str(tmp_path / "split"), "--json", "--profile", "input_ids"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["model"].rsplit("/", 1)[-1] for r in reports] == ["kv_projector.onnx", "decoder.onnx"]
+    decoder_dynamic = {f["tensor"] for f in reports[1]["findings"] if f["code"] == "dynamic-input"}
+    assert "input_ids" not in decoder_dynamic and "cross_kv.0.key" in decoder_dynamic
