@@ -25,7 +25,7 @@ are fused like the others (bodies follow the model's opset). Counts: ``blocks_fu
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import onnx
 
@@ -61,35 +61,47 @@ class FuseAttention(Pass):
                "trt-plugin: a TOML/JSON plugin spec (empty: the fMHCA/fMHA_V2 presets)"),
     )
     run_after = ("canonicalize", "remove-layout-clutter")
+    #: The random-graph properties run once per target (tests/properties).
+    property_variants = tuple({"target": target} for target in
+                              ("onnx-attention", "canonical", "ort-mha", "trt-plugin"))
 
     def target(self) -> FusionTarget:
         options: dict[str, Any] = {key.replace("-", "_"): value for key, value in self.values.items()}
         return load_target(self.values["target"])(options)
+
+    #: Fusing can teach shape inference what it could not see (inside If/Loop bodies, a core
+    #: whose rank was unknown gets shapes once the export moves outer constants in): the pass
+    #: matches again after each round, so a second run has nothing left to do.
+    max_rounds: ClassVar[int] = 4
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         target = self.target()
         graph = import_graph(infer_shapes(model))
         decisions = self._decide(find_attention(graph), target)
         if not any(reason is None for _, reason in decisions):
-            return PassResult(model, False, *self._report(decisions, set()))
+            return PassResult(model, False, *self._report(decisions, {}))
         try:
             prepared = target.prepare(model)
         except OpsetUpgradeError as exc:
             decisions = [(b, r if r is not None else str(exc)) for b, r in decisions]
-            return PassResult(model, False, *self._report(decisions, set()))
+            return PassResult(model, False, *self._report(decisions, {}))
         if prepared is not model:
             graph = import_graph(infer_shapes(prepared))
             decisions = self._decide(find_attention(graph), target)
-        fused: set[str] = set()
-        new_nodes: dict[str, list[str]] = {}
-        for block, reason in decisions:
-            if reason is None:
-                nodes = target.fuse(block)
-                fused.add(block.id)
-                new_nodes[block.id] = [node.name for node in nodes]
-        out = infer_shapes(export_model(graph, prepared), in_place=True)
+        fused: dict[str, list[str]] = {}
+        out = prepared
+        for _ in range(self.max_rounds):
+            todo = [block for block, reason in decisions if reason is None]
+            if not todo:
+                break
+            for block in todo:
+                key = f"{block.subgraph}/{block.id}" if block.subgraph else block.id
+                fused[f"{key}#{len(fused)}"] = [node.name for node in target.fuse(block)]
+            out = infer_shapes(export_model(graph, prepared), in_place=True)
+            graph = import_graph(out)
+            decisions = self._decide(find_attention(graph), target)
         out = target.finish(out)
-        counts, details = self._report(decisions, fused, new_nodes)
+        counts, details = self._report(decisions, fused)
         return PassResult(out, bool(fused), counts, details)
 
     def _decide(self, blocks: list[AttentionMatch], target: FusionTarget
@@ -103,23 +115,21 @@ class FuseAttention(Pass):
             decisions.append((block, reason))
         return decisions
 
-    def _report(self, decisions, fused: set[str], new_nodes: dict | None = None):
+    def _report(self, decisions, fused: dict[str, list[str]]):
+        """Counts and details: what was fused (with the nodes that replaced it) and what was
+        left, by reason. ``decisions`` are those of the final graph."""
         reasons: dict[str, int] = {}
-        records = []
+        records = [{"block": key.split("#")[0], "fused": True, "nodes": nodes}
+                   for key, nodes in fused.items()]
         for block, reason in decisions:
-            record = {"id": block.id, "kind": block.kind, "subgraph": block.subgraph,
-                      "num_heads": block.num_heads, "head_dim": block.head_dim,
-                      "fused": block.id in fused, "was_fused": block.fused}
-            if block.id in fused:
-                record["nodes"] = (new_nodes or {}).get(block.id, [])
-            else:
-                record["reason"] = reason
-                reasons[reason] = reasons.get(reason, 0) + 1
-            records.append(record)
-        left = [block for block, _ in decisions if block.id not in fused]
+            if block.fused and not reason:
+                continue
+            records.append({"block": f"{block.subgraph}/{block.id}" if block.subgraph else block.id,
+                            "kind": block.kind, "fused": False, "op": block.op, "reason": reason})
+            reasons[reason] = reasons.get(reason, 0) + 1
         counts = {"blocks_fused": len(fused),
-                  "blocks_skipped": sum(1 for block in left if not block.fused),
-                  "already_fused": sum(1 for block in left if block.fused)}
+                  "blocks_skipped": sum(1 for block, _ in decisions if not block.fused),
+                  "already_fused": sum(1 for block, _ in decisions if block.fused)}
         details = {"target": self.values["target"], "blocks": records, "skipped": reasons}
         return counts, details
 

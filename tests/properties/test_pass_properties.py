@@ -30,9 +30,20 @@ from xattn_compiler.verification import random_inputs
 PASSES = list(default_registry())
 
 
-def make_pass(cls: type[Pass]) -> Pass:
+def make_pass(cls: type[Pass], options: dict | None = None) -> Pass:
     """An instance with the options the pass asks its property tests to use."""
-    return cls(**getattr(cls, "property_options", {}))
+    return cls(**(getattr(cls, "property_options", {}) if options is None else options))
+
+
+def _variants(cls: type[Pass]) -> list[dict | None]:
+    """Option sets a pass is tested under: ``property_variants`` (one test each, e.g. every
+    fusion target), else its ``property_options``."""
+    return list(getattr(cls, "property_variants", [None]))
+
+
+#: Every registered pass under each of its option variants.
+PASS_CASES = [pytest.param(cls, options, id=cls.name + "".join(
+    f"[{v}]" for v in (options or {}).values())) for cls in PASSES for options in _variants(cls)]
 
 
 def _graphs(model: onnx.ModelProto):
@@ -109,12 +120,12 @@ def _regressions(test):
     return test
 
 
-@pytest.mark.parametrize("pass_cls", PASSES, ids=lambda cls: cls.name)
+@pytest.mark.parametrize("pass_cls, options", PASS_CASES)
 @given(ex=xst.examples())
 @_regressions
-def test_registered_pass_properties(pass_cls, ex):
+def test_registered_pass_properties(pass_cls, options, ex):
     try:
-        check_pass(make_pass(pass_cls), ex)
+        check_pass(make_pass(pass_cls, options), ex)
     except AssertionError:
         bug = known_pass_bug(pass_cls.name, ex)
         if STRICT or bug is None:
@@ -138,7 +149,8 @@ class PassMachine(xst.GraphMachine):
     def check(self, model: onnx.ModelProto) -> None:
         inputs = random_inputs(model, seed=0)
         for cls in PASSES:
-            assert_pass_properties(make_pass(cls), model, inputs)
+            for options in _variants(cls):
+                assert_pass_properties(make_pass(cls, options), model, inputs)
 
 
 TestPassMachine = PassMachine.TestCase

@@ -112,10 +112,12 @@ def plan_core(block: AttentionMatch) -> CorePlan | str:
     core = block.core
     if block.fused or core is None:
         return f"already fused as {block.op}"
+    q, k_t, v, context_node = core["q"], core["k_t"], core["v"], core["context.node"]
+    if q.shape is None:
+        return f"the rank of Q '{q.name}' is unknown (shape inference saw nothing here)"
     if block.layout != "BHSD":
         return ("the core runs on batched heads [B*H,S,D] (remove-layout-clutter's "
                 "collapse-batched-heads puts it on [B,H,S,D])")
-    q, k_t, v, context_node = core["q"], core["k_t"], core["v"], core["context.node"]
     for name, tensor in (("Q", q), ("K^T", k_t), ("V", v)):
         if tensor.shape is not None and len(tensor.shape) != 4:
             return f"operand {name} '{tensor.name}' is {len(tensor.shape)}-D, not [B,H,S,D]"
