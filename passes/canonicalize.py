@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from xattn_compiler.ir import (
     export_model,
-    import_graph,
+    import_with_shapes,
     infer_shapes,
     is_graph_output,
     iter_graphs,
@@ -50,7 +50,7 @@ class Canonicalize(Pass):
         # (outer initializers), and the next round folds more: repeat until nothing changes,
         # so a second call finds nothing left to do. One import serves every round; between
         # rounds the graph only takes the re-inferred shapes.
-        graph = import_graph(infer_shapes(model))
+        graph = import_with_shapes(model)
         totals: dict[str, int] = {}
         changed = False
         for _ in range(4):

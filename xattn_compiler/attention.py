@@ -41,7 +41,7 @@ from xattn_compiler.patterns import (
 )
 
 from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval
-from .ir import import_graph, infer_shapes, is_graph_output, iter_graphs
+from .ir import import_with_shapes, is_graph_output, iter_graphs
 from .pattern import Context, Failure, Match, match
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def find_attention(model: onnx.ModelProto | gs.Graph) -> list[AttentionMatch]:
 
 def analyze_attention(model: onnx.ModelProto | gs.Graph) -> AttentionReport:
     """Blocks plus near-misses (for ``inspect --explain``) and the graph they refer to."""
-    graph = model if isinstance(model, gs.Graph) else import_graph(infer_shapes(model))
+    graph = model if isinstance(model, gs.Graph) else import_with_shapes(model)
     times = BindingTimes(graph)
     ctx = Context(constant=times.is_constant, value=constant_eval)
     blocks: list[AttentionMatch] = []

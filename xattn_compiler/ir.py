@@ -72,6 +72,19 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
+def import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
+    """``import_graph(infer_shapes(model))`` without copying the model.
+
+    The graph's constants stay views of ``model``'s initializers (graphsurgeon reads them
+    lazily), so a multi-gigabyte model is not duplicated; shapes come from inference on the
+    weightless skeleton. :func:`export_model` never writes into those initializers.
+    """
+    inferred = onnx.shape_inference.infer_shapes(_skeleton(model), data_prop=True)
+    graph = import_graph(model)
+    refresh_shapes(graph, inferred)
+    return graph
+
+
 def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph`` and carry over the model-level fields of ``like``.
 
@@ -80,6 +93,7 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """
     remove_dead_nodes(graph)
     toposort(graph)
+    _own_renamed_constants(graph)
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = like.ir_version
     out.producer_name = like.producer_name
@@ -219,6 +233,25 @@ def _outer_reads(node: gs.Node) -> list[gs.Tensor]:
             reads.extend(t for t in _outer_reads(inner_node) if id(t) not in inner)
         reads.extend(t for t in body.outputs if id(t) not in inner)
     return reads
+
+
+def _own_renamed_constants(graph: gs.Graph) -> None:
+    """Give a renamed constant its own copy of the initializer it was imported from.
+
+    graphsurgeon exports a lazily read constant by reusing the imported TensorProto and
+    setting its name: without this, renaming a constant would rename the initializer in the
+    model the graph was imported from (which :func:`import_with_shapes` does not copy).
+    """
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    for _, body in iter_graphs(graph):
+        for node in body.nodes:
+            for tensor in node.inputs:
+                values = getattr(tensor, "_values", None)
+                if isinstance(values, LazyValues) and values.tensor.name != tensor.name:
+                    owned = onnx.TensorProto()
+                    owned.CopyFrom(values.tensor)
+                    tensor._values = LazyValues(owned)
 
 
 def iter_graphs(graph: gs.Graph, path: str = "") -> Iterator[tuple[str, gs.Graph]]:

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from .ir import (
     export_model,
-    import_graph,
+    import_with_shapes,
     infer_shapes,
     is_graph_output,
     iter_graphs,
@@ -46,7 +46,7 @@ class GraphPass(Pass):
     def run(self, model: onnx.ModelProto) -> PassResult:
         # One import for all rounds: after a round's export and shape inference the graph only
         # takes the new shapes (refresh_shapes), which costs a fraction of a fresh import.
-        graph = import_graph(infer_shapes(model))
+        graph = import_with_shapes(model)
         totals: dict[str, int] = {}
         changed = False
         for _ in range(self.max_rounds):
