@@ -172,3 +172,10 @@ def test_a_split_model_needs_an_engine_directory(capsys, export_cache, tmp_path)
     xc.split_static_kv(xc.load(exported.path)).save(tmp_path / "split")
     code = main(["build", str(tmp_path / "split"), "--engine", "x.plan", "--emit-trtexec"])
     assert code == 2 and "give a directory" in capsys.readouterr().err
+
+
+def test_fp32_softmax_adds_no_constraints_to_an_fp32_build(capsys, export_cache, tmp_path):
+    exported = zoo_export("whisper-decoder-eager", export_cache)
+    [(_, line, _)] = emitted(capsys, str(exported.path), "--engine", str(tmp_path / "w.plan"),
+                             "--fp32-softmax")
+    assert not {"precisionConstraints", "layerPrecisions"} & set(parse_trtexec(line))

@@ -80,7 +80,8 @@ def run_build(args: argparse.Namespace) -> int:
     cache = Path(args.timing_cache) if args.timing_cache else None
     plans = [BuildPlan(part.path, part.engine_in(engine, split), profile, args.precision,
                        plugins, cache,
-                       softmax_layer_names(part.model) if args.fp32_softmax else [])
+                       softmax_layer_names(part.model)
+                       if args.fp32_softmax and args.precision != "fp32" else [])
              for part, profile in zip(parts, profiles, strict=True)]
     if args.emit_trtexec:
         return _emit(parts, plans, args.json)

@@ -126,7 +126,9 @@ def build_engine(
     config = builder.create_builder_config()
     _add_profiles(builder, config, network, profiles)
     _set_precision(trt, config, precision, strongly_typed)
-    fp32_layers = _constrain_softmax(trt, config, network) if fp32_softmax else []
+    # In an fp32 build Softmax already runs in fp32: constraints would only cost tactics.
+    fp32_layers = (_constrain_softmax(trt, config, network)
+                   if fp32_softmax and precision != "fp32" else [])
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
@@ -246,6 +248,8 @@ def _set_shape(trt_profile: Any, tensor: Any, shapes: InputShapes) -> None:
 
 
 def _set_precision(trt: Any, config: Any, precision: str, strongly_typed: bool) -> None:
+    # Weak typing (these flags, per-layer precision) is deprecated since TensorRT 10.12 and gone
+    # in 11, which builds strongly typed networks only.
     if precision == "fp32":
         return
     if strongly_typed:
