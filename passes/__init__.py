@@ -8,6 +8,7 @@ from .batched_heads import CollapseBatchedHeads
 from .canonicalize import Canonicalize
 from .control_flow import InlineConstantIf, SpecializeInputs, UnrollControlFlow, UnrollLoops
 from .fuse_attention import FuseAttention
+from .guard_precision import GuardPrecision
 from .layout_clutter import RemoveLayoutClutter
 from .reshapes import SimplifyReshapes
 from .split_static_kv import SplitStaticKV
@@ -27,8 +28,9 @@ BUILTIN_PASSES = (
     UnrollLoops,
     SpecializeInputs,
     FuseAttention,
+    GuardPrecision,
 )
 
 __all__ = ["BUILTIN_PASSES", "CancelTransposes", "Canonicalize", "CanonicalKeyTranspose",
-           "CollapseBatchedHeads", "FuseAttention", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV",
+           "CollapseBatchedHeads", "FuseAttention", "GuardPrecision", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV",
            "InlineConstantIf", "SpecializeInputs", "UnrollControlFlow", "UnrollLoops"]
