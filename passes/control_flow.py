@@ -94,6 +94,11 @@ class _Context:
             self._names = Names(self.top)
         return self._names
 
+    @property
+    def opset(self) -> int:
+        """The default domain's opset (bodies share the model's imports)."""
+        return self.top.opset or 1
+
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
 
@@ -121,6 +126,11 @@ def _rewrite_graph(graph: gs.Graph, path: str, ctx: _Context) -> None:
             graph.nodes[index:index + 1] = new
 
 
+def _has_control_flow(graph: gs.Graph) -> bool:
+    return any(node.op in ("If", "Loop", "Scan") for _, body in iter_graphs(graph)
+               for node in body.nodes)
+
+
 def _round(graph: gs.Graph, ctx: _Context) -> None:
     for path, body in reversed(list(iter_graphs(graph))):
         _rewrite_graph(body, path, ctx)
@@ -139,28 +149,29 @@ def run_rules(model: onnx.ModelProto, *, inline_ifs: bool = True, unroll: bool =
     read_before = {t.name for t in graph.inputs if t.outputs}
     pinned, details = pin_inputs(graph, values or {})
     totals: dict[str, int] = {"inputs_specialized": len(pinned)} if values else {}
-    changed = dirty = bool(pinned)
+    changed = stale = bool(pinned)   # stale: edited since shapes were last inferred
     refused: list[dict[str, str]] = []
     for _ in range(_MAX_ROUNDS):
-        if dirty:  # the rules read shapes (scan lengths, Shape of static tensors)
-            model = infer_shapes(export_model(graph, model), in_place=True)
-            refresh_shapes(graph, model)
-            dirty = False
         ctx = _Context(graph, inline_ifs, unroll, max_trip_count)
         _round(graph, ctx)
         refused = ctx.refused
         for key, value in ctx.counts.items():
             totals[key] = totals.get(key, 0) + value
-        if not ctx.counts:
+        changed |= bool(ctx.counts)
+        stale |= bool(ctx.counts)
+        if not stale or not _has_control_flow(graph):
             break
-        changed = dirty = True
+        # Fresh shapes can make a refused rule apply (a scan length, Shape of a copy's
+        # tensor): infer them and go again. Exports of big models dominate, so only then.
+        model = infer_shapes(export_model(graph, model), in_place=True)
+        refresh_shapes(graph, model)
+        stale = False
     if values is not None:
         removed = remove_unread_inputs(graph, read_before)
         totals["inputs_removed"] = len(removed)
         details["removed_inputs"] = removed
         changed |= bool(removed)
-        dirty |= bool(removed)
-    if dirty:
+    if changed:
         model = infer_shapes(export_model(graph, model), in_place=True)
     details["refused"] = refused
     return PassResult(model, changed, totals, details)
@@ -171,7 +182,7 @@ def run_rules(model: onnx.ModelProto, *, inline_ifs: bool = True, unroll: bool =
 def _inline_if(node: gs.Node, graph: gs.Graph, path: str, ctx: _Context) -> list[gs.Node] | None:
     condition = node.inputs[0]
     try:
-        taken = as_bool(compile_time_value(condition, graph.opset or 1), "the condition")
+        taken = as_bool(compile_time_value(condition, ctx.opset), "the condition")
     except Unknown as why:
         hint = (f"; specialise it: --specialize {condition.name}=VALUE"
                 if any(t is condition for t in ctx.top.inputs) else "")
@@ -232,7 +243,7 @@ def _bind(targets: list[gs.Tensor], values: list[gs.Tensor], graph: gs.Graph,
 
 def _unroll_loop(node: gs.Node, graph: gs.Graph, path: str, ctx: _Context
                  ) -> list[gs.Node] | None:
-    trips = _loop_trips(node, graph.opset or 1, path, ctx)
+    trips = _loop_trips(node, ctx.opset, path, ctx)
     if trips is None:
         return None
     body = node.attrs["body"]
@@ -322,7 +333,7 @@ def _condition_stays_true(body: gs.Graph, opset: int) -> bool:
 def _stack(pieces: list[gs.Tensor], target: gs.Tensor, axis: int, owner: str, k: int,
            graph: gs.Graph, ctx: _Context) -> list[gs.Node]:
     """``target = Concat(Unsqueeze(piece, axis)...)``: scan outputs stacked along ``axis``."""
-    opset = graph.opset or 1
+    opset = ctx.opset
     axes = gs.Constant(ctx.names.fresh(f"{owner}.stack{k}.axes"), np.array([axis], np.int64))
     nodes, parts = [], []
     for i, piece in enumerate(pieces):
@@ -346,7 +357,7 @@ def _stack(pieces: list[gs.Tensor], target: gs.Tensor, axis: int, owner: str, k:
 
 def _unroll_scan(node: gs.Node, graph: gs.Graph, path: str, ctx: _Context
                  ) -> list[gs.Node] | None:
-    opset = graph.opset or 1
+    opset = ctx.opset
     if opset < 9:
         ctx.refuse(node, path, f"Scan of opset {opset} (with a batch axis) is not unrolled")
         return None

@@ -8,6 +8,9 @@ control-flow exports and an Optimum-style merged decoder specialised both ways.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -500,3 +503,20 @@ def test_zoo_if_specialised_matches_the_original_on_its_sample(use_cache, export
 def test_zoo_if_without_a_value_is_refused_with_the_hint(export_cache):
     _, m = _zoo("if-cross-attention", export_cache)
     assert "--specialize use_cache_branch=VALUE" in refused(UnrollControlFlow(), m)
+
+
+# --- the docs ------------------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "control-flow.md"
+
+
+def test_the_docs_specialising_example_runs():
+    first = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)[0]
+    exec(first, {})  # noqa: S102 - the documented example, asserting what the doc says
+
+
+def test_the_docs_command_lines_are_valid_pipelines():
+    commands = re.findall(r"--passes \"([^\"]+)\"", DOC.read_text())
+    assert len(commands) == 2
+    for text in commands:
+        assert str(Pipeline.parse(text)) == text
