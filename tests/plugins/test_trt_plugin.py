@@ -120,3 +120,25 @@ def test_fp16_zoo_models_verify_through_the_plugin_references(name, fused):
     assert result.counts["blocks_fused"] == fused
     assert len(plugin_ops(result.model)) == fused
     assert verify(xc.load(exported.path), result.model, inputs=exported.sample()[0]).ok
+
+
+def _zoo_names():
+    try:
+        from xattn_compiler import zoo
+    except ImportError:
+        return []
+    return [m.name for m in zoo.all_models()]
+
+
+@pytest.mark.parametrize("name", _zoo_names())
+def test_every_zoo_block_becomes_a_declared_plugin_and_verifies(name):
+    zoo = pytest.importorskip("xattn_compiler.zoo")
+    exported = zoo.cached_export(name)
+    original = xc.load(exported.path)
+    model = xc.optimize(original).model
+    result = fuse(model, plugin_spec=str(SPECS / "any_attention.toml"))
+    unfused = [block for block in xc.find_attention(model) if not block.fused]
+    assert result.counts["blocks_skipped"] == 0, result.details["skipped"]
+    assert result.counts["blocks_fused"] == len(unfused)
+    assert verify(original, result.model, inputs=exported.sample()[0]).ok
+    assert not fuse(result.model, plugin_spec=str(SPECS / "any_attention.toml")).changed

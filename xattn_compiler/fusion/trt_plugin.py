@@ -105,8 +105,6 @@ class TrtPluginTarget(FusionTarget):
 # --- what every plugin needs --------------------------------------------------------------
 
 def _block_problem(block: AttentionMatch) -> str | None:
-    if block.mask is not None:
-        return f"the block has a {block.mask['kind']} mask; the plugins take none"
     if block.core is None:
         return "not a MatMul-Softmax-MatMul block"
     q = block.core["q"]
@@ -118,14 +116,17 @@ def _block_problem(block: AttentionMatch) -> str | None:
         return "V is scaled inside the block"
     if _scale_of(block.q) is None or _scale_of(block.k) is None or block.scale is None:
         return "the scale is not a constant"
-    if _output_layout(block) is None:
-        return f"the head merge below the block does not give [B, S, N*H] ('{block.output.name}')"
+    if _merge_chain(block) is None:
+        return f"no Transpose/Reshape path from the context to '{block.output.name}'"
     return None
 
 
 def _spec_problem(spec: PluginSpec, block: AttentionMatch) -> str | None:
     if block.kind not in spec.kinds:
         return f"runs {' and '.join(spec.kinds)}-attention only, the block is {block.kind}"
+    mask_problem = _mask_problem(spec, block)
+    if mask_problem:
+        return mask_problem
     dtype = _dtype(block.core["q"])
     if spec.constraints.dtypes and dtype not in spec.constraints.dtypes:
         return f"dtype {dtype} is not one of {list(spec.constraints.dtypes)}"
@@ -138,6 +139,33 @@ def _spec_problem(spec: PluginSpec, block: AttentionMatch) -> str | None:
     if spec.layout in _PACKED:
         return _packing_problem(spec, block)
     return None
+
+
+def _mask_problem(spec: PluginSpec, block: AttentionMatch) -> str | None:
+    if block.mask is None:
+        return None
+    if spec.mask == "none":
+        return f"the block has a mask ({block.mask['kind']}); the plugin takes none"
+    if block.mask["kind"] != "add":
+        return f"the block's mask is {block.mask['kind']}; the plugin takes additive masks"
+    if not _masks_after_scale(block):
+        return "a mask is added before the scores are scaled; the plugin adds it after"
+    return None
+
+
+def _masks_after_scale(block: AttentionMatch) -> bool:
+    """Whether every mask Add sits between the last scale and Softmax (walking up from it)."""
+    masks = {id(t) for t in block.core.get("mask", [])}
+    tensor, scaled, found = block.core["softmax.node"].inputs[0], False, 0
+    while tensor.inputs and tensor.inputs[0] is not block.core["scores.node"]:
+        node = tensor.inputs[0]
+        is_mask_add = node.op == "Add" and any(id(t) in masks for t in node.inputs)
+        if is_mask_add and scaled:
+            return False
+        found += is_mask_add
+        scaled = scaled or node.op in ("Mul", "Div")
+        tensor = next((t for t in node.inputs if id(t) not in masks and t.inputs), node.inputs[0])
+    return found == len(masks)
 
 
 def _packing_problem(spec: PluginSpec, block: AttentionMatch) -> str | None:
@@ -206,6 +234,8 @@ class _Writer:
             if not math.isclose(ratio, 1.0, rel_tol=1e-6):
                 inputs[0] = self._op("Mul", [inputs[0], self._const("ratio", np.array(
                     ratio, dtype=self.dtype))], "q_scaled")
+        if self.spec.mask == "additive" and self.block.mask is not None:
+            inputs.append(self._mask())
         out = self._tensor(f"{self.spec.op}_out")
         node = gs.Node(self.spec.op, name=self.prefix, domain=self.spec.domain,
                        attrs=self.spec.node_attributes(facts), inputs=inputs, outputs=[out])
@@ -258,18 +288,28 @@ class _Writer:
         shape = np.array([0, 0, self.n, len(operands), self.h], dtype=np.int64)
         return self._op("Reshape", [proj, self._const(f"{tag}_shape", shape)], f"{tag}_packed")
 
+    def _mask(self) -> gs.Tensor:
+        """The block's additive masks summed into one (T5 adds a position bias and a mask)."""
+        masks = list(self.block.core["mask"])
+        total = masks[0]
+        for index, extra in enumerate(masks[1:]):
+            total = self._op("Add", [total, extra], f"mask_sum{index}")
+        return total
+
     def _to_block_output(self, out: gs.Tensor) -> None:
         """Bring the plugin's output to ``block.output``'s layout and make it produce it."""
         target = self.block.output
         layout = _output_layout(self.block)
         steps: list[tuple[str, dict[str, Any], list[gs.Tensor]]] = []
-        if self.spec.output_layout == "BSNH" and layout == "BNSH":
-            steps.append(("Transpose", {"perm": _BNSH_TO_BSNH}, []))
-        if self.spec.output_layout == "BNSH" and layout != "BNSH":
+        # The plugin writes BSNH or BNSH; the same perm swaps either way.
+        wanted = {"BSE": "BSNH", None: "BNSH"}.get(layout, layout)
+        if self.spec.output_layout != wanted:
             steps.append(("Transpose", {"perm": _BNSH_TO_BSNH}, []))
         if layout == "BSE":
             shape = np.array([0, 0, self.n * self.h], dtype=np.int64)
             steps.append(("Reshape", {}, [self._const("merge_shape", shape)]))
+        elif layout is None:  # an unusual head merge (seq-first, 2-D): replay it
+            steps += [(n.op, dict(n.attrs), list(n.inputs[1:])) for n in _merge_chain(self.block)]
         target.inputs.clear()
         if not steps:  # the plugin's output already is the block's value
             plugin = self.nodes[-1]
@@ -390,24 +430,30 @@ def _chain_layout(operand: Operand) -> tuple[list[int], list[int]] | None:
     return (split, perm) if split is not None else None
 
 
-def _output_layout(block: AttentionMatch) -> str | None:
-    """``BNSH`` (the context itself), ``BSNH`` or ``BSE``: what ``block.output`` holds."""
+def _merge_chain(block: AttentionMatch) -> list[gs.Node] | None:
+    """The Transpose/Reshape nodes from the context down to ``block.output``, in order."""
     context = block.core["context"]
-    perm, tensor, rank = [0, 1, 2, 3], block.output, 4
-    chain = []
+    chain, tensor = [], block.output
     while tensor is not context:
-        if not tensor.inputs:
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None or node.op not in ("Transpose", "Reshape") or len(chain) > 8:
             return None
-        node = tensor.inputs[0]
         chain.append(node)
         tensor = node.inputs[0]
-    for node in reversed(chain):
+    return chain[::-1]
+
+
+def _output_layout(block: AttentionMatch) -> str | None:
+    """``BNSH`` (the context itself), ``BSNH`` or ``BSE``: what ``block.output`` holds, or None
+    for another head merge (seq-first, 2-D...)."""
+    perm, rank = [0, 1, 2, 3], 4
+    for node in _merge_chain(block) or []:
         if node.op == "Transpose" and rank == 4:
             perm = [perm[i] for i in node.attrs.get("perm", [3, 2, 1, 0])]
-        elif node.op == "Reshape" and perm == _BNSH_TO_BSNH:
+        elif node.op == "Reshape" and perm == _BNSH_TO_BSNH and rank == 4:
             target = reshape_target(node)
-            if target is None or len(target) != 3 or (target[2] not in (None, -1) and
-                                                       target[2] != block.num_heads * block.head_dim):
+            if target is None or len(target) != 3 or \
+                    target[2] not in (None, -1, block.num_heads * block.head_dim):
                 return None
             rank = 3
         else:

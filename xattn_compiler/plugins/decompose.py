@@ -8,7 +8,7 @@ verification runs ONNX Runtime on the model with each plugin node replaced by th
 stands for, derived from its spec's layout::
 
     q, k, v (BNSH) = unpack(inputs)       Transpose / Split + Squeeze, by the layout
-    y_BNSH         = Softmax(q @ k^T * scale) @ v
+    y_BNSH         = Softmax(q @ k^T * scale [+ mask]) @ v
     y              = Transpose(y_BNSH) when the spec's output is BSNH
 
 The numpy references in :mod:`.reference` define the same ops; the tests check both agree.
@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from xattn_compiler.errors import InputError
 
-from .reference import known_specs
+from .reference import has_mask_input, known_specs
 from .spec import PluginSpec
 
 _TO_BNSH = [0, 2, 1, 3]
@@ -79,7 +79,9 @@ def _attention_nodes(node: onnx.NodeProto, spec: PluginSpec, tag: str) -> list[o
                                      value=numpy_helper.from_array(value, full)))
         return full
 
-    q, k, v = _unpack(spec, list(node.input), op, const)
+    inputs = list(node.input)
+    mask = inputs.pop() if has_mask_input(spec, len(inputs)) else None
+    q, k, v = _unpack(spec, inputs, op, const)
     facts = spec.facts_from_attributes(attrs, head_dim=1)
     if facts.get("causal"):
         raise InputError(f"plugin node '{node.name}': a causal plugin cannot be decomposed")
@@ -91,6 +93,8 @@ def _attention_nodes(node: onnx.NodeProto, spec: PluginSpec, tag: str) -> list[o
         scale = const("scale", np.array([float(facts["scale"])], dtype=np.float32))
     scores = op("MatMul", [q, op("Transpose", [k], perm=[0, 1, 3, 2])])
     scores = op("Mul", [op("Cast", [scores], to=onnx.TensorProto.FLOAT), scale])
+    if mask is not None:
+        scores = op("Add", [scores, op("Cast", [mask], to=onnx.TensorProto.FLOAT)])
     probs = op("Softmax", [scores], axis=-1)
     probs = op("CastLike", [probs, q])
     context = op("MatMul", [probs, v])

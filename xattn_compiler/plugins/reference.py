@@ -32,7 +32,7 @@ from onnx.reference.op_run import OpRun
 from xattn_compiler.errors import InputError
 
 from .presets import LEGACY_PRESETS
-from .spec import PluginSpec, spec_from_dict
+from .spec import LAYOUTS, PluginSpec, spec_from_dict
 
 #: Model metadata key under which the ``trt-plugin`` target stores the specs it used (JSON list).
 METADATA_KEY = "xattn_compiler.plugin_specs"
@@ -41,8 +41,8 @@ METADATA_KEY = "xattn_compiler.plugin_specs"
 # --- the math ---------------------------------------------------------------------------------
 
 def attention_bnsh(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
-                   causal: bool = False) -> np.ndarray:
-    """softmax(scale * Q K^T) V on ``[B, N, S, H]`` operands, computed in float64.
+                   causal: bool = False, mask: np.ndarray | None = None) -> np.ndarray:
+    """softmax(scale * Q K^T [+ mask]) V on ``[B, N, S, H]`` operands, computed in float64.
 
     K and V may have fewer heads than Q (grouped-query attention): each serves
     ``N_q / N_kv`` consecutive query heads. Returns float64 ``[B, N_q, Sq, H]``.
@@ -53,6 +53,8 @@ def attention_bnsh(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
         raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} key/value heads")
     k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)
     scores = np.einsum("bnqh,bnkh->bnqk", q, k) * scale
+    if mask is not None:
+        scores = scores + np.asarray(mask, dtype=np.float64)
     if causal:
         sq, sk = scores.shape[-2:]
         scores = np.where(np.tril(np.ones((sq, sk), dtype=bool)), scores, -np.inf)
@@ -63,8 +65,11 @@ def attention_bnsh(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
 
 
 def unpack(spec: PluginSpec, inputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    """The plugin node's inputs as Q, K, V in ``[B, N, S, H]``, by the spec's layout."""
-    expected = len(spec.inputs)
+    """The plugin node's inputs as Q, K, V in ``[B, N, S, H]``, by the spec's layout (a mask
+    input, if the spec takes one, is not part of it)."""
+    if has_mask_input(spec, len(inputs)):
+        inputs = inputs[:-1]
+    expected = len(LAYOUTS[spec.layout])
     if len(inputs) != expected:
         raise ValueError(f"{spec.op}: layout '{spec.layout}' takes {expected} input(s) "
                          f"({', '.join(spec.inputs)}), got {len(inputs)}")
@@ -83,6 +88,11 @@ def unpack(spec: PluginSpec, inputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray
     return tuple(inputs)
 
 
+def has_mask_input(spec: PluginSpec, count: int) -> bool:
+    """Whether a node of ``spec`` with ``count`` inputs carries a mask as its last one."""
+    return spec.mask == "additive" and count == len(LAYOUTS[spec.layout]) + 1
+
+
 def _bsnh(tensor: np.ndarray) -> np.ndarray:
     return tensor.transpose(0, 2, 1, 3)
 
@@ -99,7 +109,9 @@ def run_plugin(spec: PluginSpec, inputs: tuple[np.ndarray, ...],
     """What the plugin node computes: one output, in the spec's output layout and input dtype."""
     q, k, v = unpack(spec, inputs)
     facts = spec.facts_from_attributes(attrs, head_dim=q.shape[-1])
-    out = attention_bnsh(q, k, v, float(facts["scale"]), causal=bool(facts.get("causal", 0)))
+    mask = inputs[-1] if has_mask_input(spec, len(inputs)) else None
+    out = attention_bnsh(q, k, v, float(facts["scale"]), causal=bool(facts.get("causal", 0)),
+                         mask=mask)
     if spec.output_layout == "BSNH":
         out = _bsnh(out)
     return out.astype(inputs[0].dtype)

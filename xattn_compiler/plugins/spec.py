@@ -2,8 +2,8 @@
 
 A spec says which node the ``trt-plugin`` target writes (op name, version, namespace, domain),
 how the plugin wants Q, K and V laid out, which node attributes carry which block facts, and
-which blocks it can run (dtypes, head sizes, self or cross). Plugins take no mask: blocks
-with one are left alone. Specs come from the legacy
+which blocks it can run (dtypes, head sizes, self or cross), and whether it takes the block's
+additive mask as one more input. Specs come from the legacy
 presets (:mod:`xattn_compiler.plugins.presets`) or from a TOML or JSON file:
 
 .. code-block:: toml
@@ -13,6 +13,7 @@ presets (:mod:`xattn_compiler.plugins.presets`) or from a TOML or JSON file:
     namespace = "acme"
     layout = "q_kv_packed"          # see LAYOUTS
     kinds = ["cross"]
+    mask = "additive"               # or "none" (the default): blocks with a mask are left
 
     [attributes]                    # node attribute = block fact, or a literal
     num_heads = "num_heads"
@@ -53,6 +54,8 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
 OUTPUT_LAYOUTS = ("BSNH", "BNSH")
 #: Block facts a node attribute can carry; ``scale`` is the softmax scale, ``causal`` 0/1.
 ATTRIBUTE_SOURCES = ("num_heads", "num_kv_heads", "head_dim", "scale", "causal")
+#: ``additive``: a last input, added to the scaled scores (broadcast to [B, N, Sq, Skv]).
+MASK_MODES = ("none", "additive")
 #: Dtype names as ONNX spells them.
 DTYPES = ("float16", "bfloat16", "float32")
 KINDS = ("self", "cross")
@@ -64,7 +67,7 @@ SCALE_MODES = ("attribute", "inverse_sqrt_head_dim")
 DEFAULT_DOMAIN = "trt.plugins"
 
 _FIELDS = {"op", "version", "namespace", "domain", "layout", "output_layout", "kinds",
-           "attributes", "constraints", "scale", "description"}
+           "attributes", "constraints", "scale", "mask", "description"}
 _CONSTRAINT_FIELDS = {"dtypes", "head_sizes", "min_head_size", "max_head_size",
                       "head_size_multiple", "max_kv_length"}
 
@@ -118,11 +121,14 @@ class PluginSpec:
     #: ``inverse_sqrt_head_dim``: the kernel always scales by 1/sqrt(H) (a block with another
     #: scale gets its Q multiplied by the ratio); ``attribute``: an attribute carries the scale.
     scale: str = "attribute"
+    mask: str = "none"
     description: str = ""
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return LAYOUTS[self.layout]
+        """The node's input names by meaning: the layout's, then the mask if it takes one (left
+        out for a block without a mask)."""
+        return LAYOUTS[self.layout] + (("mask_BNSS",) if self.mask == "additive" else ())
 
     def node_attributes(self, facts: Mapping[str, Any]) -> dict[str, Any]:
         """The node's attributes for a block with ``facts`` (keys from ATTRIBUTE_SOURCES)."""
@@ -156,7 +162,8 @@ class PluginSpec:
                 "domain": self.domain, "layout": self.layout, "output_layout": self.output_layout,
                 "kinds": list(self.kinds), "attributes": {k: dict(v) if isinstance(v, Mapping)
                                                           else v for k, v in self.attributes.items()},
-                "constraints": constraints, "scale": self.scale, "description": self.description}
+                "constraints": constraints, "scale": self.scale, "mask": self.mask,
+                "description": self.description}
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -205,6 +212,7 @@ def spec_from_dict(table: Any, source: str = "<plugin spec>") -> PluginSpec:
         attributes=_attributes(table.get("attributes", {}), source),
         constraints=_constraints(table.get("constraints", {}), source),
         scale=get.choice("scale", SCALE_MODES, None) or _default_scale(table),
+        mask=get.choice("mask", MASK_MODES, "none"),
         description=get.text("description", ""),
     )
     if spec.layout == "qkv_packed" and "cross" in spec.kinds:
