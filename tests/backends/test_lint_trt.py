@@ -359,3 +359,9 @@ def test_lint_trt_checks_both_parts_of_a_split(capsys, export_cache, tmp_path):
     assert [r["model"].rsplit("/", 1)[-1] for r in reports] == ["kv_projector.onnx", "decoder.onnx"]
     decoder_dynamic = {f["tensor"] for f in reports[1]["findings"] if f["code"] == "dynamic-input"}
     assert "input_ids" not in decoder_dynamic and "cross_kv.0.key" in decoder_dynamic
+
+
+def test_int8_without_quantize_dequantize_nodes_warns():
+    [finding] = findings(unary("Relu"), precision="int8")
+    assert (finding.severity, finding.code) == ("warning", "precision")
+    assert findings(unary("Relu"), precision="fp16") == []

@@ -121,6 +121,12 @@ def lint_trt(
     if doubles:
         report.findings.append(_doubles(doubles))
     report.findings.extend(_check_profiles(model, set(profiled_inputs)))
+    if precision == "int8" and not any(n.op in ("QuantizeLinear", "DequantizeLinear")
+                                       for _, sub in iter_graphs(graph) for n in sub.nodes):
+        report.findings.append(Finding(
+            WARNING, "precision", "an INT8 build of a model without QuantizeLinear/"
+            "DequantizeLinear needs calibration, which build does not do: layers stay in "
+            "higher precision", fix="none: quantize the model (Q/DQ) first"))
     report.findings.extend(_check_attention(inferred, version, precision))
     order = {BLOCKER: 0, WARNING: 1, INFO: 2}
     report.findings.sort(key=lambda f: order[f.severity])
@@ -300,7 +306,8 @@ def _check_profiles(model: onnx.ModelProto, profiled: set[str]) -> Iterator[Find
         yield Finding(WARNING, "dynamic-input", f"dims {dims} are dynamic and have no profile; "
                       f"the build would use MIN {list(shapes.min)}, OPT {list(shapes.opt)}, "
                       f"MAX {list(shapes.max)}", tensor=name,
-                      fix=f"build --profile {name}:MIN:OPT:MAX")
+                      fix=f"build --profile {name}:MIN:OPT:MAX" + "".join(
+                          f" or --dim {d}=MIN:OPT:MAX" for d in dims if isinstance(d, str)))
 
 
 def _check_attention(model: onnx.ModelProto, version: tuple[int, int],

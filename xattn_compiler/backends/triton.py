@@ -22,13 +22,11 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import onnx
 
 from ..errors import InputError
 from ..io import save
-from .profiles import input_dims
 
 ONNX_TO_TRITON = {
     "FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_BF16", "DOUBLE": "TYPE_FP64",
@@ -193,8 +191,3 @@ def _write_text(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
 
-
-def describe(models: Sequence[TritonModel]) -> dict[str, Any]:
-    """Per model: platform, batching and input dims (for the CLI's summary line)."""
-    return {m.name: {"platform": PLATFORMS["plan" if m.plan else "onnx"][0],
-                     "batch": m.batch_symbol(), "inputs": input_dims(m.model)} for m in models}
