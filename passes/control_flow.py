@@ -184,10 +184,8 @@ def _inline_if(node: gs.Node, graph: gs.Graph, path: str, ctx: _Context) -> list
     try:
         taken = as_bool(compile_time_value(condition, ctx.opset), "the condition")
     except Unknown as why:
-        hint = (f"; specialise it: --specialize {condition.name}=VALUE"
-                if any(t is condition for t in ctx.top.inputs) else "")
         ctx.refuse(node, path, f"condition '{condition.name}' is not known at compile time "
-                               f"({why}){hint}")
+                               f"({why}){_hint(ctx, condition)}")
         return None
     branch = node.attrs["then_branch" if taken else "else_branch"]
     outputs = list(node.outputs)
@@ -202,6 +200,12 @@ def _inline_if(node: gs.Node, graph: gs.Graph, path: str, ctx: _Context) -> list
     discard_bodies(node)
     ctx.count("ifs_inlined")
     return new
+
+
+def _hint(ctx: _Context, *tensors: gs.Tensor) -> str:
+    """How to make a graph input among ``tensors`` known: specialise it."""
+    inputs = [t.name for t in tensors if any(t is i for i in ctx.top.inputs)]
+    return f"; specialise it: --specialize {inputs[0]}=VALUE" if inputs else ""
 
 
 def _same(name: str) -> str:
@@ -300,7 +304,8 @@ def _loop_trips(node: gs.Node, opset: int, path: str, ctx: _Context) -> int | No
         first = True if not condition.name else as_bool(
             compile_time_value(condition, opset), "the condition")
     except Unknown as why:
-        ctx.refuse(node, path, f"trip count or condition not known at compile time ({why})")
+        ctx.refuse(node, path, f"trip count or condition not known at compile time ({why})"
+                               f"{_hint(ctx, limit, condition)}")
         return None
     if not first:
         return 0
@@ -333,6 +338,8 @@ def _condition_stays_true(body: gs.Graph, opset: int) -> bool:
 def _stack(pieces: list[gs.Tensor], target: gs.Tensor, axis: int, owner: str, k: int,
            graph: gs.Graph, ctx: _Context) -> list[gs.Node]:
     """``target = Concat(Unsqueeze(piece, axis)...)``: scan outputs stacked along ``axis``."""
+    if not target.name:  # an optional output nobody asked for
+        return []
     opset = ctx.opset
     axes = gs.Constant(ctx.names.fresh(f"{owner}.stack{k}.axes"), np.array([axis], np.int64))
     nodes, parts = [], []

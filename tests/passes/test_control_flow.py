@@ -229,7 +229,8 @@ def test_loop_whose_condition_starts_false_runs_zero_times():
 
 @pytest.mark.parametrize("build, pass_, reason", [
     (lambda: loop_model(trips_input=True), UnrollLoops(),
-     "trip count or condition not known at compile time ('trips' is a graph or body input)"),
+     "trip count or condition not known at compile time ('trips' is a graph or body input); "
+     "specialise it: --specialize trips=VALUE"),
     (lambda: loop_model(omit_trips=True, scan=False), UnrollLoops(), "no trip count M"),
     (lambda: loop_model(3), UnrollLoops(max_trip_count=2), "trip count 3 exceeds max-trip-count 2"),
     (lambda: loop_model(3, cond_out=[node("Less", ["i", "lim"], ["cond_out"], "while_i_small")],
@@ -311,6 +312,19 @@ def test_if_with_constant_condition_inside_a_loop_body_is_inlined_first():
     result = assert_pass_properties(UnrollControlFlow(), m)
     assert result.counts["ifs_inlined"] == 1   # once, in the body, before the copies are made
     assert {"start.iter0", "start.iter1"} <= node_names(result.model)
+
+
+def test_refusals_inside_a_body_name_the_body():
+    m = counter_if_loop()
+    trips = next(t for t in m.graph.initializer if t.name == "trips")
+    m.graph.initializer.remove(trips)
+    m.graph.input.append(value("trips", [], INT64))
+    result = UnrollControlFlow()(m)
+    assert not result.changed and model_bytes(result.model) == model_bytes(m)
+    inner, outer = result.details["refused"]   # innermost first
+    assert (inner["node"], inner["graph"]) == ("first_step", "/repeat/body")
+    assert "'i' is a graph or body input" in inner["reason"]
+    assert (outer["node"], outer["graph"]) == ("repeat", "")
 
 
 def test_loop_inside_a_loop_body_unrolls_innermost_first_with_stacked_suffixes():
