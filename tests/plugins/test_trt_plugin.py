@@ -142,3 +142,26 @@ def test_every_zoo_block_becomes_a_declared_plugin_and_verifies(name):
     assert result.counts["blocks_fused"] == len(unfused)
     assert verify(original, result.model, inputs=exported.sample()[0]).ok
     assert not fuse(result.model, plugin_spec=str(SPECS / "any_attention.toml")).changed
+
+
+def test_declared_plugin_takes_the_additive_mask_as_its_last_input():
+    built = attention_model(AttentionSpec(kind="self", head_dim=16, mask="add_input"), q_len=6)
+    result = fuse(built.model, plugin_spec=str(SPECS / "any_attention.toml"))
+    node = next(n for n in result.model.graph.node if n.op_type == "AnyAttention")
+    assert len(node.input) == 4
+    assert verify(built.model, result.model).ok
+    presets = fuse(built.model)
+    assert any("mask" in reason for reason in presets.details["skipped"])
+
+
+@pytest.mark.parametrize("name", ["whisper-decoder-eager", "t5-decoder-eager", "detr-decoder-mha"])
+def test_onnx_reference_runs_fused_fp32_zoo_models_with_the_numpy_plugins(name):
+    zoo = pytest.importorskip("xattn_compiler.zoo")
+    exported = zoo.cached_export(name)
+    original = xc.load(exported.path)
+    fused = fuse(xc.optimize(original).model, plugin_spec=str(SPECS / "any_attention.toml")).model
+    feeds = exported.sample()[0]
+    want = run_model(original, feeds)
+    got = run_reference(fused, feeds)
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-3, atol=1e-4 * max(1, np.abs(value).max()))
