@@ -89,6 +89,7 @@ class FuseAttention(Pass):
             graph = import_graph(infer_shapes(prepared))
             decisions = self._decide(find_attention(graph), target)
         fused: dict[str, list[str]] = {}
+        already = sum(1 for block, reason in decisions if block.fused and reason is not None)
         out = prepared
         for _ in range(self.max_rounds):
             todo = [block for block, reason in decisions if reason is None]
@@ -101,7 +102,7 @@ class FuseAttention(Pass):
             graph = import_graph(out)
             decisions = self._decide(find_attention(graph), target)
         out = target.finish(out)
-        counts, details = self._report(decisions, fused)
+        counts, details = self._report(decisions, fused, already)
         return PassResult(out, bool(fused), counts, details)
 
     def _decide(self, blocks: list[AttentionMatch], target: FusionTarget
@@ -115,21 +116,25 @@ class FuseAttention(Pass):
             decisions.append((block, reason))
         return decisions
 
-    def _report(self, decisions, fused: dict[str, list[str]]):
+    def _report(self, decisions, fused: dict[str, list[str]], already: int | None = None):
         """Counts and details: what was fused (with the nodes that replaced it) and what was
-        left, by reason. ``decisions`` are those of the final graph."""
+        left, by reason. ``decisions`` are those of the final graph; ``already``: how many
+        blocks were one fused op before the pass (and stayed so)."""
         reasons: dict[str, int] = {}
         records = [{"block": key.split("#")[0], "fused": True, "nodes": nodes}
                    for key, nodes in fused.items()]
+        created = {name for nodes in fused.values() for name in nodes}
         for block, reason in decisions:
-            if block.fused and not reason:
+            if reason is None or (block.fused and block.nodes[0].name in created):
                 continue
             records.append({"block": f"{block.subgraph}/{block.id}" if block.subgraph else block.id,
                             "kind": block.kind, "fused": False, "op": block.op, "reason": reason})
             reasons[reason] = reasons.get(reason, 0) + 1
+        if already is None:
+            already = sum(1 for block, reason in decisions if block.fused and reason is not None)
         counts = {"blocks_fused": len(fused),
                   "blocks_skipped": sum(1 for block, _ in decisions if not block.fused),
-                  "already_fused": sum(1 for block, _ in decisions if block.fused)}
+                  "already_fused": already}
         details = {"target": self.values["target"], "blocks": records, "skipped": reasons}
         return counts, details
 
