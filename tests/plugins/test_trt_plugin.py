@@ -165,3 +165,18 @@ def test_onnx_reference_runs_fused_fp32_zoo_models_with_the_numpy_plugins(name):
     got = run_reference(fused, feeds)
     for key, value in want.items():
         np.testing.assert_allclose(got[key], value, rtol=1e-3, atol=1e-4 * max(1, np.abs(value).max()))
+
+
+def test_a_second_run_with_another_spec_fuses_the_rest_without_name_clashes():
+    built = attention_model(AttentionSpec(kind="cross", head_dim=16),
+                            self_spec=AttentionSpec(kind="self", head_dim=16, mask="add_input"),
+                            q_len=6, kv_len=9)
+    first = fuse(built.model, plugin_spec=str(SPECS / "acme_cross.toml"))  # cross only, no mask
+    assert first.counts["blocks_fused"] == 1
+    second = fuse(first.model, plugin_spec=str(SPECS / "any_attention.toml"))
+    assert second.counts["blocks_fused"] == 1
+    assert sorted(op for op, _ in plugin_ops(second.model)) == ["AcmeCrossAttention",
+                                                                "AnyAttention"]
+    assert_valid(second.model)
+    # Both specs stay recorded, so both nodes have a reference.
+    assert verify(built.model, second.model).ok

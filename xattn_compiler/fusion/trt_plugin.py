@@ -36,12 +36,12 @@ import onnx_graphsurgeon as gs
 from xattn_compiler.analysis import constant_eval
 from xattn_compiler.attention import AttentionMatch, Operand, reshape_target
 from xattn_compiler.plugins.presets import LEGACY_PRESETS
-from xattn_compiler.plugins.reference import record_specs
+from xattn_compiler.plugins.reference import record_specs, recorded_specs
 from xattn_compiler.plugins.spec import PluginSpec, load_spec
 
 from .base import FusionTarget, register_target
 
-_PACKED = {"q_kv_packed": 2, "qkv_packed": 3}
+_PACKED = frozenset({"q_kv_packed", "qkv_packed"})
 # Ops that may sit between a projection and the core operand without changing which column of
 # the projection lands where: the head split, the transposes, identities and a scalar scale.
 _PLAIN_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Identity", "Mul", "Div"})
@@ -98,7 +98,9 @@ class TrtPluginTarget(FusionTarget):
             if spec.domain not in domains and spec.domain not in ("", "ai.onnx"):
                 model.opset_import.add(domain=spec.domain, version=1)
                 domains.add(spec.domain)
-        record_specs(model, self.used.values())
+        # Keep what earlier runs recorded: their nodes are still in the model.
+        kept = [spec for spec in recorded_specs(model) if spec.op not in self.used]
+        record_specs(model, [*kept, *self.used.values()])
         return model
 
 
@@ -218,10 +220,9 @@ class _Writer:
 
     def __init__(self, block: AttentionMatch, spec: PluginSpec):
         self.block, self.spec = block, spec
-        self.graph = block.graph
         self.nodes: list[gs.Node] = []
         self.n, self.h = block.num_heads, block.head_dim
-        self.prefix = f"{block.id}_{spec.op}"
+        self.prefix = _fresh_prefix(block.graph, f"{block.id}_{spec.op}")
         self.dtype = block.core["q"].dtype
 
     def write(self) -> list[gs.Node]:
@@ -336,6 +337,17 @@ class _Writer:
         self.nodes.append(gs.Node(op, name=f"{self.prefix}_{suffix}", attrs=attrs, inputs=inputs,
                                   outputs=[out]))
         return out
+
+
+def _fresh_prefix(graph: gs.Graph, base: str) -> str:
+    """``base``, or ``base_2``, ... when an earlier run already named tensors so (block ids
+    restart at attn_0 on every run)."""
+    taken = [name for name in graph.tensors() if name.startswith(base)]
+    prefix, index = base, 1
+    while any(name.startswith(prefix + "_") for name in taken):
+        index += 1
+        prefix = f"{base}_{index}"
+    return prefix
 
 
 # --- facts about operands -----------------------------------------------------------------
