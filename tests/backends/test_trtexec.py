@@ -7,17 +7,20 @@ import shlex
 from pathlib import Path
 
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 import xattn_compiler as xc
 from xattn_compiler.backends.profiles import derive_profile, parse_override
 from xattn_compiler.backends.trtexec import (
+    FP32_LAYERS_KEY,
     BuildPlan,
     polygraphy_command,
     shell_join,
     trtexec_command,
 )
 from xattn_compiler.cli import main
+from xattn_compiler.registry import default_registry
 
 from .conftest import zoo_export
 
@@ -179,3 +182,19 @@ def test_fp32_softmax_adds_no_constraints_to_an_fp32_build(capsys, export_cache,
     [(_, line, _)] = emitted(capsys, str(exported.path), "--engine", str(tmp_path / "w.plan"),
                              "--fp32-softmax")
     assert not {"precisionConstraints", "layerPrecisions"} & set(parse_trtexec(line))
+
+
+def test_guard_precision_layers_are_the_ones_kept_in_fp32(capsys, export_cache, tmp_path):
+    if "guard-precision" not in {cls.name for cls in default_registry()}:
+        pytest.skip("the guard-precision pass is not registered")
+    model = xc.load(zoo_export("nn-transformer-decoder-fp16", export_cache).path)
+    guarded = xc.optimize(model, "canonicalize,guard-precision").model
+    listed = {e.key: e.value for e in guarded.metadata_props}[FP32_LAYERS_KEY].split(",")
+    assert len(listed) > len([n for n in guarded.graph.node if n.op_type == "Softmax"])
+    xc.save(guarded, tmp_path / "guarded.onnx")
+    [(_, line, polygraphy)] = emitted(capsys, str(tmp_path / "guarded.onnx"), "--engine",
+                                      str(tmp_path / "g.plan"), "--fp16", "--fp32-softmax")
+    layers = parse_trtexec(line)["layerPrecisions"][0].split(",")
+    assert sorted(layers) == sorted(f"{name}:fp32" for name in listed)
+    assert sorted(parse_polygraphy(polygraphy).layer_precisions) == \
+        sorted(f"{name}:float32" for name in listed)

@@ -55,7 +55,8 @@ def _add_build(commands: Any, common: argparse.ArgumentParser) -> None:
     cmd.add_argument("--timing-cache", metavar="PATH",
                      help="timing cache to read (if present) and update")
     cmd.add_argument("--fp32-softmax", action="store_true",
-                     help="keep every Softmax layer in fp32 (precision constraints, obeyed)")
+                     help="keep attention in fp32 in a half-precision build: the layers "
+                          "guard-precision listed, else every Softmax (constraints, obeyed)")
     cmd.add_argument("--workspace", type=int, metavar="MIB", help="workspace limit in MiB")
     cmd.add_argument("--emit-trtexec", action="store_true",
                      help="print the equivalent trtexec command and a Polygraphy comparison "
@@ -68,7 +69,7 @@ def run_build(args: argparse.Namespace) -> int:
     """Build every part of ``args.model``, or print the commands that would."""
     from .parts import load_parts, part_profiles
     from .profiles import parse_dim_range
-    from .trtexec import BuildPlan, softmax_layer_names
+    from .trtexec import BuildPlan, fp32_layer_names
 
     parts = load_parts(args.model)
     split = len(parts) > 1 or parts[0].name != "model"
@@ -80,7 +81,7 @@ def run_build(args: argparse.Namespace) -> int:
     cache = Path(args.timing_cache) if args.timing_cache else None
     plans = [BuildPlan(part.path, part.engine_in(engine, split), profile, args.precision,
                        plugins, cache,
-                       softmax_layer_names(part.model)
+                       fp32_layer_names(part.model)
                        if args.fp32_softmax and args.precision != "fp32" else [])
              for part, profile in zip(parts, profiles, strict=True)]
     if args.emit_trtexec:

@@ -26,6 +26,7 @@ import onnx
 
 from ..errors import InputError, OutputError
 from .profiles import InputShapes, Profile, derive_profile
+from .trtexec import fp32_layer_names
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ def build_engine(
 
     ``profiles`` default to :func:`~.profiles.derive_profile` of the model. ``precision`` is
     one of :data:`PRECISIONS`; with ``fp32_softmax`` every Softmax layer is constrained to fp32
-    (``OBEY_PRECISION_CONSTRAINTS``). ``plugins`` are shared libraries loaded into the plugin
+    (``OBEY_PRECISION_CONSTRAINTS``), and so is every layer guard-precision listed in the
+    model's metadata. ``plugins`` are shared libraries loaded into the plugin
     registry. ``timing_cache`` is read when it exists and written back after the build.
     """
     if precision not in PRECISIONS:
@@ -127,7 +129,7 @@ def build_engine(
     _add_profiles(builder, config, network, profiles)
     _set_precision(trt, config, precision, strongly_typed)
     # In an fp32 build Softmax already runs in fp32: constraints would only cost tactics.
-    fp32_layers = (_constrain_softmax(trt, config, network)
+    fp32_layers = (_constrain_fp32(trt, config, network, fp32_layer_names(proto))
                    if fp32_softmax and precision != "fp32" else [])
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if workspace_bytes is not None:
@@ -263,17 +265,19 @@ def _set_precision(trt: Any, config: Any, precision: str, strongly_typed: bool) 
     config.set_flag(flag)
 
 
-def _constrain_softmax(trt: Any, config: Any, network: Any) -> list[str]:
-    names = []
+def _constrain_fp32(trt: Any, config: Any, network: Any, names: list[str]) -> list[str]:
+    wanted = set(names)
+    constrained = []
     for index in range(network.num_layers):
         layer = network.get_layer(index)
-        if layer.type == trt.LayerType.SOFTMAX:
+        if layer.type == trt.LayerType.SOFTMAX or layer.name in wanted:
             layer.precision = trt.float32
-            layer.set_output_type(0, trt.float32)
-            names.append(layer.name)
-    if names:
+            for output in range(layer.num_outputs):
+                layer.set_output_type(output, trt.float32)
+            constrained.append(layer.name)
+    if constrained:
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-    return names
+    return constrained
 
 
 def _attach_timing_cache(config: Any, path: str | os.PathLike | None) -> Any:

@@ -36,13 +36,23 @@ class BuildPlan:
     fp32_layers: Sequence[str] = field(default_factory=list)
 
 
-def softmax_layer_names(model: onnx.ModelProto) -> list[str]:
-    """Names of the top-level Softmax nodes: the parser names their layers after them."""
-    names = [n.name for n in model.graph.node if n.op_type == "Softmax" and n.name]
+#: Where the guard-precision pass lists the score MatMul, Softmax and Attention nodes to keep
+#: in fp32.
+FP32_LAYERS_KEY = "xattn_compiler.fp32_layers"
+
+
+def fp32_layer_names(model: onnx.ModelProto) -> list[str]:
+    """The layers to keep in fp32: guard-precision's list when the model carries one, else the
+    top-level Softmax nodes (the parser names each layer after its node)."""
+    recorded = {e.key: e.value for e in model.metadata_props}.get(FP32_LAYERS_KEY)
+    if recorded is not None:
+        names = [name for name in recorded.split(",") if name]
+    else:
+        names = [n.name for n in model.graph.node if n.op_type == "Softmax" and n.name]
     for name in names:
         if "," in name:
-            raise InputError(f"Softmax node '{name}': a ',' in its name cannot be written in "
-                             "trtexec's --layerPrecisions; rename the node")
+            raise InputError(f"node '{name}': a ',' in its name cannot be written in trtexec's "
+                             "--layerPrecisions; rename the node")
     return names
 
 
