@@ -66,6 +66,9 @@ def test_scale_defaults_to_the_kernels_own_when_no_attribute_carries_it():
     ({"op": "P", "constraints": {"head_sizes": [64, -1]}}, "constraints.head_sizes", "positive"),
     ({"op": "P", "constraints": {"max_seq": 3}}, "constraints.max_seq", "unknown field"),
     ({"op": "P", "scale": "attribute"}, "scale", "needs an attribute"),
+    ({"op": "P", "constraints": {"softmax_fp32": "yes"}}, "constraints.softmax_fp32",
+     "true or false"),
+    ({"op": "P", "mask": "bool"}, "mask", "not one of"),
     ({"op": "a b"}, "op", "not an op name"),
 ])
 def test_bad_spec_names_the_source_and_the_field(table, field, words):

@@ -80,7 +80,7 @@ def test_self_attention_becomes_fmha_v2_with_the_scale_folded_into_wq():
     (AttentionSpec(kind="cross", head_dim=16, dtype="float16"), "head size 16 is below 33"),
     (fp16(kind="cross", projection="einsum"), "Einsum"),
     (fp16(kind="self", projection="fused_split"), "is not [E, N*H]"),  # one QKV weight
-    (fp16(kind="cross", softmax_cast=True), "higher precision"),
+    (fp16(kind="cross", softmax_cast=True), "Softmax runs in fp32"),
 ])
 def test_blocks_the_presets_cannot_run_are_left_with_a_reason(spec, reason):
     built = attention_model(spec, q_len=6, kv_len=9)
@@ -180,3 +180,10 @@ def test_a_second_run_with_another_spec_fuses_the_rest_without_name_clashes():
     assert_valid(second.model)
     # Both specs stay recorded, so both nodes have a reference.
     assert verify(built.model, second.model).ok
+
+
+def test_an_fp16_block_with_an_fp32_softmax_needs_a_plugin_that_keeps_it():
+    built = attention_model(fp16(kind="cross", softmax_cast=True), q_len=6, kv_len=9)
+    result = fuse(built.model, plugin_spec=str(SPECS / "any_attention.toml"))
+    assert result.counts["blocks_fused"] == 1
+    assert verify(built.model, result.model).ok

@@ -46,6 +46,7 @@ _PACKED = frozenset({"q_kv_packed", "qkv_packed"})
 # the projection lands where: the head split, the transposes, identities and a scalar scale.
 _PLAIN_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Identity", "Mul", "Div"})
 _BNSH_TO_BSNH = [0, 2, 1, 3]
+_WIDER = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE})
 
 
 @register_target
@@ -112,8 +113,6 @@ def _block_problem(block: AttentionMatch) -> str | None:
     q = block.core["q"]
     if q.shape is None or len(q.shape) != 4:
         return "Q is not [B, N, S, H] (batched-heads layout); plugins need heads as an axis"
-    if _dtype(q) == "float16" and any(n.op == "Cast" for n in block.core.nodes):
-        return "Softmax runs in higher precision than the fp16 MatMuls (Casts in the core)"
     if block.v.scales:
         return "V is scaled inside the block"
     if _scale_of(block.q) is None or _scale_of(block.k) is None or block.scale is None:
@@ -132,6 +131,10 @@ def _spec_problem(spec: PluginSpec, block: AttentionMatch) -> str | None:
     dtype = _dtype(block.core["q"])
     if spec.constraints.dtypes and dtype not in spec.constraints.dtypes:
         return f"dtype {dtype} is not one of {list(spec.constraints.dtypes)}"
+    if dtype == "float16" and not spec.constraints.softmax_fp32 and any(
+            n.op == "Cast" and n.attrs.get("to") in _WIDER for n in block.core.nodes):
+        return ("Softmax runs in fp32 in this fp16 block (Casts around it); the plugin's runs in "
+                "fp16 (declare constraints.softmax_fp32 if it does not)")
     head_problem = spec.constraints.head_size_problem(block.head_dim)
     if head_problem:
         return head_problem

@@ -9,7 +9,7 @@ fuse attention itself. What their sources say, and what the presets encode:
   (``run_fmhca_api`` hard-codes DATA_TYPE_FP16), scales by ``1/sqrt(H)``, pads H to the next
   power of two and has cubins for 64, 128 and 256, so 33 <= H <= 256 (below 160 on SM 75), and
   processes at most 128 keys (``seqLenKvPadded = 128``). At run time Sq must be a multiple of
-  64 (H <= 64), 32 (H <= 128) or 16.
+  64 (H <= 64), 32 (H <= 128) or 16. Its probabilities are fp16 (``acc_type = DATA_TYPE_FP16``).
 - ``fMHA_V2`` version "1": input packed ``qkv [B, S, N, 3, H]``, output ``[B, S, N, H]``; fp16,
   ``1/sqrt(H)``; flash-attention cubins for H in 16, 32, 40, 64, 80, 128, 160, 256.
 

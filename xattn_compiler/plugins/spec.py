@@ -69,7 +69,7 @@ DEFAULT_DOMAIN = "trt.plugins"
 _FIELDS = {"op", "version", "namespace", "domain", "layout", "output_layout", "kinds",
            "attributes", "constraints", "scale", "mask", "description"}
 _CONSTRAINT_FIELDS = {"dtypes", "head_sizes", "min_head_size", "max_head_size",
-                      "head_size_multiple", "max_kv_length"}
+                      "head_size_multiple", "max_kv_length", "softmax_fp32"}
 
 
 class PluginSpecError(InputError):
@@ -91,6 +91,9 @@ class Constraints:
     max_head_size: int | None = None
     head_size_multiple: int | None = None
     max_kv_length: int | None = None
+    #: The kernel computes Softmax in fp32 even for fp16 inputs, so an fp16 block whose
+    #: Softmax ran in fp32 (Casts around it) keeps that precision.
+    softmax_fp32: bool = False
 
     def head_size_problem(self, head_dim: int) -> str | None:
         if self.head_sizes and head_dim not in self.head_sizes:
@@ -278,6 +281,12 @@ class _Reader:
             raise self._error(name, f"expected a list of positive integers, got {values!r}")
         return tuple(values)
 
+    def flag(self, name: str) -> bool:
+        value = self.table.get(name, False)
+        if not isinstance(value, bool):
+            raise self._error(name, f"expected true or false, got {value!r}")
+        return value
+
     def int(self, name: str) -> int | None:
         value = self.table.get(name)
         if value is not None and not _positive_int(value):
@@ -327,6 +336,7 @@ def _constraints(table: Any, source: str) -> Constraints:
         dtypes=tuple(dtypes), head_sizes=get.ints("head_sizes"),
         min_head_size=get.int("min_head_size"), max_head_size=get.int("max_head_size"),
         head_size_multiple=get.int("head_size_multiple"), max_kv_length=get.int("max_kv_length"),
+        softmax_fp32=get.flag("softmax_fp32"),
     )
 
 
