@@ -128,3 +128,10 @@ def test_preset_nodes_in_the_default_domain_are_recognised_by_their_plugin_versi
     np.testing.assert_allclose(run_model(model, feeds)["y"].astype(np.float64),
                                plain_attention(q, kv[:, :, :, 0], kv[:, :, :, 1], H ** -0.5),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_an_input_of_the_wrong_layout_is_named():
+    q, kv = draw(B, SQ, N, H), draw(B, SK, N, 3, H)  # a qkv where kv belongs
+    model, feeds = plugin_model(FMHCA, [q, kv])
+    with pytest.raises(Exception, match=r"fMHCA: input 1 must be kv_BSN2H, got shape \[2, 7, 2, 3, 16\]"):
+        run_reference(model, feeds)

@@ -75,14 +75,15 @@ def unpack(spec: PluginSpec, inputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray
                          f"({', '.join(spec.inputs)}), got {len(inputs)}")
     if spec.layout == "q_kv_packed":
         q, kv = inputs
-        _check_rank(spec, kv, 5, "kv", 2)
+        _check_rank(spec, q, 4, 0)
+        _check_rank(spec, kv, 5, 1, packed=2)
         return _bsnh(q), _bsnh(kv[:, :, :, 0]), _bsnh(kv[:, :, :, 1])
     if spec.layout == "qkv_packed":
         (qkv,) = inputs
-        _check_rank(spec, qkv, 5, "qkv", 3)
+        _check_rank(spec, qkv, 5, 0, packed=3)
         return tuple(_bsnh(qkv[:, :, :, i]) for i in range(3))
-    for name, tensor in zip("qkv", inputs, strict=True):
-        _check_rank(spec, tensor, 4, name)
+    for index, tensor in enumerate(inputs):
+        _check_rank(spec, tensor, 4, index)
     if spec.layout == "separate_bsnh":
         return tuple(_bsnh(t) for t in inputs)
     return tuple(inputs)
@@ -97,11 +98,11 @@ def _bsnh(tensor: np.ndarray) -> np.ndarray:
     return tensor.transpose(0, 2, 1, 3)
 
 
-def _check_rank(spec: PluginSpec, tensor: np.ndarray, rank: int, name: str,
+def _check_rank(spec: PluginSpec, tensor: np.ndarray, rank: int, index: int,
                 packed: int | None = None) -> None:
     if tensor.ndim != rank or (packed is not None and tensor.shape[3] != packed):
-        raise ValueError(f"{spec.op}: input '{name}' must be {spec.inputs[-1] if packed else name}"
-                         f" (rank {rank}), got shape {list(tensor.shape)}")
+        raise ValueError(f"{spec.op}: input {index} must be {LAYOUTS[spec.layout][index]}, got "
+                         f"shape {list(tensor.shape)}")
 
 
 def run_plugin(spec: PluginSpec, inputs: tuple[np.ndarray, ...],
