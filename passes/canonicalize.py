@@ -18,6 +18,7 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from xattn_compiler.ir import (
     export_model,
@@ -31,6 +32,7 @@ from xattn_compiler.ir import (
 )
 from xattn_compiler.passmanager import Option, Pass, PassResult
 from xattn_compiler.rewrite import replace_uses
+from xattn_compiler.weights import is_stub
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,12 @@ def _shape_folds(node: gs.Node) -> bool:
     return False
 
 
+def _is_detached(tensor: gs.Tensor) -> bool:
+    """A weight kept out of the model while passes run (:mod:`xattn_compiler.weights`)."""
+    values = getattr(tensor, "_values", None)
+    return isinstance(values, LazyValues) and is_stub(values.tensor)
+
+
 def _constant_array(tensor: gs.Tensor) -> np.ndarray | None:
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
@@ -141,7 +149,7 @@ def _constant_array(tensor: gs.Tensor) -> np.ndarray | None:
 
 def _is_constant(tensor: gs.Tensor) -> bool:
     if isinstance(tensor, gs.Constant):
-        return True
+        return not _is_detached(tensor)
     node = producer(tensor)
     return node is not None and node.op == "Constant"
 
@@ -182,15 +190,21 @@ def _hidden_sliced_shapes(graph: gs.Graph):
     hidden = _sliced_shapes(graph)
     # Not a Shape to the folder, and with an input that is no constant, so it never tries to
     # evaluate one (ONNX Runtime knows no such op, and one failed evaluation stops all folding).
-    unknown = gs.Variable("xattn_hidden_sliced_shape_input")
+    # Nodes reading a detached weight get the same input: ONNX Runtime cannot read its bytes,
+    # and computations on weights are TensorRT's to fold.
+    unknown = gs.Variable("xattn_unfoldable_input")
+    on_weights = [node for _, body in iter_graphs(graph) for node in body.nodes
+                  if any(_is_detached(t) for t in node.inputs)]
     for node in hidden:
         node.op = "XattnSlicedShape"
+    for node in hidden + on_weights:
         node.inputs.append(unknown)
     try:
         yield
     finally:
         for node in hidden:
             node.op = "Shape"
+        for node in hidden + on_weights:
             node.inputs.pop()
 
 

@@ -132,13 +132,14 @@ def run_optimize(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.resolve() == model_path.resolve():
         raise OutputError(f"{output}: refusing to write over the input model")
-    model = load(model_path)
+    # Weights in external data files stay there: passes see stubs, save streams the bytes.
+    model = load(model_path, lazy_weights=True)
     listener = ProgressLine(enabled=not args.quiet and sys.stderr.isatty())
     result = optimize(model, args.passes, fixpoint=args.fixpoint, debug=args.debug,
                       reproducer=args.reproducer, listener=listener)
     report: dict[str, Any] = {
         "model": str(model_path), "output": str(output),
-        "before": model_summary(model), "after": model_summary(result.model),
+        "before": model_summary(model), "after": model_summary(result.detached),
         **result.report,
     }
     check = None
@@ -151,7 +152,7 @@ def run_optimize(args: argparse.Namespace) -> int:
         print(check.summary(), file=sys.stderr)
         raise CheckFailed(f"verification failed: the optimized model's outputs differ from "
                           f"{model_path}; {output} was not written")
-    save(result.model, output, protect=[model_path])
+    result.save(output, protect=[model_path])
     if not args.quiet:
         before, after = report["before"]["num_nodes"], report["after"]["num_nodes"]
         print(f"wrote {output}: {before} -> {after} nodes "

@@ -21,6 +21,7 @@ from onnx import external_data_helper
 from .errors import GraphStructureError, ModelLoadError, OutputError
 from .ir import iter_tensors
 from .structure import check_structure
+from .weights import has_stubs, is_stub, source_of, stub_external_data
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,14 @@ EXTERNAL_THRESHOLD = 1024
 ALIGN_THRESHOLD = 2**20
 
 
-def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+def load(path: str | os.PathLike, *, check: bool = True, lazy_weights: bool = False
+         ) -> onnx.ModelProto:
     """Read an ONNX model with its external data and check that it is usable.
+
+    With ``lazy_weights`` the external data is not read: its tensors become detached weights
+    (:mod:`xattn_compiler.weights`) that point into the data files, read only where a pass
+    needs values, and streamed from there by :func:`save`. The files must then stay unchanged
+    while the model is used.
 
     Raises :class:`ModelLoadError` (an :class:`InputError`) whose one-line message names the
     file and the node, tensor or field at fault; a structural problem keeps the
@@ -55,7 +62,7 @@ def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ModelLoadError(path, f"not a valid ONNX model (truncated or corrupt: {exc})") from exc
     _check_header(model, path)
-    _load_external_data(model, path)
+    _load_external_data(model, path, read=not lazy_weights)
     if check:
         try:
             check_structure(model)
@@ -91,8 +98,12 @@ def _check_header(model: onnx.ModelProto, path: Path) -> None:
         )
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+def _load_external_data(model: onnx.ModelProto, path: Path, read: bool = True) -> None:
     base = path.parent
+    if not read:
+        _check_external_files(model, path)
+        stub_external_data(model, base)
+        return
     for tensor in _all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
@@ -113,22 +124,39 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         del tensor.external_data[:]
 
 
+def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
+    for tensor in _all_tensors(model):
+        if external_data_helper.uses_external_data(tensor) and not is_stub(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            file = path.parent / info.location
+            if not file.is_file():
+                raise ModelLoadError(
+                    path, f"tensor '{tensor.name}' refers to external data file "
+                    f"'{info.location}', which is missing (looked for {file})")
+            end = (info.offset or 0) + (info.length or 0)
+            if end > file.stat().st_size:
+                raise ModelLoadError(
+                    path, f"tensor '{tensor.name}': its external data ends at byte {end}, past "
+                    f"the end of '{info.location}' ({file.stat().st_size} bytes)")
+
+
 def _run_checker(model: onnx.ModelProto, path: Path) -> None:
     try:
-        if weight_bytes(model) < PROTOBUF_LIMIT:
+        if weight_bytes(model) < PROTOBUF_LIMIT and not has_stubs(model):
             onnx.checker.check_model(model)
         else:
             # check_model serialises its argument; check a view without the large weights
             # (re-checking the file would see the graph as stored, before any sorting).
-            onnx.checker.check_model(_without_large_initializers(model))
+            onnx.checker.check_model(checker_view(model))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(path, f"invalid model: {first}") from exc
 
 
-def _without_large_initializers(model: onnx.ModelProto, threshold: int = 2**20) -> onnx.ModelProto:
-    """A copy of ``model`` whose top-level initializers of ``threshold`` bytes or more are
-    graph inputs of the same type and shape (all the checker needs); the weights are not copied.
+def checker_view(model: onnx.ModelProto, threshold: int = 2**20) -> onnx.ModelProto:
+    """A copy of ``model`` whose top-level initializers of ``threshold`` bytes or more, and
+    detached weights (:mod:`xattn_compiler.weights`), are graph inputs of the same type and
+    shape (all the checker needs); the weights are not copied.
     """
     view = onnx.ModelProto()
     for field, value in model.ListFields():
@@ -139,7 +167,7 @@ def _without_large_initializers(model: onnx.ModelProto, threshold: int = 2**20) 
         if field.name != "initializer":
             _copy_field(view.graph, field, value)
     for tensor in model.graph.initializer:
-        if tensor.ByteSize() < threshold:
+        if tensor.ByteSize() < threshold and not is_stub(tensor):
             view.graph.initializer.add().CopyFrom(tensor)
         elif tensor.name not in inputs:
             view.graph.input.append(
@@ -192,8 +220,9 @@ def save(
     if path.is_dir():
         raise OutputError(f"{path}: is a directory, not a model file")
     _refuse_unloaded_external_data(model, path)
-    if external_data is None:
-        external_data = weight_bytes(model) >= PROTOBUF_LIMIT
+    stubbed = has_stubs(model)
+    if external_data is None or stubbed:  # detached weights are written from where they are
+        external_data = stubbed or weight_bytes(model) >= PROTOBUF_LIMIT
     data_name = f"{path.name}.data"
     data_path = path.parent / data_name
     if external_data:
@@ -204,7 +233,10 @@ def save(
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
             tmp_model = Path(tmp) / path.name
-            if external_data:
+            if stubbed:
+                _save_detached(model, tmp_model, data_name)
+                os.replace(Path(tmp) / data_name, data_path)
+            elif external_data:
                 _save_external(model, tmp_model, data_name)
                 os.replace(Path(tmp) / data_name, data_path)
             else:
@@ -270,7 +302,7 @@ def _refuse_protected(path: Path, guarded: list[tuple[str, Path]]) -> None:
 
 def _refuse_unloaded_external_data(model: onnx.ModelProto, path: Path) -> None:
     for tensor in _all_tensors(model):
-        if external_data_helper.uses_external_data(tensor):
+        if external_data_helper.uses_external_data(tensor) and not is_stub(tensor):
             location = external_data_helper.ExternalDataInfo(tensor).location
             raise OutputError(
                 f"{path}: tensor '{tensor.name}' still refers to external data '{location}' "
@@ -313,6 +345,28 @@ def _save_external(model: onnx.ModelProto, tmp_model: Path, data_name: str) -> N
         _write_file(tmp_model, _serialize(model))
     finally:
         _restore(moved, data_path)
+
+
+def _save_detached(model: onnx.ModelProto, tmp_model: Path, data_name: str) -> None:
+    """Serialize a model with detached weights: each weight's bytes go from where they are (the
+    original tensor or the input's data file) straight into ``data_name``; the protobuf written
+    is a copy of the (light) model pointing there. No full protobuf is ever built."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    data_path = tmp_model.parent / data_name
+    with open(data_path, "wb") as data:
+        for tensor in _all_tensors(out):
+            source = source_of(tensor)
+            raw = source.raw() if source is not None else _raw_bytes(tensor)
+            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
+                continue
+            offset = _align(data) if len(raw) >= ALIGN_THRESHOLD else data.tell()
+            data.write(raw)
+            _point_to_external(tensor, data_name, offset, len(raw))
+            del raw
+        data.flush()
+        os.fsync(data.fileno())
+    _write_file(tmp_model, _serialize(out))
 
 
 def _restore(moved, data_path: Path) -> None:

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import weights as _weights  # noqa: F401  (graphsurgeon reads detached weights)
+
 _SUBGRAPH_ATTRS = ("then_branch", "else_branch", "body")
 
 
@@ -327,7 +329,9 @@ def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16) -> onnx.ModelPro
     for name in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(graph, name).extend(getattr(source, name))
     for tensor in source.initializer:
-        if tensor.ByteSize() >= threshold:
+        # A tensor whose bytes live elsewhere (external data, a detached weight) is never
+        # read by inference; as a typed input it cannot make inference look for them.
+        if tensor.ByteSize() >= threshold or tensor.data_location == onnx.TensorProto.EXTERNAL:
             graph.input.append(onnx.helper.make_tensor_value_info(
                 tensor.name, tensor.data_type, list(tensor.dims)))
         else:

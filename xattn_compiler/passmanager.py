@@ -364,11 +364,14 @@ def check_order(passes: Iterable[Pass]) -> None:
 
 def graph_problem(model: onnx.ModelProto) -> str | None:
     """Why ``model`` is not a valid graph (checker or strict shape inference), or None."""
-    from .io import PROTOBUF_LIMIT, weight_bytes
+    from .io import PROTOBUF_LIMIT, checker_view, weight_bytes
     from .ir import infer_shapes
+    from .weights import has_stubs
 
     try:
-        if weight_bytes(model) < PROTOBUF_LIMIT:
+        if has_stubs(model):
+            onnx.checker.check_model(checker_view(model))
+        elif weight_bytes(model) < PROTOBUF_LIMIT:
             onnx.checker.check_model(model)
         infer_shapes(model, strict=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:

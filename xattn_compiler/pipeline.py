@@ -8,7 +8,6 @@ report the CLI writes with ``--report``; it never modifies the model it is given
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +16,49 @@ import onnx
 from .io import default_opset
 from .ir import count_nodes, op_histogram
 from .passmanager import Listener, Pass, Pipeline, PipelineResult
+from .weights import (
+    DETACH_MODEL_BYTES,
+    WeightStore,
+    detach,
+    detachable_bytes,
+    has_stubs,
+    materialize,
+)
 
 #: The built-in passes in the order the default pipeline runs them.
 DEFAULT_PIPELINE = "canonicalize,remove-layout-clutter"
 
 
-@dataclass
 class OptimizeResult:
-    model: onnx.ModelProto
-    pipeline: PipelineResult
+    """The optimized model and the pipeline's report.
+
+    On a model with large weights the passes ran with the weights detached
+    (:mod:`xattn_compiler.weights`); ``model`` then puts them back on first use (one copy),
+    while :meth:`save` writes them straight from where they are, which is what the CLI does.
+    """
+
+    def __init__(self, detached: onnx.ModelProto, pipeline: PipelineResult,
+                 store: WeightStore | None = None):
+        self.detached = detached
+        self.pipeline = pipeline
+        self._store = store  # keeps the detached weights readable while this result lives
+        self._model: onnx.ModelProto | None = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._model is None:
+            self._model = materialize(self.detached) if has_stubs(self.detached) else self.detached
+        return self._model
 
     @property
     def report(self) -> dict[str, Any]:
         return self.pipeline.report()
+
+    def save(self, path: str | Path, **options: Any) -> Path:
+        """``xattn_compiler.save`` of the result, streaming detached weights."""
+        from .io import save
+
+        return save(self.detached, path, **options)
 
 
 def build_pipeline(
@@ -59,8 +88,12 @@ def optimize(
 ) -> OptimizeResult:
     """Run ``passes`` (pipeline text, pass objects, or the default pipeline) on ``model``."""
     pipeline = build_pipeline(passes, fixpoint=fixpoint, debug=debug, reproducer=reproducer)
+    store = None
+    if detachable_bytes(model) >= DETACH_MODEL_BYTES:
+        # Every pass's export would copy the weights; they travel as stubs instead.
+        model, store = detach(model)
     result = pipeline.run(model, listener)
-    return OptimizeResult(result.model, result)
+    return OptimizeResult(result.model, result, store)
 
 
 def model_summary(model: onnx.ModelProto) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import onnxruntime as ort
 
 from . import io as xio
 from .errors import InputError, ModelLoadError
+from .weights import has_stubs, materialize
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ def _session(model: ModelLike) -> Iterator[ort.InferenceSession]:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # errors only: ORT's warnings are noise in a verification
+    if isinstance(model, onnx.ModelProto) and has_stubs(model):
+        model = materialize(model)  # ONNX Runtime needs the detached weights' bytes
     with contextlib.ExitStack() as stack:
         try:
             runnable = _without_plugins(model)

@@ -1,0 +1,99 @@
+"""Detached weights: passes run on stubs, the bytes never copied, and nothing lost on the way out."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+import xattn_compiler as xc
+from xattn_compiler import weights, zoo
+from xattn_compiler.io import load, save
+from xattn_compiler.ir import import_with_shapes
+from xattn_compiler.passmanager import graph_problem
+from xattn_compiler.verification import verify
+
+
+@pytest.fixture
+def whisper():
+    exported = zoo.cached_export("whisper-decoder-eager")
+    return load(exported.path), exported.sample()[0]
+
+
+@pytest.fixture
+def small_threshold(monkeypatch):
+    """Detach every tensor of 1 KiB or more, and any model: the small zoo exercises the path."""
+    monkeypatch.setattr(weights, "DETACH_TENSOR_BYTES", 1024)
+    monkeypatch.setattr("xattn_compiler.pipeline.DETACH_MODEL_BYTES", 1)
+
+
+def _arrays(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_detach_leaves_the_model_alone_and_materialize_gives_it_back(whisper, small_threshold):
+    model, _ = whisper
+    before = model.SerializeToString()
+    light, store = weights.detach(model)
+    assert model.SerializeToString() == before
+    assert weights.has_stubs(light) and light.ByteSize() < model.ByteSize() // 4
+    assert store.nbytes > 0.9 * sum(len(t.raw_data) for t in model.graph.initializer)
+    restored = weights.materialize(light)
+    assert restored.SerializeToString() == before
+
+
+def test_graphsurgeon_reads_a_stub_through_its_store(whisper, small_threshold):
+    model, _ = whisper
+    light, _store = weights.detach(model)
+    graph = import_with_shapes(light)
+    name = max(model.graph.initializer, key=lambda t: len(t.raw_data)).name
+    tensor = next(t for t in graph.tensors().values() if t.name == name)
+    np.testing.assert_array_equal(tensor.values, _arrays(model)[name])
+
+
+def test_the_checker_sees_a_detached_model_as_valid(whisper, small_threshold):
+    light, _store = weights.detach(whisper[0])
+    assert graph_problem(light) is None
+
+
+def test_optimize_runs_detached_and_gives_the_same_model(whisper, small_threshold, tmp_path):
+    model, inputs = whisper
+    result = xc.optimize(model)
+    assert weights.has_stubs(result.detached)
+    plain = xc.optimize(model, debug=True)  # debug: every pass's output checked, stubs and all
+    assert result.model.SerializeToString() == plain.model.SerializeToString()
+    assert verify(model, result.model, inputs=inputs).ok
+    written = result.save(tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").is_file()
+    again = load(written)
+    assert verify(model, again, inputs=inputs).ok
+    assert _arrays(again).keys() == _arrays(result.model).keys()
+
+
+def test_lazily_loaded_weights_stay_in_their_file_until_saved(whisper, tmp_path):
+    model, inputs = whisper
+    source = save(model, tmp_path / "in.onnx", external_data=True)
+    lazy = load(source, lazy_weights=True)
+    assert all(not t.HasField("raw_data") for t in weights.stubs(lazy))
+    assert sum(1 for _ in weights.stubs(lazy)) >= 10
+    out = save(lazy, tmp_path / "copy.onnx", protect=[source])
+    np.testing.assert_equal(_arrays(load(out)), _arrays(model))
+    assert verify(model, lazy, inputs=inputs).ok
+
+
+def test_a_stub_without_its_store_is_an_error_that_says_so(whisper, small_threshold):
+    light, store = weights.detach(whisper[0])
+    del store
+    gc.collect()
+    stub = next(weights.stubs(light))
+    with pytest.raises(RuntimeError, match="store no longer exists"):
+        weights.source_of(stub)
+
+
+def test_a_missing_external_data_file_is_named_when_loading_lazily(whisper, tmp_path):
+    source = save(whisper[0], tmp_path / "in.onnx", external_data=True)
+    (tmp_path / "in.onnx.data").unlink()
+    with pytest.raises(xc.XattnError, match="in.onnx.data"):
+        load(source, lazy_weights=True)
