@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import onnx_graphsurgeon as gs
 
 from xattn_compiler.ir import detach, iter_graphs
+from xattn_compiler.rewrite import replace_uses
 
 Rename = Callable[[str], str]
 
@@ -102,3 +103,34 @@ def discard_bodies(node: gs.Node) -> None:
             if isinstance(body, gs.Graph):
                 nodes.extend(n for _, g in iter_graphs(body) for n in g.nodes)
     detach(nodes)
+
+
+def release(node: gs.Node) -> None:
+    """Disconnect the node itself (its outputs get new writers); its bodies stay readable."""
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def seed_outputs(body_outputs: list[gs.Tensor], targets: list[gs.Tensor], body: gs.Graph
+                  ) -> dict[int, gs.Tensor]:
+    """Body outputs the copy can write straight into their targets: computed in the body and
+    bound to one target only (the rest go through :func:`bind`)."""
+    mapping: dict[int, gs.Tensor] = {}
+    for inner, outer in zip(body_outputs, targets, strict=True):
+        if id(inner) not in mapping and computed_in(inner, body) and outer.name:
+            mapping[id(inner)] = outer
+    return mapping
+
+
+def bind(targets: list[gs.Tensor], values: list[gs.Tensor], graph: gs.Graph,
+          owner: str) -> list[gs.Node]:
+    """Make each target hold its value: readers read the value, or an Identity writes a graph
+    output (whose name is the interface)."""
+    identities = []
+    for target, value in zip(targets, values, strict=True):
+        if value is target or not target.name:
+            continue
+        if not replace_uses(target, value, graph):
+            identities.append(gs.Node("Identity", f"{owner}.{target.name}", inputs=[value],
+                                      outputs=[target]))
+    return identities
