@@ -45,10 +45,50 @@ def test_optimize_the_bundled_example_verifies_and_reports(tmp_path, capsys):
     onnx.checker.check_model(optimized)
     assert count_nodes(optimized) <= count_nodes(onnx.load(example_path()))
     data = json.loads(report.read_text())
-    assert [entry["name"] for entry in data["passes"]] == ["canonicalize", "remove-layout-clutter"]
+    assert [entry["name"] for entry in data["passes"]] == [
+        "canonicalize", "unroll-control-flow", "remove-layout-clutter", "fuse-attention"]
     for entry in data["passes"]:
         assert {"name", "changed", "nodes_before", "nodes_after", "seconds", "details"} <= set(entry)
     assert data["verify"]["ok"] is True
+    # The default target: every block one ONNX Attention node.
+    assert data["after"]["ops"].get("Attention") == 4 and data["after"]["opset"] >= 23
+
+
+@pytest.mark.parametrize("target, fused_op", [
+    ("ort-mha", "MultiHeadAttention"), ("canonical", None), ("onnx-attention", "Attention")])
+def test_optimize_fuses_to_the_chosen_target(tmp_path, target, fused_op):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert cli("optimize", "--example", "-o", out, "--target", target, "--verify",
+               "--report", report, "-q") == 0
+    ops = json.loads(report.read_text())["after"]["ops"]
+    if fused_op:
+        assert ops[fused_op] == 4
+    else:
+        assert ops["Softmax"] == 4 and "Attention" not in ops
+
+
+def test_specialize_fixes_an_input_and_inlines_what_it_decides(tmp_path):
+    from xattn_compiler.testing.merged_decoder import merged_decoder
+
+    source = tmp_path / "merged.onnx"
+    source.write_bytes(merged_decoder().SerializeToString())
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert cli("optimize", source, "-o", out, "--specialize", "use_cache_branch=false",
+               "--report", report, "-q") == 0
+    optimized = onnx.load(out)
+    assert "use_cache_branch" not in [i.name for i in optimized.graph.input]
+    assert "If" not in json.loads(report.read_text())["after"]["ops"]
+
+
+def test_a_malformed_specialization_is_a_usage_error(tmp_path, capsys):
+    assert cli("optimize", "--example", "-o", tmp_path / "o.onnx", "--specialize", "oops") == 2
+    assert "NAME=VALUE" in capsys.readouterr().err
+
+
+def test_target_options_with_explicit_passes_are_refused(tmp_path, capsys):
+    assert cli("optimize", "--example", "-o", tmp_path / "o.onnx", "--passes", "canonicalize",
+               "--target", "canonical") == 2
+    assert "pass options" in capsys.readouterr().err
 
 
 def test_optimize_output_verifies_from_the_command_line(tmp_path):

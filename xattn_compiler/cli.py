@@ -17,9 +17,9 @@ from typing import Any
 from . import __version__
 from .backends.cli import add_backend_commands
 from .errors import CheckFailed, InputError, OutputError, PassError
-from .io import load, save
+from .io import load
 from .passmanager import Listener, Pass, PassRecord
-from .pipeline import DEFAULT_PIPELINE, model_summary, optimize
+from .pipeline import DEFAULT_PIPELINE, TARGETS, model_summary, optimize
 from .registry import default_registry
 from .split_cli import add_split_commands
 from .zoo.cli import add_zoo_commands
@@ -114,6 +114,19 @@ def _add_optimize(commands: Any, common: argparse.ArgumentParser) -> None:
     cmd.add_argument("-o", "--output", required=True, help="where to write the optimized model")
     cmd.add_argument("--passes", default=None, metavar="PIPELINE",
                      help=f"pipeline text, e.g. 'canonicalize' (default: {DEFAULT_PIPELINE})")
+    cmd.add_argument("--target", choices=TARGETS, default=None,
+                     help="what each attention block becomes (default: onnx-attention, the ONNX "
+                          "Attention op TensorRT 10.14+ parses; canonical: a clean "
+                          "MatMul-Softmax-MatMul for older TensorRT; trt-plugin; ort-mha)")
+    cmd.add_argument("--specialize", action="append", default=[], metavar="NAME=VALUE",
+                     help="fix a graph input to a value and inline/unroll what it decides "
+                          "(e.g. use_cache_branch=false); repeatable")
+    cmd.add_argument("--plugin-spec", metavar="SPEC", default=None,
+                     help="--target trt-plugin: a TOML/JSON plugin spec (default: the legacy "
+                          "fMHCA/fMHA_V2 presets)")
+    cmd.add_argument("--guard-precision", action="store_true",
+                     help="keep each attention's score MatMul and Softmax in fp32 (half-precision "
+                          "models) and list them for the TensorRT build")
     cmd.add_argument("--fixpoint", action="store_true",
                      help="repeat the pipeline until no pass changes the model")
     cmd.add_argument("--report", metavar="R.json", help="write a JSON report of every pass")
@@ -136,7 +149,9 @@ def run_optimize(args: argparse.Namespace) -> int:
     model = load(model_path, lazy_weights=True)
     listener = ProgressLine(enabled=not args.quiet and sys.stderr.isatty())
     result = optimize(model, args.passes, fixpoint=args.fixpoint, debug=args.debug,
-                      reproducer=args.reproducer, listener=listener)
+                      reproducer=args.reproducer, listener=listener, target=args.target,
+                      specialize=_specializations(args.specialize), plugin_spec=args.plugin_spec,
+                      guard_precision=args.guard_precision)
     report: dict[str, Any] = {
         "model": str(model_path), "output": str(output),
         "before": model_summary(model), "after": model_summary(result.detached),
@@ -159,6 +174,16 @@ def run_optimize(args: argparse.Namespace) -> int:
               f"({report['seconds']:.2f} s, pipeline '{result.pipeline.pipeline}')"
               + (", verified" if check is not None else ""), file=sys.stderr)
     return EXIT_OK
+
+
+def _specializations(items: list[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not name or not value:
+            raise InputError(f"--specialize {item!r}: write NAME=VALUE, e.g. use_cache_branch=false")
+        values[name] = value
+    return values
 
 
 def _example_path() -> Path:

@@ -7,7 +7,7 @@ report the CLI writes with ``--report``; it never modifies the model it is given
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import onnx
 
 from .io import default_opset
 from .ir import count_nodes, op_histogram
-from .passmanager import Listener, Pass, Pipeline, PipelineResult
+from .passmanager import Listener, Pass, Pipeline, PipelineError, PipelineResult
 from .weights import (
     DETACH_MODEL_BYTES,
     WeightStore,
@@ -26,7 +26,41 @@ from .weights import (
 )
 
 #: The built-in passes in the order the default pipeline runs them.
-DEFAULT_PIPELINE = "canonicalize,remove-layout-clutter"
+DEFAULT_PIPELINE = "canonicalize,unroll-control-flow,remove-layout-clutter,fuse-attention"
+#: Fusion targets (``fuse-attention{target=...}``); the first is the default.
+TARGETS = ("onnx-attention", "canonical", "trt-plugin", "ort-mha")
+
+
+def default_pipeline(
+    target: str | None = None,
+    specialize: Mapping[str, Any] | None = None,
+    plugin_spec: str | Path | None = None,
+    guard_precision: bool = False,
+) -> str:
+    """The default pipeline's text for a fusion target, input values to specialise on, a
+    plugin spec (``trt-plugin``) and, when asked, ``guard-precision`` at the end."""
+    target = target or TARGETS[0]
+    if target not in TARGETS:
+        raise PipelineError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if plugin_spec and target != "trt-plugin":
+        raise PipelineError("a plugin spec applies to --target trt-plugin only")
+    unroll = "unroll-control-flow"
+    if specialize:
+        values = ",".join(f"{name}={_value_text(value)}" for name, value in specialize.items())
+        unroll += f"{{values={values}}}"
+    fuse = f"fuse-attention{{target={target}"
+    fuse += f" plugin-spec={plugin_spec}}}" if plugin_spec else "}"
+    passes = ["canonicalize", unroll, "remove-layout-clutter", fuse]
+    if guard_precision:
+        passes.append("guard-precision")
+    return ",".join(passes)
+
+
+def _value_text(value: Any) -> str:
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    if any(c.isspace() for c in text) or "," in text or "}" in text:
+        raise PipelineError(f"cannot write the value {value!r} into a pipeline")
+    return text
 
 
 class OptimizeResult:
@@ -85,8 +119,23 @@ def optimize(
     debug: bool = False,
     reproducer: str | Path | None = None,
     listener: Listener | None = None,
+    target: str | None = None,
+    specialize: Mapping[str, Any] | None = None,
+    plugin_spec: str | Path | None = None,
+    guard_precision: bool = False,
 ) -> OptimizeResult:
-    """Run ``passes`` (pipeline text, pass objects, or the default pipeline) on ``model``."""
+    """Run ``passes`` (pipeline text, pass objects, or the default pipeline) on ``model``.
+
+    ``target``, ``specialize`` (graph input -> value), ``plugin_spec`` and ``guard_precision``
+    shape the default pipeline (:func:`default_pipeline`); with explicit ``passes`` say the
+    same in the text, e.g. ``fuse-attention{target=canonical}``.
+    """
+    shaped = target is not None or specialize or plugin_spec or guard_precision
+    if shaped and passes is not None:
+        raise PipelineError("target, specialize, plugin_spec and guard_precision shape the "
+                            "default pipeline; with explicit passes, give them as pass options")
+    if passes is None:
+        passes = default_pipeline(target, specialize, plugin_spec, guard_precision)
     pipeline = build_pipeline(passes, fixpoint=fixpoint, debug=debug, reproducer=reproducer)
     store = None
     if detachable_bytes(model) >= DETACH_MODEL_BYTES:
