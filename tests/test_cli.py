@@ -74,10 +74,16 @@ def test_specialize_fixes_an_input_and_inlines_what_it_decides(tmp_path):
     source.write_bytes(merged_decoder().SerializeToString())
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     assert cli("optimize", source, "-o", out, "--specialize", "use_cache_branch=false",
-               "--report", report, "-q") == 0
+               "--report", report, "--verify", "-q") == 0
     optimized = onnx.load(out)
     assert "use_cache_branch" not in [i.name for i in optimized.graph.input]
     assert "If" not in json.loads(report.read_text())["after"]["ops"]
+
+
+def test_specializing_an_input_the_model_lacks_names_it(tmp_path, capsys):
+    assert cli("optimize", "--example", "-o", tmp_path / "o.onnx", "--specialize",
+               "use_cache_branch=true") == 2
+    assert "'use_cache_branch'" in capsys.readouterr().err
 
 
 def test_a_malformed_specialization_is_a_usage_error(tmp_path, capsys):

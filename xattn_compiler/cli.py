@@ -147,10 +147,16 @@ def run_optimize(args: argparse.Namespace) -> int:
         raise OutputError(f"{output}: refusing to write over the input model")
     # Weights in external data files stay there: passes see stubs, save streams the bytes.
     model = load(model_path, lazy_weights=True)
+    specialize = _specializations(args.specialize)
+    names = [value.name for value in model.graph.input]
+    unknown = [name for name in specialize if name not in names]
+    if unknown:
+        raise InputError(f"--specialize: {model_path} has no graph input "
+                         f"{', '.join(repr(u) for u in unknown)} (inputs: {', '.join(names)})")
     listener = ProgressLine(enabled=not args.quiet and sys.stderr.isatty())
     result = optimize(model, args.passes, fixpoint=args.fixpoint, debug=args.debug,
                       reproducer=args.reproducer, listener=listener, target=args.target,
-                      specialize=_specializations(args.specialize), plugin_spec=args.plugin_spec,
+                      specialize=specialize, plugin_spec=args.plugin_spec,
                       guard_precision=args.guard_precision)
     report: dict[str, Any] = {
         "model": str(model_path), "output": str(output),
@@ -158,7 +164,17 @@ def run_optimize(args: argparse.Namespace) -> int:
         **result.report,
     }
     check = None
-    if args.verify:
+    if args.verify and specialize:
+        # The specialised model no longer takes the pinned inputs: compare it with the
+        # original run on those same values.
+        from xattn_compiler.passes.control_flow import verify_specialized
+
+        from .verification import load_inputs
+
+        check = verify_specialized(model, result.model, specialize,
+                                   inputs=load_inputs(args.inputs) if args.inputs else None)
+        report["verify"] = check.to_dict()
+    elif args.verify:
         check = _verify(model, result.model, args.inputs)
         report["verify"] = check.to_dict()
     if args.report:
