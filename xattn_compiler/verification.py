@@ -513,6 +513,7 @@ def verify(
     reference's, gives ``ok=False`` with the reason. Raises :class:`InputError` when the
     reference cannot be loaded or run or the inputs are unusable.
     """
+    # One session at a time: on a multi-gigabyte model two live sessions double the peak.
     with contextlib.ExitStack() as stack:
         try:
             ref_session = stack.enter_context(_session(reference))
@@ -527,6 +528,8 @@ def verify(
         except _OrtFailure as exc:
             raise InputError(
                 f"reference model {_describe(reference)} fails in ONNX Runtime: {exc}") from exc
+        del ref_session
+    with contextlib.ExitStack() as stack:
         cand_outputs, problem = _run_candidate(candidate, feeds, stack)
     input_shapes = {name: tuple(array.shape) for name, array in feeds.items()}
     if problem is not None:
