@@ -302,3 +302,48 @@ def test_every_zoo_model_fuses_every_block_and_verifies(prepared, target):
         assert histogram.get("Softmax", 0) == 0
     again = FuseAttention(target=target).run(result.model)
     assert not again.changed
+
+
+# --- grouped and multi-query attention -----------------------------------------------------------
+
+def _gqa_model(repeat: bool) -> onnx.ModelProto:
+    """Q with 4 heads over K/V with 2 (``repeat``: repeat_kv's Unsqueeze-Expand-Reshape to 4
+    heads, as transformers exports GQA) or 1 (MQA: the MatMuls broadcast the head axis)."""
+    b, h, sq, sk, d = 2, 4, 3, 5, 8
+    kv = 2 if repeat else 1
+    f = TensorProto.FLOAT
+    nodes, k_name, v_name = [], "k", "v"
+    inits = [numpy_helper.from_array(np.array(d ** -0.5, np.float32), "scale")]
+    if repeat:
+        inits += [numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+                  numpy_helper.from_array(np.array([b, kv, h // kv, sk, d], np.int64), "rep"),
+                  numpy_helper.from_array(np.array([b, h, sk, d], np.int64), "merged")]
+        for name in ("k", "v"):
+            nodes += [helper.make_node("Unsqueeze", [name, "axis2"], [f"{name}5"]),
+                      helper.make_node("Expand", [f"{name}5", "rep"], [f"{name}e"]),
+                      helper.make_node("Reshape", [f"{name}e", "merged"], [f"{name}r"])]
+        k_name, v_name = "kr", "vr"
+    nodes += [helper.make_node("Transpose", [k_name], ["kt"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q", "kt"], ["s"]),
+              helper.make_node("Mul", ["s", "scale"], ["ss"]),
+              helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", v_name], ["y"])]
+    graph = helper.make_graph(
+        nodes, "gqa",
+        [helper.make_tensor_value_info("q", f, [b, h, sq, d]),
+         helper.make_tensor_value_info("k", f, [b, kv, sk, d]),
+         helper.make_tensor_value_info("v", f, [b, kv, sk, d])],
+        [helper.make_tensor_value_info("y", f, [b, h, sq, d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("repeat, kv_heads", [(True, 2), (False, 1)])
+def test_grouped_and_multi_query_blocks_read_the_kv_heads(repeat, kv_heads):
+    model = _gqa_model(repeat)
+    result = assert_pass_properties(FuseAttention(), model, allow_refusal=False)
+    (node,) = attention_nodes(result.model)
+    assert (attr(node, "q_num_heads"), attr(node, "kv_num_heads")) == (4, kv_heads)
+    assert node.input[1] == "k" and node.input[2] == "v"  # the unrepeated K/V
+    assert not {"Expand", "Unsqueeze"} & set(op_histogram(result.model))

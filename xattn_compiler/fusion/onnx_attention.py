@@ -46,8 +46,14 @@ class OnnxAttentionTarget(FusionTarget):
         assert isinstance(plan, CorePlan)  # skip_reason said so
         edit = Editor(block.graph, f"{block.id}_attention")
         edit.fold_scales(plan)
-        k = edit.batched_like(edit.key(plan.k_t), plan.q, "key_batched", plan.k_t)
-        v = edit.batched_like(plan.v, plan.q, "value_batched")
+        heads, kv_heads = static_dim(plan.q, 1), static_dim(plan.k_t, 1)
+        k, v = edit.key(plan.k_t), plan.v
+        # GQA exported as repeat_kv: the op reads the unrepeated K/V with kv_num_heads.
+        (k_src, k_heads), (v_src, v_heads) = edit.unrepeat(k, heads), edit.unrepeat(v, heads)
+        if k_heads and k_heads == v_heads:
+            k, v, kv_heads = k_src, v_src, k_heads
+        k = edit.batched_like(k, plan.q, "key_batched", plan.k_t)
+        v = edit.batched_like(v, plan.q, "value_batched")
         inputs = [plan.q, k, v]
         mask = None
         if plan.terms:
@@ -59,7 +65,6 @@ class OnnxAttentionTarget(FusionTarget):
         attrs: dict = {"scale": float(plan.folded_scale)}
         # With 4-D operands the op reads the head counts from the shapes; the attributes are
         # written only where shapes confirm them (a wrong one fails at run time).
-        heads, kv_heads = static_dim(plan.q, 1), static_dim(plan.k_t, 1)
         if heads and kv_heads:
             attrs.update(q_num_heads=heads, kv_num_heads=kv_heads)
         if plan.softmax_dtype != plan.dtype:

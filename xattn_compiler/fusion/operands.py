@@ -399,6 +399,32 @@ class Editor:
         target = self.node("Concat", [batch, ones], f"{hint}_shape", dtype=np.int64, axis=0)
         return self.node("Expand", [tensor, target], hint, dtype=tensor.dtype)
 
+    def unrepeat(self, tensor: gs.Tensor, heads: int | None) -> tuple[gs.Tensor, int | None]:
+        """``(x, Hkv)`` when ``tensor`` is GQA's repeat of K/V heads,
+        ``Reshape(Expand(Unsqueeze(x[B,Hkv,S,D], 2), [B,Hkv,n,S,D]), [B,Hkv*n,S,D])``, so a fused
+        op with ``kv_num_heads`` reads ``x``; else ``(tensor, None)``."""
+        reshape = producer(tensor)
+        if reshape is None or reshape.op != "Reshape" or not heads:
+            return tensor, None
+        expand = producer(reshape.inputs[0])
+        unsqueeze = producer(expand.inputs[0]) if expand is not None and expand.op == "Expand" else None
+        if unsqueeze is None or unsqueeze.op != "Unsqueeze":
+            return tensor, None
+        axes = (unsqueeze.attrs.get("axes") if len(unsqueeze.inputs) < 2
+                else constant_eval(unsqueeze.inputs[1]))
+        source = unsqueeze.inputs[0]
+        kv_heads = static_dim(source, 1)
+        if axes is None or [int(a) for a in np.asarray(axes).reshape(-1)] != [2] or not kv_heads \
+                or heads % kv_heads or kv_heads == heads:
+            return tensor, None
+        shape = reshape.outputs[0].shape
+        target = constant_eval(reshape.inputs[1])
+        # The Reshape must merge exactly the two head axes: [B, Hkv*n, S, D].
+        if shape is None or len(shape) != 4 or shape[1] != heads or target is None \
+                or len(target) != 4 or int(target[1]) != heads:
+            return tensor, None
+        return source, kv_heads
+
     def cast(self, tensor: gs.Tensor, to: int, hint: str) -> gs.Tensor:
         if onnx_dtype(tensor) == to:
             return tensor
