@@ -150,13 +150,18 @@ def test_a_head_count_the_shapes_contradict_is_not_trusted():
     assert head_problem(block) == "the head count or head dim is unknown"
 
 
-def test_batched_heads_cores_wait_for_remove_layout_clutter():
-    built = attention_model(AttentionSpec(kind="self", head_layout="3d"))
-    result = FuseAttention().run(built.model)
-    assert not result.changed
-    assert any("batched heads" in reason for reason in result.details["skipped"])
+def test_batched_heads_cores_fuse_as_rows_of_one_head_or_wait_for_the_layout_pass():
+    built = attention_model(AttentionSpec(kind="self", head_layout="3d", mask="add_causal_const"))
+    result = fuse(built)  # [B*H,S,D] operands: B*H rows of one head
+    (node,) = attention_nodes(result.model)
+    assert (attr(node, "q_num_heads"), attr(node, "kv_num_heads")) == (1, 1)
+    assert fuse(built, "ort-mha").counts["blocks_fused"] == 1
+    waiting = FuseAttention(target="canonical").run(built.model)
+    assert not waiting.changed
+    assert any("batched heads" in reason for reason in waiting.details["skipped"])
     cleaned = xc.optimize(built.model, "remove-layout-clutter,fuse-attention").model
-    assert len(attention_nodes(cleaned)) == 1
+    (node,) = attention_nodes(cleaned)
+    assert attr(node, "q_num_heads") == 2
     assert verify(built.model, cleaned, inputs=built.inputs).ok
 
 

@@ -43,6 +43,9 @@ class CanonicalTarget(FusionTarget):
         plan = plan_core(block)
         if isinstance(plan, str):
             return plan
+        if plan.batched:
+            return ("the core runs on batched heads [B*H,S,D] (remove-layout-clutter's "
+                    "collapse-batched-heads puts it on [B,H,S,D])")
         if is_canonical(plan):
             return "already in the canonical form"
         return None

@@ -3,7 +3,8 @@
     context_BHSD = Attention(q_BHSD, k_BHSD, v_BHSD, [mask], scale=a, q_num_heads=H,
                              kv_num_heads=Hkv, [softmax_precision=FLOAT])
 
-Q, K and V stay 4-D and the projections and head split/merge stay outside the op: what
+Q, K and V stay 4-D (a core left on batched heads ``[B*H,S,D]`` runs as 3-D operands of
+one head each, ``q_num_heads=kv_num_heads=1``) and the projections and head split/merge stay outside the op: what
 TensorRT 10.14's parser turns into ``IAttention`` (no past inputs, one output, a 4-D mask) and
 what ONNX Runtime and ``onnx.reference`` run on CPU. Scales on Q and K are folded into
 ``scale`` where nothing else reads them; a mask is the keep conditions as a bool tensor, or
@@ -65,7 +66,10 @@ class OnnxAttentionTarget(FusionTarget):
         attrs: dict = {"scale": float(plan.folded_scale)}
         # With 4-D operands the op reads the head counts from the shapes; the attributes are
         # written only where shapes confirm them (a wrong one fails at run time).
-        if heads and kv_heads:
+        if plan.batched:
+            # [B*H,S,D]: 3-D operands of one head each ([B, S, heads*D] to the op).
+            attrs.update(q_num_heads=1, kv_num_heads=1)
+        elif heads and kv_heads:
             attrs.update(q_num_heads=heads, kv_num_heads=kv_heads)
         if plan.softmax_dtype != plan.dtype:
             attrs["softmax_precision"] = int(plan.softmax_dtype)

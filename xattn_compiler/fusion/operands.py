@@ -86,6 +86,21 @@ class CorePlan:
     softmax_dtype: int | None = None    # the type Softmax runs in
     guarded: bool = False               # Where(IsNaN(p), 0, p) after Softmax
     chain_ops: list[str] = field(default_factory=list)  # score-chain ops, in order
+    #: Heads folded into the batch ([B*H,S,D] operands, as some exporters leave them when
+    #: remove-layout-clutter cannot collapse them): a fused op sees B*H rows of one head each.
+    batched: bool = False
+
+    @property
+    def mask_rank(self) -> int | None:
+        """The rank of the summed mask (None: some term's rank is unknown)."""
+        ranks = [len(t.shape) if t.shape is not None else None
+                 for t in [*(m for m, _ in self.terms), *(k.cond for k in self.keeps)]]
+        return None if None in ranks else max(ranks, default=0)
+
+    @property
+    def seq_axes(self) -> tuple[int, int]:
+        """Axes of Sq in Q and of Sk in K^T."""
+        return (1, 2) if self.batched else (2, 3)
 
     @property
     def scale(self) -> float:
@@ -115,24 +130,26 @@ def plan_core(block: AttentionMatch) -> CorePlan | str:
     q, k_t, v, context_node = core["q"], core["k_t"], core["v"], core["context.node"]
     if q.shape is None:
         return f"the rank of Q '{q.name}' is unknown (shape inference saw nothing here)"
-    if block.layout != "BHSD":
-        return ("the core runs on batched heads [B*H,S,D] (remove-layout-clutter's "
-                "collapse-batched-heads puts it on [B,H,S,D])")
-    for name, tensor in (("Q", q), ("K^T", k_t), ("V", v)):
-        if tensor.shape is not None and len(tensor.shape) != 4:
-            return f"operand {name} '{tensor.name}' is {len(tensor.shape)}-D, not [B,H,S,D]"
+    rank = len(q.shape)
+    if rank not in (3, 4):
+        return f"Q '{q.name}' is {rank}-D, not [B,H,S,D] or [B*H,S,D]"
+    for name, tensor in (("K^T", k_t), ("V", v)):
+        if tensor.shape is None or len(tensor.shape) != rank:
+            return f"operand {name} '{tensor.name}' does not have Q's rank {rank}"
     dtype = onnx_dtype(q)
     if dtype not in _FLOAT_TYPES:
         return f"Q '{q.name}' has no known float type"
     softmax = core["softmax.node"]
     plan = CorePlan(q=q, k_t=k_t, v=v, context=context_node.outputs[0], context_node=context_node,
-                    chain_scale=1.0, operand_scale=1.0, folds=[], dtype=dtype)
+                    chain_scale=1.0, operand_scale=1.0, folds=[], dtype=dtype, batched=rank == 3)
     problem = _read_chain(plan, core["scores.node"].outputs[0], softmax, set(map(id, core.nodes)))
     if problem:
         return problem
     problem = _read_probs(plan, softmax.outputs[0], context_node)
     if problem:
         return problem
+    if plan.batched and plan.has_mask and plan.mask_rank is None:
+        return "a mask of a batched-heads core has an unknown rank (rows or heads?)"
     problem = _read_operand_scales(plan, block)
     if problem:
         return problem
@@ -268,11 +285,14 @@ def head_problem(block: AttentionMatch) -> str | None:
     """
     heads, head_dim = block.num_heads, block.head_dim
     kv_heads = block.num_kv_heads or heads
+    core = block.core
+    if core is not None and all(core[name].shape is not None and len(core[name].shape) == 3
+                                for name in ("q", "k_t", "v")):
+        return None  # [B*H,S,D]: fused as B*H rows of one head, the count is not used
     if not heads or not head_dim:
         return "the head count or head dim is unknown"
-    if block.core is None:
+    if core is None:
         return None
-    core = block.core
     evidence = [("Q", core["q"], 1, heads), ("Q", core["q"], 3, head_dim),
                 ("K^T", core["k_t"], 1, kv_heads), ("K^T", core["k_t"], 2, head_dim),
                 ("V", core["v"], 1, kv_heads)]
@@ -376,10 +396,11 @@ class Editor:
         """K as [B,Hkv,Sk,D] from K^T: the Transpose that made K^T with its last two axes
         swapped back (nothing when that is the identity), else a new Transpose."""
         maker = producer(k_t)
-        swap = [0, 1, 3, 2]
+        rank = len(k_t.shape) if k_t.shape is not None else 4
+        swap = [0, 1, 3, 2] if rank == 4 else [0, 2, 1]
         if maker is not None and maker.op == "Transpose":
             perm = transpose_perm(maker)
-            if perm is not None and len(perm) == 4:
+            if perm is not None and len(perm) == rank:
                 perm = compose_perms(perm, swap)
                 source = maker.inputs[0]
                 if is_identity_perm(perm):
@@ -395,7 +416,8 @@ class Editor:
         if same_dim(_dim(shape_of if shape_of is not None else tensor, 0), _dim(q, 0)):
             return tensor
         batch = self.shape_slice(q, 0, "batch")
-        ones = self.const("ones", np.array([1, 1, 1], np.int64))
+        rank = len(q.shape) if q.shape is not None else 4
+        ones = self.const("ones", np.ones(rank - 1, np.int64))
         target = self.node("Concat", [batch, ones], f"{hint}_shape", dtype=np.int64, axis=0)
         return self.node("Expand", [tensor, target], hint, dtype=tensor.dtype)
 
@@ -469,12 +491,18 @@ class Editor:
         (ONNX Runtime's Attention and MultiHeadAttention, TensorRT's IAttention) take a mask of
         that form and broadcast only batch and heads."""
         shape, q, k_t = mask.shape, plan.q, plan.k_t
+        q_axis, k_axis = plan.seq_axes
+        if plan.batched and (len(shape) if shape is not None else plan.mask_rank) == 3:
+            # [B*H,Sq,Sk] masks the rows of the batch, which the op sees as [B*H,1,Sq,Sk].
+            mask = self.node("Unsqueeze", [mask, self.const("head_axis", np.array([1], np.int64))],
+                             "mask_rows", dtype=mask.dtype)
+            shape = [shape[0], 1, *shape[1:]] if shape is not None else None
         if shape is not None and len(shape) == 4 and q.shape is not None and k_t.shape is not None \
-                and same_dim(shape[2], q.shape[2]) and same_dim(shape[3], k_t.shape[3]):
+                and same_dim(shape[2], q.shape[q_axis]) and same_dim(shape[3], k_t.shape[k_axis]):
             return mask
         int64 = np.int64
-        sq = self.shape_slice(q, 2, "q_len")
-        sk = self.shape_slice(k_t, 3, "k_len")
+        sq = self.shape_slice(q, q_axis, "q_len")
+        sk = self.shape_slice(k_t, k_axis, "k_len")
         target = self.node("Concat", [self.const("ones", np.array([1, 1], int64)), sq, sk],
                            "mask_shape", dtype=int64, axis=0)
         return self.node("Expand", [mask, target], "mask_full", dtype=mask.dtype)

@@ -45,6 +45,8 @@ class OrtMultiHeadAttentionTarget(FusionTarget):
         if plan.softmax_dtype != plan.dtype:
             return ("the Softmax runs in a wider type than Q; MultiHeadAttention has no "
                     "softmax_precision to keep it")
+        if plan.batched:
+            return None
         heads = static_dim(plan.q, 1)
         if heads is None or heads != block.num_heads:
             return "MultiHeadAttention needs the head count as a number, and Q's shape does not give it"
@@ -61,14 +63,23 @@ class OrtMultiHeadAttentionTarget(FusionTarget):
     def fuse(self, block: AttentionMatch) -> list[gs.Node]:
         plan = plan_core(block)
         assert isinstance(plan, CorePlan)  # skip_reason said so
-        heads = int(block.num_heads)
         edit = Editor(block.graph, f"{block.id}_mha")
         edit.fold_scales(plan)
         k = edit.batched_like(edit.key(plan.k_t), plan.q, "key_batched", plan.k_t)
         v = edit.batched_like(plan.v, plan.q, "value_batched")
-        q_bshd = edit.node("Transpose", [plan.q], "query_BSHD", dtype=plan.q.dtype, perm=[0, 2, 1, 3])
-        q_bse = edit.node("Reshape", [q_bshd, edit.const("query_shape", np.array([0, 0, -1], np.int64))],
-                          "query_BSE", dtype=plan.q.dtype)
+        if plan.batched:
+            # [B*H,S,D]: B*H rows of one head; K/V as [B*H,1,S,D].
+            heads, q_bse = 1, plan.q
+            axis = edit.const("head_axis", np.array([1], np.int64))
+            k = edit.node("Unsqueeze", [k, axis], "key_rows", dtype=k.dtype)
+            v = edit.node("Unsqueeze", [v, axis], "value_rows", dtype=v.dtype)
+        else:
+            heads = int(block.num_heads)
+            q_bshd = edit.node("Transpose", [plan.q], "query_BSHD", dtype=plan.q.dtype,
+                               perm=[0, 2, 1, 3])
+            q_bse = edit.node("Reshape", [q_bshd, edit.const("query_shape",
+                                                             np.array([0, 0, -1], np.int64))],
+                              "query_BSE", dtype=plan.q.dtype)
         empty = gs.Variable.empty()
         inputs = [q_bse, k, v, empty, empty]
         mask = edit.additive_mask(plan, plan.dtype)
@@ -76,8 +87,10 @@ class OrtMultiHeadAttentionTarget(FusionTarget):
             inputs.append(edit.full_mask(mask, plan))
         out = edit.node("MultiHeadAttention", inputs, "attention", domain=MS_DOMAIN,
                         dtype=plan.context.dtype, num_heads=heads, scale=float(plan.folded_scale))
-        merged = _standard_merge(block, plan)
-        if merged is not None:
+        merged = None if plan.batched else _standard_merge(block, plan)
+        if plan.batched:
+            edit.take_over(plan.context_node, out)
+        elif merged is not None:
             edit.take_over(merged, out)
         else:
             head_dim = static_dim(plan.context, 3) or -1
