@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import onnx
 
 from xattn_compiler.attention import AttentionMatch, find_attention
-from xattn_compiler.fusion import TARGETS, FusionTarget, load_target
+from xattn_compiler.fusion import FusionTarget, load_target
 from xattn_compiler.fusion.operands import head_problem
 from xattn_compiler.fusion.opset import OpsetUpgradeError
 from xattn_compiler.ir import export_model, import_graph, infer_shapes
@@ -139,4 +139,4 @@ class FuseAttention(Pass):
         return counts, details
 
 
-__all__ = ["TARGETS", "FuseAttention", "common_skip_reason"]
+__all__ = ["FuseAttention", "common_skip_reason"]
