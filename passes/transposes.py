@@ -246,6 +246,9 @@ def _permuted(shape, perm: list[int]) -> list | None:
 
 
 def _small_constant(tensor: gs.Tensor, limit: int) -> np.ndarray | None:
+    if isinstance(tensor, gs.Constant):  # its size is known without reading the weight
+        if int(np.prod(tensor.shape)) * np.dtype(tensor.dtype).itemsize > limit:
+            return None
     value = constant_value(tensor)
     if value is None or value.nbytes > limit:
         return None

@@ -238,7 +238,8 @@ def _outer_reads(node: gs.Node) -> list[gs.Tensor]:
 
 
 def _own_renamed_constants(graph: gs.Graph) -> None:
-    """Give a renamed constant its own copy of the initializer it was imported from.
+    """Give a renamed constant its own copy of the initializer it was imported from, and a
+    constant whose external bytes were read a plain data location.
 
     graphsurgeon exports a lazily read constant by reusing the imported TensorProto and
     setting its name: without this, renaming a constant would rename the initializer in the
@@ -249,11 +250,18 @@ def _own_renamed_constants(graph: gs.Graph) -> None:
     for _, body in iter_graphs(graph):
         for node in body.nodes:
             for tensor in node.inputs:
-                values = getattr(tensor, "_values", None)
+                if not isinstance(tensor, gs.Constant):
+                    continue
+                values = tensor._values
                 if isinstance(values, LazyValues) and values.tensor.name != tensor.name:
                     owned = onnx.TensorProto()
                     owned.CopyFrom(values.tensor)
                     tensor._values = LazyValues(owned)
+                elif not isinstance(values, LazyValues) and \
+                        tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    # Read (so loaded) from external data or a detached weight, it now holds
+                    # its bytes; exported with the flag it would claim to live in a file.
+                    tensor.data_location = None
 
 
 def iter_graphs(graph: gs.Graph, path: str = "") -> Iterator[tuple[str, gs.Graph]]:

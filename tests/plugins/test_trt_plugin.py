@@ -17,6 +17,8 @@ from xattn_compiler.testing.builders import AttentionSpec, attention_model
 from xattn_compiler.verification import random_inputs, run_model, verify
 
 SPECS = Path(__file__).parent / "specs"
+#: The clean-up half of the default pipeline: blocks left unfused for the plugin target.
+CLEAN_UP = "canonicalize,remove-layout-clutter"
 
 
 def fuse(model, **options):
@@ -113,7 +115,7 @@ def test_declared_plugin_from_a_toml_file(tmp_path):
 def test_fp16_zoo_models_verify_through_the_plugin_references(name, fused):
     zoo = pytest.importorskip("xattn_compiler.zoo")
     exported = zoo.cached_export(name)
-    model = xc.optimize(xc.load(exported.path)).model
+    model = xc.optimize(xc.load(exported.path), CLEAN_UP).model
     result = fuse(model)
     # The zoo's models are tiny (head sizes 8/16): only UNet's 16-wide self-attention fits
     # fMHA_V2; the rest are skipped with the preset's reason.
@@ -135,7 +137,7 @@ def test_every_zoo_block_becomes_a_declared_plugin_and_verifies(name):
     zoo = pytest.importorskip("xattn_compiler.zoo")
     exported = zoo.cached_export(name)
     original = xc.load(exported.path)
-    model = xc.optimize(original).model
+    model = xc.optimize(original, CLEAN_UP).model
     result = fuse(model, plugin_spec=str(SPECS / "any_attention.toml"))
     unfused = [block for block in xc.find_attention(model) if not block.fused]
     assert result.counts["blocks_skipped"] == 0, result.details["skipped"]
@@ -159,7 +161,7 @@ def test_onnx_reference_runs_fused_fp32_zoo_models_with_the_numpy_plugins(name):
     zoo = pytest.importorskip("xattn_compiler.zoo")
     exported = zoo.cached_export(name)
     original = xc.load(exported.path)
-    fused = fuse(xc.optimize(original).model, plugin_spec=str(SPECS / "any_attention.toml")).model
+    fused = fuse(xc.optimize(original, CLEAN_UP).model, plugin_spec=str(SPECS / "any_attention.toml")).model
     feeds = exported.sample()[0]
     want = run_model(original, feeds)
     got = run_reference(fused, feeds)
