@@ -10,6 +10,7 @@ inference with symbolic dims on models of any size, and offers a networkx view f
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -377,11 +378,21 @@ def refresh_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
     for proto in iter_graph_protos(model.graph):
         for value in (*proto.input, *proto.output, *proto.value_info):
             known.setdefault(value.name, value)
+    dtypes: dict[int, Any] = {}  # graphsurgeon's own conversion, once per element type
     for _, body in iter_graphs(graph):
         for tensor in _variables(body):
             value = known.get(tensor.name)
             if value is None:
                 tensor.dtype, tensor.shape = None, None
+            elif value.type.HasField("tensor_type"):
+                tensor_type = value.type.tensor_type
+                if tensor_type.elem_type not in dtypes:
+                    dtypes[tensor_type.elem_type] = get_onnx_tensor_dtype(value)
+                tensor.dtype = dtypes[tensor_type.elem_type]
+                tensor.shape = ([d.dim_param if d.HasField("dim_param") else
+                                 d.dim_value if d.HasField("dim_value") else None
+                                 for d in tensor_type.shape.dim]
+                                if tensor_type.HasField("shape") else None)
             else:
                 tensor.dtype = get_onnx_tensor_dtype(value)
                 tensor.shape = get_onnx_tensor_shape(value)
