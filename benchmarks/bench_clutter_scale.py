@@ -21,13 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import xattn_compiler.passes.layout_clutter as layout_clutter  # noqa: E402
-from synthetic import decoder  # noqa: E402
+from synthetic import decoder, fitted_exponent  # noqa: E402
 from xattn_compiler.passes import RemoveLayoutClutter  # noqa: E402
 
 import xattn_compiler.ir as ir  # noqa: E402
@@ -85,9 +84,7 @@ def measure(layers: int) -> dict:
 
 
 def exponent(rows: list[dict], key: str) -> float:
-    x = np.log([r["nodes"] for r in rows])
-    y = np.log([max(r[key], 1e-6) for r in rows])
-    return float(np.polyfit(x, y, 1)[0])
+    return fitted_exponent([r["nodes"] for r in rows], [r[key] for r in rows])
 
 
 def main() -> None:

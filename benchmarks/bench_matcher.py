@@ -16,11 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic import decoder  # noqa: E402
+from synthetic import decoder, fitted_exponent  # noqa: E402
 
 from xattn_compiler.attention import analyze_attention  # noqa: E402
 from xattn_compiler.ir import count_nodes, import_graph, infer_shapes  # noqa: E402
@@ -46,9 +44,7 @@ def measure(layers: int) -> dict:
 
 
 def exponent(rows: list[dict], key: str) -> float:
-    x = np.log([r["nodes"] for r in rows])
-    y = np.log([max(r[key], 1e-6) for r in rows])
-    return float(np.polyfit(x, y, 1)[0])
+    return fitted_exponent([r["nodes"] for r in rows], [r[key] for r in rows])
 
 
 def main() -> None:

@@ -95,3 +95,10 @@ def decoder(layers: int, embed: int = 32, heads: int = 4, clutter: bool = False)
          helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, "seq", "seq"])],
         [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["batch", "seq", embed])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def fitted_exponent(nodes: list[int], seconds: list[float]) -> float:
+    """The slope of log(time) against log(nodes): 1.0 is linear, 2.0 quadratic."""
+    x = np.log(np.asarray(nodes, dtype=float))
+    y = np.log(np.maximum(np.asarray(seconds, dtype=float), 1e-6))
+    return float(np.polyfit(x, y, 1)[0])

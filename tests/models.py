@@ -213,3 +213,26 @@ def write_unchecked(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.write_bytes(model.SerializeToString())
     return path
+
+
+# --- the model zoo -------------------------------------------------------------------------------
+
+def small_zoo_names() -> list[str]:
+    """Every zoo model with a small size, for ``params=`` of a module-scoped fixture."""
+    from xattn_compiler.zoo import all_models
+
+    return [m.name for m in all_models() if "small" in m.sizes]
+
+
+def small_zoo_export(name: str, cache_dir):
+    """The cached small export of zoo model ``name``; the test is skipped, saying what is
+    missing, when its exporter's libraries are not installed."""
+    import pytest
+
+    from xattn_compiler.zoo import cached_export, get_model
+    from xattn_compiler.zoo.export import requirements_missing
+
+    missing = requirements_missing(get_model(name))
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    return cached_export(name, cache_dir)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .ir import constant_value, producer
+from .ir import _bodies, constant_value, producer
 
 _MAX_EVAL_ELEMENTS = 1 << 16
 #: Ops whose output depends on their input's shape, not its values. Their outputs count as
@@ -99,13 +99,6 @@ class BindingTimes:
         return self._via_attention[key]
 
 
-def _bodies(node: gs.Node) -> list[gs.Graph]:
-    found = []
-    for value in node.attrs.values():
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, gs.Graph):
-                found.append(item)
-    return found
 
 
 # --- constant values ---------------------------------------------------------------------------

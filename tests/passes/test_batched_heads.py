@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from xattn_compiler.passes.batched_heads import CollapseBatchedHeads
 from xattn_compiler.passes.reshapes import SimplifyReshapes
 
+from tests.models import small_zoo_export, small_zoo_names
 from xattn_compiler.attention import find_attention
 from xattn_compiler.ir import op_histogram
 from xattn_compiler.testing import AttentionSpec, attention_model
@@ -325,22 +326,9 @@ def test_the_pass_declares_its_name_description_and_counts():
 
 # --- real exports -------------------------------------------------------------------------------
 
-def _small_zoo() -> list[str]:
-    from xattn_compiler.zoo import all_models
-
-    return [m.name for m in all_models() if "small" in m.sizes]
-
-
-@pytest.fixture(scope="module", params=_small_zoo())
+@pytest.fixture(scope="module", params=small_zoo_names())
 def exported(request, export_cache):
-    from xattn_compiler.zoo import all_models, cached_export
-    from xattn_compiler.zoo.export import requirements_missing
-
-    recipe = next(m for m in all_models() if m.name == request.param)
-    missing = requirements_missing(recipe)
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
-    exp = cached_export(request.param, export_cache)
+    exp = small_zoo_export(request.param, export_cache)
     return request.param, onnx.load(exp.path), exp.sample()[0]
 
 

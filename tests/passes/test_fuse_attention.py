@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from xattn_compiler.passes import FuseAttention
 
 import xattn_compiler as xc
+from tests.models import small_zoo_export, small_zoo_names
 from xattn_compiler.attention import find_attention
 from xattn_compiler.errors import InputError
 from xattn_compiler.fusion import TARGETS, load_target
@@ -257,22 +258,9 @@ def test_the_opset_upgrade_is_checked_and_keeps_outputs():
 
 # --- real exports (slow) ------------------------------------------------------------------------
 
-def _zoo_names():
-    from xattn_compiler.zoo import all_models
-
-    return [m.name for m in all_models() if "small" in m.sizes]
-
-
-@pytest.fixture(scope="module", params=_zoo_names())
+@pytest.fixture(scope="module", params=small_zoo_names())
 def prepared(request, export_cache):
-    from xattn_compiler.zoo import all_models, cached_export
-    from xattn_compiler.zoo.export import requirements_missing
-
-    spec = next(m for m in all_models() if m.name == request.param)
-    missing = requirements_missing(spec)
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
-    exported = cached_export(request.param, export_cache)
+    exported = small_zoo_export(request.param, export_cache)
     model = xc.optimize(xc.load(exported.path), "canonicalize,remove-layout-clutter").model
     return exported, model
 

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from xattn_compiler.passes.reshapes import SimplifyReshapes
 
+from tests.models import small_zoo_export, small_zoo_names
 from xattn_compiler.attention import find_attention
 from xattn_compiler.ir import op_histogram
 from xattn_compiler.testing import AttentionSpec, attention_model
@@ -463,12 +464,6 @@ def test_an_identity_between_a_reshape_and_its_partner_goes():
 
 # --- real exports -------------------------------------------------------------------------------
 
-def _small_zoo() -> list[str]:
-    from xattn_compiler.zoo import all_models
-
-    return [m.name for m in all_models() if "small" in m.sizes]
-
-
 def other_sizes(m: onnx.ModelProto, sample: dict) -> dict[str, int]:
     """Every dynamic dim of ``m``'s inputs one larger than in ``sample``."""
     dims = {}
@@ -479,16 +474,9 @@ def other_sizes(m: onnx.ModelProto, sample: dict) -> dict[str, int]:
     return dims
 
 
-@pytest.fixture(scope="module", params=_small_zoo())
+@pytest.fixture(scope="module", params=small_zoo_names())
 def exported(request, export_cache):
-    from xattn_compiler.zoo import all_models, cached_export
-    from xattn_compiler.zoo.export import requirements_missing
-
-    recipe = next(m for m in all_models() if m.name == request.param)
-    missing = requirements_missing(recipe)
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
-    exp = cached_export(request.param, export_cache)
+    exp = small_zoo_export(request.param, export_cache)
     return onnx.load(exp.path), exp.sample()[0]
 
 
