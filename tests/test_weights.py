@@ -111,6 +111,10 @@ def test_a_pass_that_reads_a_detached_weight_exports_its_bytes(name, small_thres
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             assert weights.is_stub(tensor), tensor.name
     assert verify(model, result.model, inputs=exported.sample()[0]).ok
+    # Fusion upgrades the opset with the weights detached: every block is still fused.
+    blocks = exported.manifest["attention"]
+    fused = sum(n.op_type == "Attention" for n in result.detached.graph.node)
+    assert fused == blocks["self"] + blocks["cross"]
 
 
 def test_a_detached_weight_that_was_read_exports_with_its_bytes(small_threshold):

@@ -2,7 +2,7 @@
 
 ONNX's version converter rewrites every node whose op changed between the versions (If/Loop
 bodies included); the result is checked (``onnx.checker``, full) before it is used, and the IR
-version rises to the least one that may import the new opset.
+version rises to the least one that may import the new opset. Both run without the weights.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import onnx
 from onnx import version_converter
 
 from xattn_compiler.errors import XattnError
-from xattn_compiler.io import default_opset
+from xattn_compiler.io import checker_view, default_opset
 
 #: The opset that introduced ``Attention``.
 ATTENTION_OPSET = 23
@@ -27,13 +27,19 @@ def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     current = default_opset(model)
     if current is not None and current >= version:
         return model
+    # The converter and the checker serialise the model: they run on a view whose large and
+    # detached weights are graph inputs (no weight is copied, no 2 GB limit, no stub read),
+    # and the weights return afterwards; converters never rewrite initializers.
+    view = checker_view(model)
+    kept = {t.name for t in view.graph.initializer}
+    moved = [t for t in model.graph.initializer if t.name not in kept]
+    declared = {v.name for v in model.graph.input}
     try:
         if current is None:
-            converted = onnx.ModelProto()
-            converted.CopyFrom(model)
+            converted = view
             converted.opset_import.append(onnx.helper.make_opsetid("", version))
         else:
-            converted = version_converter.convert_version(model, version)
+            converted = version_converter.convert_version(view, version)
         minimum = onnx.helper.find_min_ir_version_for(
             [onnx.helper.make_opsetid("", version)], ignore_unknown=True)
         converted.ir_version = max(converted.ir_version, model.ir_version, minimum)
@@ -42,6 +48,12 @@ def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
         lines = str(exc).strip().splitlines()
         raise OpsetUpgradeError(f"cannot convert the model from opset {current} to {version}: "
                                 f"{lines[0] if lines else type(exc).__name__}") from exc
+    if moved:
+        names = {t.name for t in moved}
+        inputs = [v for v in converted.graph.input if v.name not in names or v.name in declared]
+        del converted.graph.input[:]
+        converted.graph.input.extend(inputs)
+        converted.graph.initializer.extend(moved)
     return converted
 
 
