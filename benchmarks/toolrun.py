@@ -105,8 +105,20 @@ def main() -> None:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         record["error"] = f"{type(exc).__name__}: {lines[0][:200]}"
         traceback.print_exc(file=sys.stderr)
-    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(record))
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM is this process image's high-water mark; ru_maxrss would count the memory of the
+    # parent it was forked from (the report holds whole models), the same for every tool.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":
