@@ -218,7 +218,7 @@ def runtime(row: dict[str, Any], size: str, workdir: Path, repeats: int) -> dict
 
 def cost(row: dict[str, Any], size: str) -> dict[str, Any] | None:
     exported = cached_export(row["model"], size=size)
-    model = xc.load(exported.path)
+    model = xc.load(exported.path, lazy_weights=True)
     inputs, _ = exported.sample()
     dims: dict[str, int] = {}
     for value in model.graph.input:
