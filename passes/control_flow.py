@@ -50,6 +50,7 @@ from xattn_compiler.ir import (
     import_graph,
     infer_shapes,
     iter_graphs,
+    iter_nodes,
     refresh_shapes,
     remove_dead_nodes,
 )
@@ -147,6 +148,13 @@ def run_rules(model: onnx.ModelProto, *, inline_ifs: bool = True, unroll: bool =
     Rounds repeat on one graph: a round's rewrites can make a condition known (the copies of
     an iteration counter) or expose a body that the next round unrolls.
     """
+    if not values and not any(node.op_type in ("If", "Loop", "Scan")
+                              for node in iter_nodes(model.graph)):
+        # Nothing to do, and nothing to import: a large model without control flow costs
+        # this pass one walk over its nodes.
+        return PassResult(model, False, {}, {"specialized": [], "not_inputs": [], "refused": []})
+    # A copy: unrolling renames cloned constants, which graphsurgeon would write back into
+    # the tensors of the model it imported.
     graph = import_graph(infer_shapes(model))
     remove_dead_nodes(graph)
     read_before = {t.name for t in graph.inputs if t.outputs}

@@ -33,8 +33,10 @@ from xattn_compiler.attention import AttentionMatch, find_attention
 from xattn_compiler.fusion import FusionTarget, load_target
 from xattn_compiler.fusion.operands import head_problem
 from xattn_compiler.fusion.opset import OpsetUpgradeError
-from xattn_compiler.ir import export_model, import_graph, infer_shapes
+from xattn_compiler.ir import export_model, import_graph, import_with_shapes, infer_shapes
 from xattn_compiler.passmanager import Option, Pass, PassResult
+
+from .reshapes import Names
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class FuseAttention(Pass):
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         target = self.target()
-        graph = import_graph(infer_shapes(model))
+        graph = import_with_shapes(model)
         decisions = self._decide(find_attention(graph), target)
         if not any(reason is None for _, reason in decisions):
             return PassResult(model, False, *self._report(decisions, {}))
@@ -86,7 +88,7 @@ class FuseAttention(Pass):
             decisions = [(b, r if r is not None else str(exc)) for b, r in decisions]
             return PassResult(model, False, *self._report(decisions, {}))
         if prepared is not model:
-            graph = import_graph(infer_shapes(prepared))
+            graph = import_with_shapes(prepared)
             decisions = self._decide(find_attention(graph), target)
         fused: dict[str, list[str]] = {}
         already = sum(1 for block, reason in decisions if block.fused and reason is not None)
@@ -95,10 +97,15 @@ class FuseAttention(Pass):
             todo = [block for block, reason in decisions if reason is None]
             if not todo:
                 break
-            for block in todo:
-                key = f"{block.subgraph}/{block.id}" if block.subgraph else block.id
-                fused[f"{key}#{len(fused)}"] = [node.name for node in target.fuse(block)]
+            with Names.shared():  # one walk of each graph's names per round, not per block
+                for block in todo:
+                    key = f"{block.subgraph}/{block.id}" if block.subgraph else block.id
+                    fused[f"{key}#{len(fused)}"] = [node.name for node in target.fuse(block)]
             out = infer_shapes(export_model(graph, prepared), in_place=True)
+            if not any(block.subgraph for block, _ in decisions):
+                # At the top level shapes were known already: matching again finds nothing
+                # new (the decisions' fused blocks are left out of the report).
+                break
             graph = import_graph(out)
             decisions = self._decide(find_attention(graph), target)
         out = target.finish(out)
@@ -133,7 +140,8 @@ class FuseAttention(Pass):
         if already is None:
             already = sum(1 for block, reason in decisions if block.fused and reason is not None)
         counts = {"blocks_fused": len(fused),
-                  "blocks_skipped": sum(1 for block, _ in decisions if not block.fused),
+                  "blocks_skipped": sum(1 for block, reason in decisions
+                                        if not block.fused and reason is not None),
                   "already_fused": already}
         details = {"target": self.values["target"], "blocks": records, "skipped": reasons}
         return counts, details

@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from xattn_compiler.attention import AttentionMatch, find_attention
-from xattn_compiler.ir import export_model, import_graph, infer_shapes
+from xattn_compiler.ir import export_model, import_with_shapes, infer_shapes
 from xattn_compiler.passmanager import Pass, PassResult
 
 from .reshapes import Names, onnx_dtype, set_input
@@ -45,19 +45,21 @@ class GuardPrecision(Pass):
     run_after = ("fuse-attention",)
 
     def run(self, model: onnx.ModelProto) -> PassResult:
-        graph = import_graph(infer_shapes(model))
+        graph = import_with_shapes(model)
         counts = {"cores_cast": 0, "attention_pinned": 0}
         layers: list[str] = []
-        for block in find_attention(graph):
-            if block.core is not None and not block.escapes:
-                counts["cores_cast"] += _cast_core(block)
-                layers += [block.core["scores.node"].name, block.core["softmax.node"].name]
-            elif block.fused and block.op == "Attention":
-                node = block.nodes[0]
-                if onnx_dtype(node.inputs[0]) in _HALF and node.attrs.get("softmax_precision") != _FLOAT:
-                    node.attrs["softmax_precision"] = _FLOAT
-                    counts["attention_pinned"] += 1
-                layers.append(node.name)
+        with Names.shared():
+            blocks = find_attention(graph)
+            for block in blocks:
+                if block.core is not None and not block.escapes:
+                    counts["cores_cast"] += _cast_core(block)
+                    layers += [block.core["scores.node"].name, block.core["softmax.node"].name]
+                elif block.fused and block.op == "Attention":
+                    node = block.nodes[0]
+                    if onnx_dtype(node.inputs[0]) in _HALF and node.attrs.get("softmax_precision") != _FLOAT:
+                        node.attrs["softmax_precision"] = _FLOAT
+                        counts["attention_pinned"] += 1
+                    layers.append(node.name)
         layers = sorted({name for name in layers if name})
         changed = any(counts.values())
         out = infer_shapes(export_model(graph, model), in_place=True) if changed else _copy(model)
@@ -76,7 +78,7 @@ def _cast_core(block: AttentionMatch) -> int:
     if onnx_dtype(scores.outputs[0]) not in _HALF:
         return 0
     half = onnx_dtype(scores.outputs[0])
-    names = Names(block.graph)
+    names = Names.of(block.graph)
     inside = {id(n) for n in core.nodes}
 
     def cast(tensor: gs.Tensor, to: int, hint: str) -> gs.Tensor:

@@ -37,9 +37,11 @@ what it made constant can make shapes known that were not, so a second call is a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -120,11 +122,36 @@ def onnx_dtype(tensor: gs.Tensor) -> int | None:
 
 
 class Names:
-    """Fresh tensor and node names for one graph, derived from a hint (deterministic)."""
+    """Fresh tensor and node names for one graph, derived from a hint (deterministic).
+
+    Collecting a graph's names walks the whole graph; a pass that edits many blocks does it
+    once per graph inside ``with Names.shared():`` and gets the same instance from
+    :meth:`of` for every block (all its new names must then come from it).
+    """
+
+    _scope: ClassVar[dict[int, Names] | None] = None
 
     def __init__(self, graph: gs.Graph):
         self.tensors = set(graph.tensors())
         self.nodes = {node.name for node in graph.nodes if node.name}
+
+    @classmethod
+    def of(cls, graph: gs.Graph) -> Names:
+        """The graph's shared instance inside :meth:`shared`, else a fresh one."""
+        if cls._scope is None:
+            return cls(graph)
+        if id(graph) not in cls._scope:
+            cls._scope[id(graph)] = cls(graph)
+        return cls._scope[id(graph)]
+
+    @classmethod
+    @contextlib.contextmanager
+    def shared(cls) -> Iterator[None]:
+        outer, cls._scope = cls._scope, {}
+        try:
+            yield
+        finally:
+            cls._scope = outer
 
     def fresh(self, hint: str, node: bool = False) -> str:
         """An unused tensor name (node name with ``node``) starting with ``hint``."""

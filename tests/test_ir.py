@@ -129,3 +129,13 @@ def test_export_orders_and_cleans_what_a_rewrite_left():
     assert [n.name for n in out.graph.node] == ["a", "y"]
     assert_valid(out)
     onnx.checker.check_model(out)
+
+
+def test_exporting_a_new_domain_leaves_the_imported_model_alone():
+    model = _model([helper.make_node("Relu", ["x"], ["y"], name="relu")])
+    before = model.SerializeToString()
+    graph = import_graph(model)
+    graph.nodes[0].domain = "com.microsoft"
+    out = export_model(graph, model)
+    assert "com.microsoft" in {o.domain for o in out.opset_import}
+    assert model.SerializeToString() == before

@@ -72,7 +72,14 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """An onnx-graphsurgeon graph of ``model`` (bodies of If/Loop/Scan included)."""
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    # graphsurgeon keeps the model's own opset list and appends to it on export (a new domain
+    # such as com.microsoft): the graph gets a copy, so the model is never written to.
+    domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in model.opset_import]
+    for _, body in iter_graphs(graph):
+        if body.import_domains is not None:
+            body.import_domains = list(domains)
+    return graph
 
 
 def import_with_shapes(model: onnx.ModelProto) -> gs.Graph:

@@ -339,7 +339,7 @@ class Editor:
 
     def __init__(self, graph: gs.Graph, prefix: str):
         self.graph = graph
-        self.names = Names(graph)
+        self.names = Names.of(graph)
         self.prefix = prefix
         self.added: list[gs.Node] = []
 
