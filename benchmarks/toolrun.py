@@ -40,11 +40,11 @@ def run(tool: str, model_path: Path, out: Path, family: str, pipeline: str | Non
     if tool == "xattn-compiler":
         import xattn_compiler as xc
 
-        model = xc.load(model_path)
+        model = xc.load(model_path, lazy_weights=True)  # as the CLI does
         load_seconds = time.perf_counter() - start
-        result = xc.optimize(model, pipeline).model
+        result = xc.optimize(model, pipeline)
         tool_seconds = time.perf_counter() - start - load_seconds
-        xc.save(result, out)
+        result.save(out)
     elif tool in ("onnxscript optimizer", "onnxscript ort_fusions"):
         import onnx_ir as ir
         import onnxscript.optimizer

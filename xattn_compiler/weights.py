@@ -38,7 +38,7 @@ STUB_PREFIX = "xattn-detached-weights/"
 DETACH_TENSOR_BYTES = 1 << 20
 #: Models with at least this many bytes in such tensors run their passes detached; below it
 #: the copies cost less than the bookkeeping.
-DETACH_MODEL_BYTES = 256 << 20
+DETACH_MODEL_BYTES = 64 << 20
 
 _STORES: weakref.WeakValueDictionary[str, WeightStore] = weakref.WeakValueDictionary()
 _PINNED: dict[str, WeightStore] = {}  # stores of lazily loaded files: a few bytes each
