@@ -101,9 +101,12 @@ def _cast_core(block: AttentionMatch) -> int:
             if other is not tensor and onnx_dtype(other) in _HALF:
                 set_input(node, index, cast(other, _FLOAT, other.name))
         tensor = node.outputs[0]
+    probs = softmax.outputs[0]
+    probs_were_half = onnx_dtype(probs) in _HALF
     for t in _chain_tensors(scores, softmax, inside):
         t.dtype = np.float32
-    probs = softmax.outputs[0]
+    if not probs_were_half:
+        return 1  # the Softmax ran in float32 already: its readers expect float32
     readers = list(probs.outputs)
     back = cast(probs, half, probs.name)
     for reader in readers:

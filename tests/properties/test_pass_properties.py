@@ -24,7 +24,7 @@ from xattn_compiler.registry import default_registry
 from xattn_compiler.testing import AttentionSpec
 from xattn_compiler.testing import strategies as xst
 from xattn_compiler.testing.assertions import assert_pass_properties
-from xattn_compiler.testing.strategies import Layer, Recipe, Wrap, build_example
+from xattn_compiler.testing.strategies import Clutter, Layer, Recipe, Wrap, build_example
 from xattn_compiler.verification import random_inputs
 
 PASSES = list(default_registry())
@@ -102,6 +102,14 @@ FIXED_PASS_BUGS = {
                context="internal", encoder=AttentionSpec(kind="self"),
                batch=1, q_len=1, kv_len=1, wrap=Wrap()),
         _wrapped_with_computed_targets),
+    # (thorough profile) An fp16 block whose Softmax already ran in float32 got a Cast back to
+    # float16 after it anyway: its readers, typed float32, received float16.
+    ("guard-precision", "cast-back-after-an-fp32-softmax"): (
+        Recipe(layers=(Layer((AttentionSpec(kind="self", softmax_cast=True, dtype="float16"),)),),
+               dtype="float16", batch=1, q_len=1, kv_len=1,
+               clutter=(Clutter(kind="identity", tensor="layers.0.self_attn.probs",
+                                region="probs"),)),
+        lambda ex: any(s.softmax_cast for layer in ex.recipe.layers for s in layer.attention)),
 }
 STRICT = os.environ.get("XATTN_STRICT_PROPERTIES") == "1"
 
