@@ -24,7 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from xattn_compiler.attention import AttentionMatch, find_attention
-from xattn_compiler.ir import export_model, import_with_shapes, infer_shapes
+from xattn_compiler.ir import export_model, import_with_shapes, infer_shapes, iter_graphs
 from xattn_compiler.passmanager import Pass, PassResult
 
 from .reshapes import Names, onnx_dtype, set_input
@@ -60,10 +60,15 @@ class GuardPrecision(Pass):
                         node.attrs["softmax_precision"] = _FLOAT
                         counts["attention_pinned"] += 1
                     layers.append(node.name)
-        layers = sorted({name for name in layers if name})
         changed = any(counts.values())
         out = infer_shapes(export_model(graph, model), in_place=True) if changed else _copy(model)
         recorded = _metadata(out).get(METADATA_KEY)
+        # Layers pinned by an earlier run stay listed while they exist: the cast it added can
+        # put a block's probabilities chain beyond what the matcher walks, and the block's
+        # score MatMul and Softmax are still the ones to keep in fp32.
+        existing = {node.name for _, body in iter_graphs(graph) for node in body.nodes}
+        kept = [name for name in (recorded or "").split(",") if name in existing]
+        layers = sorted({name for name in [*layers, *kept] if name})
         wanted = ",".join(layers) if layers else None
         if wanted != recorded:
             _set_metadata(out, METADATA_KEY, wanted)

@@ -110,6 +110,17 @@ FIXED_PASS_BUGS = {
                clutter=(Clutter(kind="identity", tensor="layers.0.self_attn.probs",
                                 region="probs"),)),
         lambda ex: any(s.softmax_cast for layer in ex.recipe.layers for s in layer.attention)),
+    # (thorough profile) Not idempotent: after the first run's Cast, a probabilities chain with
+    # clutter was longer than the matcher walks, the block was not found, and the second run
+    # dropped the fp32 layer list the first had recorded.
+    ("guard-precision", "layer-list-dropped-when-the-block-hides"): (
+        Recipe(layers=(Layer((AttentionSpec(kind="self", head_dim=4, dtype="float16"),)),),
+               dtype="float16", batch=1, q_len=1, kv_len=1,
+               clutter=(Clutter(kind="identity", tensor="layers.0.self_attn.probs", region="probs"),
+                        Clutter(kind="cast_roundtrip", tensor="layers.0.self_attn.probs",
+                                region="probs"),
+                        Clutter(kind="identity", tensor="layers.0.self_attn.probs", region="probs"))),
+        lambda ex: bool(ex.recipe.clutter)),
 }
 STRICT = os.environ.get("XATTN_STRICT_PROPERTIES") == "1"
 
