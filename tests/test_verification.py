@@ -591,3 +591,26 @@ def test_output_check_to_dict_keeps_every_field():
         "name": "y", "dtype": "float32", "shape": [2, 3], "max_abs_error": 0.5,
         "max_rel_error": 0.25, "rtol": 1e-3, "atol": 1e-4, "ok": False, "reason": "bad",
     }
+
+
+def _widened(dtype: int, offset: float) -> onnx.ModelProto:
+    """``Cast(x + 1 + offset, to=float32)`` computed in ``dtype``, returned as float32."""
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    one = onnx.numpy_helper.from_array(np.array([1.0 + offset], np_dtype), "one")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "one"], ["sum"]),
+         onnx.helper.make_node("Cast", ["sum"], ["y"], to=onnx.TensorProto.FLOAT)], "g",
+        [onnx.helper.make_tensor_value_info("x", dtype, [4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], [one])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+
+
+def test_an_output_widened_from_fp16_is_judged_at_fp16_precision():
+    inputs = {"x": np.zeros(4, np.float16)}
+    # Four fp16 ulps at 1.0: within what an fp16 computation can promise.
+    assert verify(_widened(onnx.TensorProto.FLOAT16, 0.0),
+                  _widened(onnx.TensorProto.FLOAT16, 2.0**-8), inputs=inputs).ok
+    # The same difference in a float32 computation is a real change.
+    inputs = {"x": np.zeros(4, np.float32)}
+    assert not verify(_widened(onnx.TensorProto.FLOAT, 0.0),
+                      _widened(onnx.TensorProto.FLOAT, 2.0**-8), inputs=inputs).ok

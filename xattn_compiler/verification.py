@@ -172,6 +172,40 @@ def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype.name.startswith(("bfloat", "float"))
 
 
+def _computed_precision(model: ModelLike) -> dict[str, np.dtype]:
+    """Outputs that only widen a narrower float (``Cast``/``Identity`` chains from a float16
+    or bfloat16 value) -> that narrower type: such an output is exact to the narrow type's
+    precision, and a rewrite that changes the narrow computation moves it by that much."""
+    try:
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(
+            str(model), load_external_data=False)
+    except Exception:  # not readable here: ONNX Runtime already ran it; keep output dtypes
+        return {}
+    from .ir import _skeleton
+
+    try:  # value types of intermediate tensors, from the weightless skeleton
+        graph = onnx.shape_inference.infer_shapes(_skeleton(proto)).graph
+    except Exception:
+        graph = proto.graph
+    made_by = {out: node for node in graph.node for out in node.output}
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*graph.input, *graph.value_info, *graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    narrow = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    found: dict[str, np.dtype] = {}
+    for value in graph.output:
+        name, seen = value.name, 0
+        while name in made_by and seen < 16:
+            node, seen = made_by[name], seen + 1
+            if node.op_type not in ("Cast", "Identity") or not node.input:
+                break
+            name = node.input[0]
+            if types.get(name) in narrow:
+                found[value.name] = _np_dtype(types[name])
+                break
+    return found
+
+
 # --- running models ------------------------------------------------------------------------
 
 def run_model(model: ModelLike, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -535,7 +569,8 @@ def verify(
     if problem is not None:
         result = VerifyResult(False, [], input_shapes, problem)
     else:
-        checks, problem = _compare_outputs(ref_outputs, cand_outputs, rtol, atol)
+        checks, problem = _compare_outputs(ref_outputs, cand_outputs, rtol, atol,
+                                           _computed_precision(reference))
         ok = problem is None and all(check.ok for check in checks)
         result = VerifyResult(ok, checks, input_shapes, problem)
     log.info("verify %s against %s: %s", _describe(candidate), _describe(reference),
@@ -569,18 +604,24 @@ def _run_candidate(
 
 def _compare_outputs(
     ref: dict[str, np.ndarray], cand: dict[str, np.ndarray],
-    rtol: float | None, atol: float | None,
+    rtol: float | None, atol: float | None, precision: dict[str, np.dtype] | None = None,
 ) -> tuple[list[OutputCheck], str | None]:
-    """One check per reference output, and a model-level reason if the output sets differ."""
+    """One check per reference output, and a model-level reason if the output sets differ.
+
+    ``precision`` names outputs computed in a narrower float type than they are returned in
+    (see :func:`_computed_precision`); their tolerances are that type's."""
+    precision = precision or {}
     if set(ref) == set(cand):
-        return [_compare(name, ref[name], cand[name], rtol, atol) for name in ref], None
+        return [_compare(name, ref[name], cand[name], rtol, atol,
+                         precision=precision.get(name)) for name in ref], None
     if len(ref) == len(cand):
         # A rewrite may rename outputs; with equal counts, position is the faithful pairing.
         checks = []
         for ref_name, cand_name in zip(ref, cand, strict=True):
             note = None if ref_name == cand_name else (
                 f"matched by position to candidate output '{cand_name}'")
-            checks.append(_compare(ref_name, ref[ref_name], cand[cand_name], rtol, atol, note))
+            checks.append(_compare(ref_name, ref[ref_name], cand[cand_name], rtol, atol, note,
+                                   precision=precision.get(ref_name)))
         return checks, None
     reason = (f"output count differs: reference has {len(ref)} ({', '.join(ref)}), "
               f"candidate has {len(cand)} ({', '.join(cand)})")
@@ -596,8 +637,9 @@ def _compare_outputs(
 
 
 def _compare(name: str, ref: np.ndarray, cand: np.ndarray, rtol: float | None,
-             atol: float | None, note: str | None = None) -> OutputCheck:
-    r_tol, a_tol = _tolerance(ref, rtol, atol)
+             atol: float | None, note: str | None = None, precision: np.dtype | None = None
+             ) -> OutputCheck:
+    r_tol, a_tol = _tolerance(ref, rtol, atol, precision)
     dtype, shape = ref.dtype.name, tuple(ref.shape)
     problem = None
     if cand.dtype != ref.dtype:
@@ -616,12 +658,14 @@ def _compare(name: str, ref: np.ndarray, cand: np.ndarray, rtol: float | None,
                        _join(note, problem))
 
 
-def _tolerance(ref: np.ndarray, rtol: float | None, atol: float | None) -> tuple[float, float]:
+def _tolerance(ref: np.ndarray, rtol: float | None, atol: float | None,
+               precision: np.dtype | None = None) -> tuple[float, float]:
     """Effective ``(rtol, atol)`` for one output: zero for exact types, else the defaults
-    (atol scaled by the output's magnitude) overridden by what the user gave."""
+    (atol scaled by the output's magnitude) overridden by what the user gave. ``precision``:
+    the float type the output was computed in, when narrower than its own."""
     if not _is_float(ref.dtype):
         return 0.0, 0.0
-    default_rtol, atol_factor = default_tolerances(ref.dtype)
+    default_rtol, atol_factor = default_tolerances(precision if precision is not None else ref.dtype)
     if atol is None:
         values = np.abs(ref.astype(np.float64))
         finite = values[np.isfinite(values)]
