@@ -593,13 +593,17 @@ def test_output_check_to_dict_keeps_every_field():
     }
 
 
-def _widened(dtype: int, offset: float) -> onnx.ModelProto:
-    """``Cast(x + 1 + offset, to=float32)`` computed in ``dtype``, returned as float32."""
+def _widened(dtype: int, offset: float, identities: int = 20) -> onnx.ModelProto:
+    """``Cast(x + 1 + offset, to=float32)`` computed in ``dtype``, returned as float32 through
+    a chain of Identities (no walk length limit decides the precision)."""
     np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
     one = onnx.numpy_helper.from_array(np.array([1.0 + offset], np_dtype), "one")
+    chain = [onnx.helper.make_node("Identity", [f"id{i}"], [f"id{i + 1}" if i + 1 < identities
+                                                            else "y"])
+             for i in range(identities)]
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Add", ["x", "one"], ["sum"]),
-         onnx.helper.make_node("Cast", ["sum"], ["y"], to=onnx.TensorProto.FLOAT)], "g",
+         onnx.helper.make_node("Cast", ["sum"], ["id0"], to=onnx.TensorProto.FLOAT), *chain], "g",
         [onnx.helper.make_tensor_value_info("x", dtype, [4])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], [one])
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])

@@ -194,9 +194,10 @@ def _computed_precision(model: ModelLike) -> dict[str, np.dtype]:
     narrow = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     found: dict[str, np.dtype] = {}
     for value in graph.output:
-        name, seen = value.name, 0
-        while name in made_by and seen < 16:
-            node, seen = made_by[name], seen + 1
+        name, seen = value.name, set()
+        while name in made_by and name not in seen:  # a graph is acyclic; stay safe anyway
+            node = made_by[name]
+            seen.add(name)
             if node.op_type not in ("Cast", "Identity") or not node.input:
                 break
             name = node.input[0]
