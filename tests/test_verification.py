@@ -594,18 +594,20 @@ def test_output_check_to_dict_keeps_every_field():
 
 
 def _widened(dtype: int, offset: float, identities: int = 20) -> onnx.ModelProto:
-    """``Cast(x + 1 + offset, to=float32)`` computed in ``dtype``, returned as float32 through
-    a chain of Identities (no walk length limit decides the precision)."""
+    """``Cast(x + 1 + offset, to=float32)`` computed in ``dtype``, then Identities and a
+    float32 MatMul: a float32 output computed from a ``dtype`` value."""
     np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
     one = onnx.numpy_helper.from_array(np.array([1.0 + offset], np_dtype), "one")
     chain = [onnx.helper.make_node("Identity", [f"id{i}"], [f"id{i + 1}" if i + 1 < identities
                                                             else "y"])
              for i in range(identities)]
+    dense = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "dense")
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Add", ["x", "one"], ["sum"]),
-         onnx.helper.make_node("Cast", ["sum"], ["id0"], to=onnx.TensorProto.FLOAT), *chain], "g",
+         onnx.helper.make_node("Cast", ["sum"], ["id0"], to=onnx.TensorProto.FLOAT), *chain[:-1],
+         onnx.helper.make_node("MatMul", [chain[-1].input[0], "dense"], ["y"])], "g",
         [onnx.helper.make_tensor_value_info("x", dtype, [4])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], [one])
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], [one, dense])
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
 
 

@@ -173,9 +173,13 @@ def _is_float(dtype: np.dtype) -> bool:
 
 
 def _computed_precision(model: ModelLike) -> dict[str, np.dtype]:
-    """Outputs that only widen a narrower float (``Cast``/``Identity`` chains from a float16
-    or bfloat16 value) -> that narrower type: such an output is exact to the narrow type's
-    precision, and a rewrite that changes the narrow computation moves it by that much."""
+    """Float outputs computed from a float16 or bfloat16 value -> that narrower type.
+
+    Such an output cannot be more exact than the half-precision value it depends on: a rewrite
+    that changes that computation by one half-precision rounding moves it by that much, whatever
+    the output's own type. One pass over the (topologically sorted) nodes: a tensor depends on
+    a half value when it is one or any input of its producer does.
+    """
     try:
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(
             str(model), load_external_data=False)
@@ -187,24 +191,18 @@ def _computed_precision(model: ModelLike) -> dict[str, np.dtype]:
         graph = onnx.shape_inference.infer_shapes(_skeleton(proto)).graph
     except Exception:
         graph = proto.graph
-    made_by = {out: node for node in graph.node for out in node.output}
     types = {v.name: v.type.tensor_type.elem_type
              for v in (*graph.input, *graph.value_info, *graph.output)}
     types.update({t.name: t.data_type for t in graph.initializer})
-    narrow = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-    found: dict[str, np.dtype] = {}
-    for value in graph.output:
-        name, seen = value.name, set()
-        while name in made_by and name not in seen:  # a graph is acyclic; stay safe anyway
-            node = made_by[name]
-            seen.add(name)
-            if node.op_type not in ("Cast", "Identity") or not node.input:
-                break
-            name = node.input[0]
-            if types.get(name) in narrow:
-                found[value.name] = _np_dtype(types[name])
-                break
-    return found
+    narrow = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    half: dict[str, int] = {name: t for name, t in types.items() if t in narrow}
+    for node in graph.node:
+        inherited = next((half[i] for i in node.input if i in half), None)
+        for out in node.output:
+            if out not in half and inherited is not None:
+                half[out] = inherited
+    return {value.name: _np_dtype(half[value.name]) for value in graph.output
+            if value.name in half and types.get(value.name) not in narrow}
 
 
 # --- running models ------------------------------------------------------------------------
