@@ -48,7 +48,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from xattn_compiler.analysis import constant_eval
-from xattn_compiler.ir import constant_value, detach, is_graph_output, iter_graphs, producer
+from xattn_compiler.ir import (
+    _outer_reads,
+    constant_value,
+    detach,
+    is_graph_output,
+    producer,
+)
 from xattn_compiler.rewrite import GraphPass, only_consumer
 
 log = logging.getLogger(__name__)
@@ -243,15 +249,7 @@ def sweep_dead(graph: gs.Graph) -> set[int]:
 
 def _reads(node: gs.Node) -> list[gs.Tensor]:
     """What ``node`` reads: its inputs and every value its bodies take from outside."""
-    reads = list(node.inputs)
-    for value in node.attrs.values():
-        for body in value if isinstance(value, list) else [value]:
-            if isinstance(body, gs.Graph):
-                for _, inner in iter_graphs(body):
-                    reads.extend(inner.outputs)
-                    for inner_node in inner.nodes:
-                        reads.extend(inner_node.inputs)
-    return reads
+    return [*node.inputs, *_outer_reads(node)]
 
 
 # --- computed targets -------------------------------------------------------------------------
