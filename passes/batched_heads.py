@@ -206,17 +206,20 @@ class CollapseBatchedHeads(GraphPass):
     name = "collapse-batched-heads"
     description = ("run attention cores exported on [B*H,S,D] on [B,H,S,D] and remove the "
                    "Reshapes that fold heads into the batch")
+    # Set by a caller that removes dead nodes before each call (remove-layout-clutter), so
+    # the rewrite skips its own liveness walk.
+    starts_clean = False
 
     def rewrite(self, graph: gs.Graph, path: str) -> dict[str, int]:
         """Collapse one graph (the base calls this for the top level and each body)."""
-        return _Collapser(graph, path).run()
+        return _Collapser(graph, path, starts_clean=self.starts_clean).run()
 
 
 class _Collapser:
     """One graph's rewrite: batched cores first (they need the matcher), then detours."""
 
-    def __init__(self, graph: gs.Graph, path: str):
-        self.graph, self.path = graph, path
+    def __init__(self, graph: gs.Graph, path: str, starts_clean: bool = False):
+        self.graph, self.path, self.starts_clean = graph, path, starts_clean
         self.local: set[int] = set()
         self.names = Names(graph)
         self.masks: dict[tuple[int, object], gs.Tensor] = {}
@@ -224,7 +227,8 @@ class _Collapser:
 
     def run(self) -> dict[str, int]:
         """Collapse every batched core that can be, then every detour; count what went."""
-        self.local = sweep_dead(self.graph)
+        self.local = ({id(node) for node in self.graph.nodes} if self.starts_clean
+                      else sweep_dead(self.graph))
         reshapes_before = self._reshape_count()
         for block in self._batched_blocks():
             problem = self.collapse(block)

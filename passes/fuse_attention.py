@@ -59,13 +59,17 @@ class FuseAttention(Pass):
     options = (
         Option("target", str, "onnx-attention",
                "onnx-attention | canonical | ort-mha | trt-plugin"),
+        Option("qkv-layout", str, "4d",
+               "onnx-attention: 4d (Q/K/V as [B,H,S,D], what TensorRT 10.14 parses) or 3d (the "
+               "projection outputs [B,S,H*D]; head splits and merges go)"),
         Option("plugin-spec", str, "",
                "trt-plugin: a TOML/JSON plugin spec (empty: the fMHCA/fMHA_V2 presets)"),
     )
     run_after = ("canonicalize", "remove-layout-clutter")
     #: The random-graph properties run once per target (tests/properties).
-    property_variants = tuple({"target": target} for target in
-                              ("onnx-attention", "canonical", "ort-mha", "trt-plugin"))
+    property_variants = (*({"target": target} for target in
+                           ("onnx-attention", "canonical", "ort-mha", "trt-plugin")),
+                         {"target": "onnx-attention", "qkv-layout": "3d"})
 
     def target(self) -> FusionTarget:
         options: dict[str, Any] = {key.replace("-", "_"): value for key, value in self.values.items()}

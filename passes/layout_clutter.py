@@ -39,12 +39,16 @@ class RemoveLayoutClutter(GraphPass):
     def __init__(self, **values):
         super().__init__(**values)
         self.steps = [step() for step in STEPS]
+        for step in self.steps:
+            if hasattr(step, "starts_clean"):
+                step.starts_clean = True  # rewrite() below keeps the graph free of dead nodes
 
     def rewrite(self, graph: gs.Graph, path: str) -> dict[str, int]:
         # One import and one export per round for all five steps: the graphsurgeon round trip,
         # not the rewrites, is what costs on large graphs. A step that needs a shape an earlier
         # step invalidated leaves that spot alone; the next round (fresh shapes) takes it.
         totals: dict[str, int] = {}
+        remove_dead_nodes(graph)
         for step in self.steps:
             counts = step.rewrite(graph, path)
             for key, value in counts.items():

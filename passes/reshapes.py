@@ -37,6 +37,7 @@ what it made constant can make shapes known that were not, so a second call is a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from collections import deque
@@ -49,10 +50,10 @@ import onnx_graphsurgeon as gs
 
 from xattn_compiler.analysis import constant_eval
 from xattn_compiler.ir import (
-    _outer_reads,
     constant_value,
     detach,
     is_graph_output,
+    live_nodes,
     producer,
 )
 from xattn_compiler.rewrite import GraphPass, only_consumer
@@ -138,8 +139,20 @@ class Names:
     _scope: ClassVar[dict[int, Names] | None] = None
 
     def __init__(self, graph: gs.Graph):
-        self.tensors = set(graph.tensors())
-        self.nodes = {node.name for node in graph.nodes if node.name}
+        self._graph = graph
+        self._taken: tuple[set[str], set[str]] | None = None
+
+    def _collect(self) -> tuple[set[str], set[str]]:
+        # Deferred to the first fresh name: most rounds on a large graph need none, and the
+        # walk over every tensor is a large share of a round that finds nothing to do.
+        if self._taken is None:
+            graph = self._graph
+            tensors = {t.name for t in (*graph.inputs, *graph.outputs)}
+            for node in graph.nodes:
+                tensors.update([t.name for t in node.inputs])
+                tensors.update([t.name for t in node.outputs])
+            self._taken = (tensors, {node.name for node in graph.nodes if node.name})
+        return self._taken
 
     @classmethod
     def of(cls, graph: gs.Graph) -> Names:
@@ -161,7 +174,8 @@ class Names:
 
     def fresh(self, hint: str, node: bool = False) -> str:
         """An unused tensor name (node name with ``node``) starting with ``hint``."""
-        taken = self.nodes if node else self.tensors
+        tensors, nodes = self._collect()
+        taken = nodes if node else tensors
         name, n = hint, 0
         while name in taken:
             n += 1
@@ -175,8 +189,41 @@ class Names:
 # with a deep ``__eq__``: editing the readers of a widely shared tensor (a target constant every
 # layer reads) becomes quadratic. These edits unlink by identity instead.
 
+# A constant read all over the graph (the axes of every Unsqueeze) would still cost one scan
+# of its reader list per unlinked reader; inside :func:`deferred_unlinks` those unlinks are
+# collected and applied in one filter per constant. Only constants: nothing a rewrite decides
+# depends on how many readers a constant has, while a computed tensor's reader count decides
+# whether two nodes may merge.
+_SHARED_READERS = 16
+_deferred: dict[int, tuple[gs.Tensor, collections.Counter]] | None = None
+
+
+@contextlib.contextmanager
+def deferred_unlinks() -> Iterator[None]:
+    """Unlink readers of widely shared constants when the block ends, all at once."""
+    global _deferred
+    outer, _deferred = _deferred, {}
+    try:
+        yield
+    finally:
+        pending, _deferred = _deferred, outer
+        for tensor, gone in pending.values():
+            kept = []
+            for reader in tensor.outputs:
+                if gone[id(reader)] > 0:  # a node reading it twice is unlinked twice
+                    gone[id(reader)] -= 1
+                else:
+                    kept.append(reader)
+            list.clear(tensor.outputs)
+            list.extend(tensor.outputs, kept)
+
+
 def _unlink(tensor: gs.Tensor, node: gs.Node) -> None:
     """Drop ``node`` from ``tensor``'s readers (by identity)."""
+    if (_deferred is not None and isinstance(tensor, gs.Constant)
+            and len(tensor.outputs) > _SHARED_READERS):
+        _deferred.setdefault(id(tensor), (tensor, collections.Counter()))[1][id(node)] += 1
+        return
     readers = tensor.outputs
     for index, reader in enumerate(readers):  # graph order: the edited reader is usually early
         if reader is node:
@@ -232,24 +279,11 @@ def sweep_dead(graph: gs.Graph) -> set[int]:
     One walk up from the outputs (linear, unlike a full cleanup and export); values read from
     inside an If/Loop body keep their producers alive.
     """
-    local = {id(node) for node in graph.nodes}
-    live: set[int] = set()
-    stack = [producer(tensor) for tensor in graph.outputs]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) not in local or id(node) in live:
-            continue
-        live.add(id(node))
-        stack.extend(producer(tensor) for tensor in _reads(node))
+    live = live_nodes(graph, local={id(node) for node in graph.nodes})
     if len(live) != len(graph.nodes):
         detach([node for node in graph.nodes if id(node) not in live])
         graph.nodes = [node for node in graph.nodes if id(node) in live]
     return live
-
-
-def _reads(node: gs.Node) -> list[gs.Tensor]:
-    """What ``node`` reads: its inputs and every value its bodies take from outside."""
-    return [*node.inputs, *_outer_reads(node)]
 
 
 # --- computed targets -------------------------------------------------------------------------
@@ -383,19 +417,22 @@ class SimplifyReshapes(GraphPass):
     Squeeze/Unsqueeze pairs and drop round-trip or no-op Casts and Identities."""
 
     name = "simplify-reshapes"
+    # Set by a caller that removes dead nodes before each call (remove-layout-clutter), so
+    # the rewrite skips its own liveness walk.
+    starts_clean = False
     description = ("merge Reshape chains, make computed Reshape targets constant, drop identity "
                    "Reshapes, Squeeze/Unsqueeze pairs, lossless Cast round trips and Identities")
 
     def rewrite(self, graph: gs.Graph, path: str) -> dict[str, int]:
         """Simplify one graph (the base calls this for the top level and each body)."""
-        return _Simplifier(graph).run()
+        return _Simplifier(graph, starts_clean=self.starts_clean).run()
 
 
 class _Simplifier:
     """One graph's worklist of Reshape/Squeeze/Unsqueeze/Cast nodes."""
 
-    def __init__(self, graph: gs.Graph):
-        self.graph = graph
+    def __init__(self, graph: gs.Graph, starts_clean: bool = False):
+        self.graph, self.starts_clean = graph, starts_clean
         self.local: set[int] = set()  # the graph's own live nodes, set by run()
         self.names = Names(graph)
         self.queue: deque[gs.Node] = deque()
@@ -406,7 +443,12 @@ class _Simplifier:
 
     def run(self) -> dict[str, int]:
         """Visit every candidate, and again whatever a rewrite puts next to another candidate."""
-        self.local = sweep_dead(self.graph)
+        with deferred_unlinks():
+            return self._run()
+
+    def _run(self) -> dict[str, int]:
+        self.local = ({id(node) for node in self.graph.nodes} if self.starts_clean
+                      else sweep_dead(self.graph))
         self.push(self.graph.nodes)
         while self.queue:
             node = self.queue.popleft()

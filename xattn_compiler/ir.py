@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import graph_io
 from . import weights as _weights  # noqa: F401  (graphsurgeon reads detached weights)
 
 _SUBGRAPH_ATTRS = ("then_branch", "else_branch", "body")
@@ -24,10 +25,17 @@ _SUBGRAPH_ATTRS = ("then_branch", "else_branch", "body")
 
 # --- proto level ---------------------------------------------------------------------------
 
+# The standard ops with graph attributes; only these (and ops of other domains) can own bodies.
+# Asked for every node by every walk over bodies, so the common answer is one set lookup.
+_BODY_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """The graph and every If/Loop/Scan body below it, outermost first."""
     yield graph
     for node in graph.node:
+        if node.op_type not in _BODY_OPS and node.domain in ("", "ai.onnx"):
+            continue
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
                 yield from iter_graph_protos(attr.g)
@@ -70,9 +78,13 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
 
 # --- graphsurgeon level --------------------------------------------------------------------
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """An onnx-graphsurgeon graph of ``model`` (bodies of If/Loop/Scan included)."""
-    graph = gs.import_onnx(model)
+def import_graph(model: onnx.ModelProto, value_info: bool = True) -> gs.Graph:
+    """An onnx-graphsurgeon graph of ``model`` (bodies of If/Loop/Scan included).
+
+    Without ``value_info`` the model's recorded types are not read: for a caller that sets
+    every tensor's type itself right after (:func:`refresh_shapes`).
+    """
+    graph = graph_io.import_onnx(model, value_info=value_info)
     # graphsurgeon keeps the model's own opset list and appends to it on export (a new domain
     # such as com.microsoft): the graph gets a copy, so the model is never written to.
     domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in model.opset_import]
@@ -90,7 +102,7 @@ def import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
     weightless skeleton. :func:`export_model` never writes into those initializers.
     """
     inferred = onnx.shape_inference.infer_shapes(_skeleton(model), data_prop=True)
-    graph = import_graph(model)
+    graph = import_graph(model, value_info=False)
     refresh_shapes(graph, inferred)
     return graph
 
@@ -104,7 +116,7 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     remove_dead_nodes(graph)
     toposort(graph)
     _own_renamed_constants(graph)
-    out = gs.export_onnx(graph, do_type_check=False)
+    out = graph_io.export_onnx(graph)
     out.ir_version = like.ir_version
     out.producer_name = like.producer_name
     out.producer_version = like.producer_version
@@ -132,15 +144,7 @@ def remove_dead_nodes(graph: gs.Graph) -> int:
     """
     for tensor in graph.inputs:
         tensor.inputs.clear()
-    live: set[int] = set()
-    stack = [producer(t) for t in graph.outputs]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in live:
-            continue
-        live.add(id(node))
-        stack.extend(producer(t) for t in node.inputs)
-        stack.extend(producer(t) for t in _outer_reads(node))
+    live = live_nodes(graph)
     kept = [node for node in graph.nodes if id(node) in live]
     removed = len(graph.nodes) - len(kept)
     if removed:
@@ -150,6 +154,28 @@ def remove_dead_nodes(graph: gs.Graph) -> int:
         for body in _bodies(node):
             removed += remove_dead_nodes(body)
     return removed
+
+
+def live_nodes(graph: gs.Graph, local: set[int] | None = None) -> set[int]:
+    """Ids of the nodes some output of ``graph`` depends on (through bodies' outer reads too);
+    with ``local``, the walk stays among those node ids."""
+    live: set[int] = set()
+    stack = [t.inputs[0] for t in graph.outputs if t.inputs]
+    # Inlined walk (no generators, no helper calls): it visits every node of every liveness
+    # check, several per pass, and was a tenth of a 100k-node clean-up.
+    while stack:
+        node = stack.pop()
+        key = id(node)
+        if key in live or (local is not None and key not in local):
+            continue
+        live.add(key)
+        for tensor in node.inputs:
+            writers = tensor.inputs
+            if writers and id(writers[0]) not in live:
+                stack.append(writers[0])
+        if node.op in _BODY_OPS or node.domain not in (None, "", "ai.onnx"):
+            stack.extend(t.inputs[0] for t in _outer_reads(node) if t.inputs)
+    return live
 
 
 def detach(nodes: list[gs.Node]) -> None:
@@ -220,6 +246,8 @@ def toposort(graph: gs.Graph) -> None:
 
 
 def _bodies(node: gs.Node) -> list[gs.Graph]:
+    if node.op not in _BODY_OPS and node.domain in (None, "", "ai.onnx"):
+        return []
     bodies = []
     for value in node.attrs.values():
         for item in value if isinstance(value, list) else [value]:
@@ -280,6 +308,8 @@ def iter_graphs(graph: gs.Graph, path: str = "") -> Iterator[tuple[str, gs.Graph
     """
     yield path, graph
     for node in graph.nodes:
+        if node.op not in _BODY_OPS and node.domain in (None, "", "ai.onnx"):
+            continue
         for attr_name, value in node.attrs.items():
             bodies = value if isinstance(value, list) else [value]
             for index, body in enumerate(bodies):
@@ -334,8 +364,16 @@ def infer_shapes(
 def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers of ``threshold`` bytes or more are typed inputs.
 
-    Built field by field so neither the weights are copied nor the caller's model touched.
+    Built field by field so neither the weights are copied nor the caller's model touched;
+    a model with no such initializer is its own skeleton (inference does not write to it).
     """
+    def stays(tensor: onnx.TensorProto) -> bool:
+        # A tensor whose bytes live elsewhere (external data, a detached weight) is never
+        # read by inference; as a typed input it cannot make inference look for them.
+        return tensor.ByteSize() < threshold and tensor.data_location != onnx.TensorProto.EXTERNAL
+
+    if all(stays(tensor) for tensor in model.graph.initializer):
+        return model
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
@@ -345,13 +383,11 @@ def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16) -> onnx.ModelPro
     for name in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(graph, name).extend(getattr(source, name))
     for tensor in source.initializer:
-        # A tensor whose bytes live elsewhere (external data, a detached weight) is never
-        # read by inference; as a typed input it cannot make inference look for them.
-        if tensor.ByteSize() >= threshold or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if stays(tensor):
+            graph.initializer.append(tensor)
+        else:
             graph.input.append(onnx.helper.make_tensor_value_info(
                 tensor.name, tensor.data_type, list(tensor.dims)))
-        else:
-            graph.initializer.append(tensor)
     return skeleton
 
 
@@ -378,31 +414,46 @@ def refresh_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
     """
     from onnx_graphsurgeon.importers.onnx_importer import (
         get_onnx_tensor_dtype,
-        get_onnx_tensor_shape,
+        get_onnx_tensor_type,
     )
 
     known: dict[str, onnx.ValueInfoProto] = {}
     for proto in iter_graph_protos(model.graph):
         for value in (*proto.input, *proto.output, *proto.value_info):
             known.setdefault(value.name, value)
-    dtypes: dict[int, Any] = {}  # graphsurgeon's own conversion, once per element type
+    # Layers repeat: most tensors share their type with many others, so each distinct type is
+    # parsed once (keyed by its bytes) with graphsurgeon's own conversion of the element type.
+    parsed: dict[bytes, tuple[Any, list | None, str | None]] = {}
+    set_attr = object.__setattr__  # dtype and shape are plain attributes; skip gs's hook
     for _, body in iter_graphs(graph):
         for tensor in _variables(body):
             value = known.get(tensor.name)
             if value is None:
-                tensor.dtype, tensor.shape = None, None
-            elif value.type.HasField("tensor_type"):
-                tensor_type = value.type.tensor_type
-                if tensor_type.elem_type not in dtypes:
-                    dtypes[tensor_type.elem_type] = get_onnx_tensor_dtype(value)
-                tensor.dtype = dtypes[tensor_type.elem_type]
-                tensor.shape = ([d.dim_param if d.HasField("dim_param") else
-                                 d.dim_value if d.HasField("dim_value") else None
-                                 for d in tensor_type.shape.dim]
-                                if tensor_type.HasField("shape") else None)
-            else:
-                tensor.dtype = get_onnx_tensor_dtype(value)
-                tensor.shape = get_onnx_tensor_shape(value)
+                set_attr(tensor, "dtype", None)
+                set_attr(tensor, "shape", None)
+                continue
+            key = value.type.SerializeToString()
+            if key not in parsed:
+                parsed[key] = (get_onnx_tensor_dtype(value), _parse_shape(value),
+                               get_onnx_tensor_type(value) if key else None)
+            dtype, shape, kind = parsed[key]
+            set_attr(tensor, "dtype", dtype)
+            set_attr(tensor, "shape", list(shape) if shape is not None else None)
+            if kind is not None:  # a sequence stays a sequence on export
+                set_attr(tensor, "type", kind)
+
+
+def _parse_shape(value: onnx.ValueInfoProto) -> list | None:
+    """A value's shape as graphsurgeon reads it: ints, dim names, None for unknown dims."""
+    from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_shape
+
+    if not value.type.HasField("tensor_type"):
+        return get_onnx_tensor_shape(value)
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return [d.dim_param if d.HasField("dim_param") else
+            d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
 
 
 def _variables(graph: gs.Graph) -> Iterator[gs.Variable]:

@@ -26,7 +26,7 @@ from .ir import (
     iter_graphs,
     refresh_shapes,
 )
-from .passmanager import Pass, PassResult
+from .passmanager import Pass, PassResult, paused_gc
 
 
 class GraphPass(Pass):
@@ -44,6 +44,10 @@ class GraphPass(Pass):
         raise NotImplementedError
 
     def run(self, model: onnx.ModelProto) -> PassResult:
+        with paused_gc():
+            return self._run(model)
+
+    def _run(self, model: onnx.ModelProto) -> PassResult:
         # One import for all rounds: after a round's export and shape inference the graph only
         # takes the new shapes (refresh_shapes), which costs a fraction of a fresh import.
         graph = import_with_shapes(model)

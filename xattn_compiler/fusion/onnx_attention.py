@@ -1,16 +1,28 @@
 """``onnx-attention``: the ONNX ``Attention`` op (opset 23), one node per block.
 
+    qkv-layout=4d (default)
     context_BHSD = Attention(q_BHSD, k_BHSD, v_BHSD, [mask], scale=a, q_num_heads=H,
                              kv_num_heads=Hkv, [softmax_precision=FLOAT])
+    qkv-layout=3d
+    out_BSE      = Attention(q_BSE, k_BSE, v_BSE, [mask], scale=a, q_num_heads=H,
+                             kv_num_heads=Hkv, [softmax_precision=FLOAT])
 
-Q, K and V stay 4-D (a core left on batched heads ``[B*H,S,D]`` runs as 3-D operands of
-one head each, ``q_num_heads=kv_num_heads=1``) and the projections and head split/merge stay outside the op: what
-TensorRT 10.14's parser turns into ``IAttention`` (no past inputs, one output, a 4-D mask) and
-what ONNX Runtime and ``onnx.reference`` run on CPU. Scales on Q and K are folded into
-``scale`` where nothing else reads them; a mask is the keep conditions as a bool tensor, or
-the float terms (plus keep conditions as ``Where(keep, 0, fill)``) cast to Q's type, expanded
-to ``[., ., Sq, Sk]``. A Softmax that ran in float32 inside an fp16 block keeps float32
-through ``softmax_precision``.
+With ``4d`` Q, K and V stay 4-D (a core left on batched heads ``[B*H,S,D]`` runs as 3-D
+operands of one head each, ``q_num_heads=kv_num_heads=1``) and the projections and head
+split/merge stay outside the op: what TensorRT 10.14's parser turns into ``IAttention`` (no
+past inputs, one output, a 4-D mask) and what ONNX Runtime and ``onnx.reference`` run on CPU.
+
+With ``3d`` the op reads the projection outputs ``[B, S, H*D]`` that the head splits
+(``Reshape [B,S,H,D]`` then ``Transpose``) read, and its ``[B, Sq, H*D]`` output replaces the
+standard head merge, so a block keeps no Reshape or Transpose of its own (the op splits and
+merges heads by its attributes). A block whose Q, K and V are not all such splits, or whose
+context is not merged that way (read in head layout, where 3-D would add a split back), is
+fused 4-D. ONNX Runtime and newer TensorRT parsers take 3-D inputs; ``lint-trt`` warns about them.
+
+Scales on Q and K are folded into ``scale`` where nothing else reads them; a mask is the keep
+conditions as a bool tensor, or the float terms (plus keep conditions as
+``Where(keep, 0, fill)``) cast to Q's type, expanded to ``[., ., Sq, Sk]``. A Softmax that ran
+in float32 inside an fp16 block keeps float32 through ``softmax_precision``.
 
 The model's default-domain opset goes to 23 when it is lower (``prepare``), and only when
 some block will be fused.
@@ -22,10 +34,21 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from xattn_compiler.attention import AttentionMatch
+from xattn_compiler.errors import InputError
 
 from .base import FusionTarget, register_target
-from .operands import CorePlan, Editor, plan_core, static_dim
+from .operands import (
+    CorePlan,
+    Editor,
+    head_split_source,
+    key_split_source,
+    plan_core,
+    standard_merge,
+    static_dim,
+)
 from .opset import ATTENTION_OPSET, upgrade_opset
+
+LAYOUTS = ("4d", "3d")
 
 
 @register_target
@@ -34,6 +57,13 @@ class OnnxAttentionTarget(FusionTarget):
 
     name = "onnx-attention"
     description = "ONNX Attention (opset 23): TensorRT 10.14+, ONNX Runtime"
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.layout = self.options.get("qkv_layout") or "4d"
+        if self.layout not in LAYOUTS:
+            raise InputError(f"fuse-attention: qkv-layout must be one of {', '.join(LAYOUTS)}, "
+                             f"not {self.layout!r}")
 
     def prepare(self, model: onnx.ModelProto) -> onnx.ModelProto:
         return upgrade_opset(model, ATTENTION_OPSET)
@@ -47,6 +77,10 @@ class OnnxAttentionTarget(FusionTarget):
         assert isinstance(plan, CorePlan)  # skip_reason said so
         edit = Editor(block.graph, f"{block.id}_attention")
         edit.fold_scales(plan)
+        if self.layout == "3d" and not plan.batched and standard_merge(block, plan) is not None:
+            sources = _projections(plan)
+            if sources is not None:
+                return _fuse_3d(edit, block, plan, *sources)
         heads, kv_heads = static_dim(plan.q, 1), static_dim(plan.k_t, 1)
         k, v = edit.key(plan.k_t), plan.v
         # GQA exported as repeat_kv: the op reads the unrepeated K/V with kv_num_heads.
@@ -76,3 +110,34 @@ class OnnxAttentionTarget(FusionTarget):
         out = edit.node("Attention", inputs, "attention", dtype=plan.context.dtype, **attrs)
         edit.take_over(plan.context_node, out)
         return edit.added
+
+
+def _projections(plan: CorePlan) -> tuple[gs.Tensor, gs.Tensor, gs.Tensor, int, int] | None:
+    """``(q, k, v, H, Hkv)``: the [B, S, heads*D] tensors Q, K and V were split from, when all
+    three are such splits with head counts the op can take."""
+    q = head_split_source(plan.q, [0, 2, 1, 3])
+    k, v = key_split_source(plan.k_t), head_split_source(plan.v, [0, 2, 1, 3])
+    if q is None or k is None or v is None or k[1] != v[1] or q[1] % k[1] or q[2] != k[2]:
+        return None
+    return q[0], k[0], v[0], q[1], k[1]
+
+
+def _fuse_3d(edit: Editor, block: AttentionMatch, plan: CorePlan, q: gs.Tensor, k: gs.Tensor,
+             v: gs.Tensor, heads: int, kv_heads: int) -> list[gs.Node]:
+    inputs = [q, edit.batched_like(k, plan.q, "key_batched"),
+              edit.batched_like(v, plan.q, "value_batched")]
+    # The mask's form depends only on the core's 4-D shapes, which the plan still holds.
+    mask = None
+    if plan.terms:
+        mask = edit.additive_mask(plan, plan.dtype)
+    elif plan.keeps:
+        mask = edit.keep_mask(plan)
+    if mask is not None:
+        inputs.append(edit.full_mask(mask, plan))
+    attrs: dict = {"scale": float(plan.folded_scale), "q_num_heads": heads,
+                   "kv_num_heads": kv_heads}
+    if plan.softmax_dtype != plan.dtype:
+        attrs["softmax_precision"] = int(plan.softmax_dtype)
+    out = edit.node("Attention", inputs, "attention", dtype=plan.context.dtype, **attrs)
+    edit.merged_output(out, block, plan, heads)
+    return edit.added

@@ -334,6 +334,64 @@ def _dim(tensor: gs.Tensor, axis: int):
 
 # --- editing ------------------------------------------------------------------------------------
 
+def head_split_source(tensor: gs.Tensor, perm: list[int]) -> tuple[gs.Tensor, int, int] | None:
+    """``(x, H, D)`` when ``tensor`` is ``Transpose(Reshape(x[B,S,H*D], [B,S,H,D]), perm)``: the
+    head split of a projection output ``x``, which a fused op can read as it is (3-D, with the
+    head count as an attribute) so the split goes. Shapes must prove it: static ``H``, ``D``
+    and ``H*D``, and the same batch and length on both sides."""
+    transpose = producer(tensor)
+    if transpose is None or transpose.op != "Transpose" or transpose_perm(transpose) != perm:
+        return None
+    reshape = producer(transpose.inputs[0])
+    if reshape is None or reshape.op != "Reshape":
+        return None
+    source, split = reshape.inputs[0], reshape.outputs[0]
+    if source.shape is None or split.shape is None or len(source.shape) != 3 \
+            or len(split.shape) != 4:
+        return None
+    heads, dim, width = split.shape[2], split.shape[3], source.shape[2]
+    if not all(isinstance(d, int) and d > 0 for d in (heads, dim, width)) or heads * dim != width:
+        return None
+    if not (same_dim(split.shape[0], source.shape[0]) and same_dim(split.shape[1], source.shape[1])):
+        return None
+    return source, heads, dim
+
+
+def key_split_source(k_t: gs.Tensor) -> tuple[gs.Tensor, int, int] | None:
+    """:func:`head_split_source` for K^T: one Transpose from the split (``[0,2,3,1]``, what
+    ``canonical-key-transpose`` leaves) or K's split then a swap of the last two axes."""
+    direct = head_split_source(k_t, [0, 2, 3, 1])
+    if direct is not None:
+        return direct
+    swap = producer(k_t)
+    if swap is None or swap.op != "Transpose" or transpose_perm(swap) != [0, 1, 3, 2]:
+        return None
+    return head_split_source(swap.inputs[0], [0, 2, 1, 3])
+
+
+def standard_merge(block: AttentionMatch, plan: CorePlan) -> gs.Node | None:
+    """The Reshape ending a ``Transpose(0,2,1,3) -> Reshape [B, Sq, H*D]`` merge of the core's
+    context, when the block has exactly that (its output is then what an op with 3-D Q
+    computes)."""
+    readers = plan.context.outputs
+    if len(readers) != 1 or readers[0].op != "Transpose" or transpose_perm(readers[0]) != [0, 2, 1, 3]:
+        return None
+    transposed = readers[0].outputs[0]
+    if len(transposed.outputs) != 1 or transposed.outputs[0].op != "Reshape":
+        return None
+    reshape = transposed.outputs[0]
+    merged, context = reshape.outputs[0], plan.context
+    if merged is not block.output or merged.shape is None or context.shape is None \
+            or len(merged.shape) != 3:
+        return None
+    width = static_dim(context, 1), static_dim(context, 3)
+    if None in width or merged.shape[2] != width[0] * width[1]:
+        return None
+    if not (same_dim(merged.shape[0], context.shape[0]) and same_dim(merged.shape[1], context.shape[2])):
+        return None
+    return reshape
+
+
 class Editor:
     """New nodes for one graph, with fresh deterministic names; remembers what it added."""
 
@@ -413,10 +471,13 @@ class Editor:
         """``tensor`` with Q's batch: MatMul broadcasts a K or V of batch 1 (a constant
         context), fused ops do not. ``shape_of``: the tensor whose (inferred) batch
         ``tensor`` has, when ``tensor`` is new."""
-        if same_dim(_dim(shape_of if shape_of is not None else tensor, 0), _dim(q, 0)):
+        known = shape_of if shape_of is not None else tensor
+        if same_dim(_dim(known, 0), _dim(q, 0)):
             return tensor
         batch = self.shape_slice(q, 0, "batch")
-        rank = len(q.shape) if q.shape is not None else 4
+        # The tensor's own rank: a 3-D K read before its head split goes with a 4-D Q.
+        reference = known if known.shape is not None else q
+        rank = len(reference.shape) if reference.shape is not None else 4
         ones = self.const("ones", np.ones(rank - 1, np.int64))
         target = self.node("Concat", [batch, ones], f"{hint}_shape", dtype=np.int64, axis=0)
         return self.node("Expand", [tensor, target], hint, dtype=tensor.dtype)
@@ -507,6 +568,23 @@ class Editor:
                            "mask_shape", dtype=int64, axis=0)
         return self.node("Expand", [mask, target], "mask_full", dtype=mask.dtype)
 
+    def merged_output(self, out: gs.Tensor, block: AttentionMatch, plan: CorePlan, heads: int
+                      ) -> None:
+        """Let ``out`` ([B, Sq, H*D], a fused op's output for 3-D Q) stand for the block: it
+        takes over the block's standard head merge, or is split back into the core's
+        ``[B, H, Sq, D]`` context where the block merges some other way."""
+        merge = standard_merge(block, plan)
+        if merge is not None:
+            self.take_over(merge, out)
+            return
+        head_dim = static_dim(plan.context, 3) or -1
+        split = self.node("Reshape", [out, self.const("split_shape",
+                                                      np.array([0, 0, heads, head_dim], np.int64))],
+                          "context_BSHD", dtype=plan.context.dtype)
+        context = self.node("Transpose", [split], "context", dtype=plan.context.dtype,
+                            perm=[0, 2, 1, 3])
+        self.take_over(plan.context_node, context)
+
     def shape_slice(self, tensor: gs.Tensor, axis: int, hint: str) -> gs.Tensor:
         """``[tensor.shape[axis]]`` as a 1-D int64 tensor (a constant when static)."""
         shape = tensor.shape
@@ -520,4 +598,4 @@ class Editor:
 
 
 __all__ = ["MASK_FILL_LIMIT", "CorePlan", "Editor", "KeepCondition", "ScaleFold", "head_problem",
-           "plan_core", "static_dim"]
+           "head_split_source", "key_split_source", "plan_core", "standard_merge", "static_dim"]

@@ -1,15 +1,15 @@
 """``ort-mha``: ONNX Runtime's ``com.microsoft.MultiHeadAttention``, one node per block.
 
-    q_BSE        = Reshape(Transpose(q_BHSD, [0,2,1,3]), [0, 0, -1])
-    out_BSE      = MultiHeadAttention(q_BSE, k_BHSD, v_BHSD, , , [bias_BHSS],
-                                      num_heads=H, scale=a)
+    out_BSE = MultiHeadAttention(q_BSE, k_BSE, v_BSE, , , [bias_BHSS], num_heads=H, scale=a)
 
-The query is 3-D ([B, Sq, H*D]); K and V go in as [B, H, Sk, D], which the op accepts for
-cross and self attention alike. A mask becomes the additive ``attention_bias`` (keep
-conditions as ``Where(keep, 0, fill)``), expanded to ``[., ., Sq, Sk]``. When the block merges
-its heads the usual way (``Transpose(0,2,1,3)`` then a Reshape to ``[B, Sq, H*D]``), the op's
-output is the block's output directly; otherwise it is split back into the core's
-``[B, H, Sq, D]`` context and the block's own merge follows.
+Q, K and V go in as the projection outputs ``[B, S, H*D]`` their head splits
+(``Reshape [B,S,H,D]`` then ``Transpose``) read, so the splits go with the core. Where a split
+is not that (Q: ``Q = Reshape(Transpose(q_BHSD, [0,2,1,3]), [0,0,-1])`` is built; K and V:
+both stay ``[B, H, Sk, D]``, which the op accepts too). A mask becomes the additive
+``attention_bias`` (keep conditions as ``Where(keep, 0, fill)``), expanded to ``[., ., Sq, Sk]``.
+When the block merges its heads the usual way (``Transpose(0,2,1,3)`` then a Reshape to
+``[B, Sq, H*D]``), the op's output is the block's output directly; otherwise it is split back
+into the core's ``[B, H, Sq, D]`` context and the block's own merge follows.
 
 The op has no ``softmax_precision``: a Softmax that ran in float32 inside an fp16 block stays
 unfused rather than lose that precision. GQA (fewer K/V heads) is left alone too.
@@ -22,11 +22,16 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from xattn_compiler.attention import AttentionMatch
-from xattn_compiler.passes.reshapes import same_dim
-from xattn_compiler.rewrite import transpose_perm
 
 from .base import FusionTarget, register_target
-from .operands import CorePlan, Editor, plan_core, static_dim
+from .operands import (
+    CorePlan,
+    Editor,
+    head_split_source,
+    key_split_source,
+    plan_core,
+    static_dim,
+)
 
 MS_DOMAIN = "com.microsoft"
 
@@ -65,21 +70,18 @@ class OrtMultiHeadAttentionTarget(FusionTarget):
         assert isinstance(plan, CorePlan)  # skip_reason said so
         edit = Editor(block.graph, f"{block.id}_mha")
         edit.fold_scales(plan)
-        k = edit.batched_like(edit.key(plan.k_t), plan.q, "key_batched", plan.k_t)
-        v = edit.batched_like(plan.v, plan.q, "value_batched")
         if plan.batched:
             # [B*H,S,D]: B*H rows of one head; K/V as [B*H,1,S,D].
             heads, q_bse = 1, plan.q
+            k = edit.batched_like(edit.key(plan.k_t), plan.q, "key_batched", plan.k_t)
+            v = edit.batched_like(plan.v, plan.q, "value_batched")
             axis = edit.const("head_axis", np.array([1], np.int64))
             k = edit.node("Unsqueeze", [k, axis], "key_rows", dtype=k.dtype)
             v = edit.node("Unsqueeze", [v, axis], "value_rows", dtype=v.dtype)
         else:
             heads = int(block.num_heads)
-            q_bshd = edit.node("Transpose", [plan.q], "query_BSHD", dtype=plan.q.dtype,
-                               perm=[0, 2, 1, 3])
-            q_bse = edit.node("Reshape", [q_bshd, edit.const("query_shape",
-                                                             np.array([0, 0, -1], np.int64))],
-                              "query_BSE", dtype=plan.q.dtype)
+            q_bse = self._query(edit, plan, heads)
+            k, v = self._key_value(edit, plan, heads)
         empty = gs.Variable.empty()
         inputs = [q_bse, k, v, empty, empty]
         mask = edit.additive_mask(plan, plan.dtype)
@@ -87,42 +89,35 @@ class OrtMultiHeadAttentionTarget(FusionTarget):
             inputs.append(edit.full_mask(mask, plan))
         out = edit.node("MultiHeadAttention", inputs, "attention", domain=MS_DOMAIN,
                         dtype=plan.context.dtype, num_heads=heads, scale=float(plan.folded_scale))
-        merged = None if plan.batched else _standard_merge(block, plan)
         if plan.batched:
             edit.take_over(plan.context_node, out)
-        elif merged is not None:
-            edit.take_over(merged, out)
         else:
-            head_dim = static_dim(plan.context, 3) or -1
-            split = edit.node("Reshape", [out, edit.const("split_shape",
-                                                          np.array([0, 0, heads, head_dim], np.int64))],
-                              "context_BSHD", dtype=plan.context.dtype)
-            context = edit.node("Transpose", [split], "context", dtype=plan.context.dtype,
-                                perm=[0, 2, 1, 3])
-            edit.take_over(plan.context_node, context)
+            edit.merged_output(out, block, plan, heads)
         return edit.added
 
 
-def _standard_merge(block: AttentionMatch, plan: CorePlan) -> gs.Node | None:
-    """The Reshape ending a ``Transpose(0,2,1,3) -> Reshape [B, Sq, H*D]`` merge of the core's
-    context, when the block has exactly that (its output is then what MHA computes)."""
-    readers = plan.context.outputs
-    if len(readers) != 1 or readers[0].op != "Transpose" or transpose_perm(readers[0]) != [0, 2, 1, 3]:
-        return None
-    transposed = readers[0].outputs[0]
-    if len(transposed.outputs) != 1 or transposed.outputs[0].op != "Reshape":
-        return None
-    reshape = transposed.outputs[0]
-    merged, context = reshape.outputs[0], plan.context
-    if merged is not block.output or merged.shape is None or context.shape is None \
-            or len(merged.shape) != 3:
-        return None
-    width = static_dim(context, 1), static_dim(context, 3)
-    if None in width or merged.shape[2] != width[0] * width[1]:
-        return None
-    if not (same_dim(merged.shape[0], context.shape[0]) and same_dim(merged.shape[1], context.shape[2])):
-        return None
-    return reshape
+    @staticmethod
+    def _query(edit: Editor, plan: CorePlan, heads: int) -> gs.Tensor:
+        """Q as [B, Sq, H*D]: the projection output the head split read, else Q merged."""
+        source = head_split_source(plan.q, [0, 2, 1, 3])
+        if source is not None and source[1] == heads:
+            return source[0]
+        q_bshd = edit.node("Transpose", [plan.q], "query_BSHD", dtype=plan.q.dtype,
+                           perm=[0, 2, 1, 3])
+        return edit.node("Reshape", [q_bshd, edit.const("query_shape",
+                                                        np.array([0, 0, -1], np.int64))],
+                         "query_BSE", dtype=plan.q.dtype)
+
+    @staticmethod
+    def _key_value(edit: Editor, plan: CorePlan, heads: int) -> tuple[gs.Tensor, gs.Tensor]:
+        """K and V as the op takes them: both [B, Sk, H*D] when both are head splits of
+        projection outputs (the splits go), else both [B, H, Sk, D]."""
+        k_source, v_source = key_split_source(plan.k_t), head_split_source(plan.v, [0, 2, 1, 3])
+        if k_source is not None and v_source is not None and k_source[1] == v_source[1] == heads:
+            return (edit.batched_like(k_source[0], plan.q, "key_batched"),
+                    edit.batched_like(v_source[0], plan.q, "value_batched"))
+        return (edit.batched_like(edit.key(plan.k_t), plan.q, "key_batched", plan.k_t),
+                edit.batched_like(plan.v, plan.q, "value_batched"))
 
 
 def _all_nodes(graph: onnx.GraphProto):
