@@ -70,10 +70,10 @@ def test_blocks_not_run_say_why():
 
 
 def test_markers_are_spelled_right():
-    marker = re.compile(r"<!--\s*(not-run:\s*\S.*?|synopsis)\s*-->")
+    marker = re.compile(r"<!--\s*(not-run:\s*\S.*?|synopsis|output)\s*-->")
     for page in doc_files():
         for number, line in enumerate(page.read_text().splitlines(), 1):
-            if "<!--" in line and re.search(r"run|synopsis", line):
+            if "<!--" in line and re.search(r"run|synopsis|output", line):
                 assert marker.fullmatch(line.strip()), f"{page_id(page)}:{number}: {line!r}"
 
 
@@ -317,6 +317,14 @@ def test_the_api_reference_documents_every_public_name():
     public = set(xc.__all__)
     assert headings == public, (f"not documented: {sorted(public - headings)}; "
                                 f"documented but not in __all__: {sorted(headings - public)}")
+
+
+def test_the_api_reference_signatures_are_the_code_s():
+    """`xc.f(a, b=1, *, c=None)` headings name the parameters the function takes, in order."""
+    for name, params in re.findall(r"^### `xc\.(\w+)\((.*)\)`", API_DOC.read_text(), flags=re.M):
+        documented = [p.split("=")[0].strip() for p in params.split(", ") if p.strip("* ")]
+        actual = list(inspect.signature(getattr(xc, name)).parameters)
+        assert documented == actual, f"xc.{name}: documented {documented}, takes {actual}"
 
 
 def test_every_name_the_api_reference_mentions_exists():

@@ -7,6 +7,8 @@ between) changes that:
   a fragment); its commands must still parse and its Python must compile. The reason is listed.
 - ``<!-- synopsis -->``: a usage line with ``[optional]`` parts and ``a|b`` alternatives; its
   subcommands and options must exist.
+- ``<!-- output -->``: what the Python block above prints; every line of it must be printed
+  (``...`` in a line stands for any text).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```",
                     re.S | re.M)
-_MARKER = re.compile(r"^\s*<!--\s*(not-run:\s*(?P<reason>.*?)|(?P<synopsis>synopsis))\s*-->\s*$")
+_MARKER = re.compile(
+    r"^\s*<!--\s*(not-run:\s*(?P<reason>.*?)|(?P<kind>synopsis|output))\s*-->\s*$")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Block:
     text: str
     not_run: str | None = None
     synopsis: bool = False
+    output: bool = False
 
     @property
     def where(self) -> str:
@@ -39,7 +43,7 @@ class Block:
 
     @property
     def runs(self) -> bool:
-        return self.not_run is None and not self.synopsis
+        return self.not_run is None and not self.synopsis and not self.output
 
 
 def doc_files() -> list[Path]:
@@ -56,8 +60,9 @@ def blocks(path: Path, language: str | None = None) -> list[Block]:
             continue
         line = text.count("\n", 0, fence.start()) + 1
         body = _dedent(fence["body"], len(fence["indent"]))
-        reason, synopsis = _marker(text[:fence.start()])
-        found.append(Block(path, line, fence["lang"], body, reason, synopsis))
+        reason, kind = _marker(text[:fence.start()])
+        found.append(Block(path, line, fence["lang"], body, reason, kind == "synopsis",
+                           kind == "output"))
     return found
 
 
@@ -67,13 +72,12 @@ def _dedent(body: str, width: int) -> str:
                    for line in body.splitlines(keepends=True))
 
 
-def _marker(before: str) -> tuple[str | None, bool]:
+def _marker(before: str) -> tuple[str | None, str | None]:
+    """The not-run reason, or the kind of a ``synopsis`` or ``output`` marker."""
     lines = [line for line in before.splitlines() if line.strip()]
-    if not lines:
-        return None, False
-    marker = _MARKER.match(lines[-1])
+    marker = _MARKER.match(lines[-1]) if lines else None
     if marker is None:
-        return None, False
-    if marker["synopsis"]:
-        return None, True
-    return marker["reason"].strip(), False
+        return None, None
+    if marker["kind"]:
+        return None, marker["kind"]
+    return marker["reason"].strip(), None
