@@ -67,6 +67,28 @@ def test_optimize_fuses_to_the_chosen_target(tmp_path, target, fused_op):
         assert ops["Softmax"] == 4 and "Attention" not in ops
 
 
+def test_the_3d_layout_leaves_no_head_split_or_merge(tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert cli("optimize", "--example", "-o", out, "--qkv-layout", "3d", "--verify",
+               "--report", report, "-q") == 0
+    data = json.loads(report.read_text())
+    assert data["after"]["ops"]["Attention"] == 4 and "qkv-layout=3d" in data["pipeline"]
+    # What layout ops are left make the self-attention K/V cache the model outputs
+    # ([B, H, S, D]); no block keeps a split or merge of its own.
+    optimized = onnx.load(out)
+    outputs = {o.name for o in optimized.graph.output}
+    left = [n for n in optimized.graph.node if n.op_type in ("Transpose", "Reshape")]
+    transposes = [n for n in left if n.op_type == "Transpose"]
+    assert len(left) == 2 * len(transposes) and all(n.output[0] in outputs for n in transposes)
+    assert len(left) < data["before"]["ops"]["Transpose"] + data["before"]["ops"]["Reshape"] - 24
+
+
+def test_a_qkv_layout_for_another_target_is_refused(tmp_path, capsys):
+    assert cli("optimize", "--example", "-o", tmp_path / "o.onnx", "--target", "canonical",
+               "--qkv-layout", "3d") == 2
+    assert "onnx-attention only" in capsys.readouterr().err
+
+
 def test_specialize_fixes_an_input_and_inlines_what_it_decides(tmp_path):
     from xattn_compiler.testing.merged_decoder import merged_decoder
 

@@ -19,7 +19,7 @@ from .backends.cli import add_backend_commands
 from .errors import CheckFailed, InputError, OutputError, PassError
 from .io import load
 from .passmanager import Listener, Pass, PassRecord
-from .pipeline import DEFAULT_PIPELINE, TARGETS, model_summary, optimize
+from .pipeline import DEFAULT_PIPELINE, QKV_LAYOUTS, TARGETS, model_summary, optimize
 from .registry import default_registry
 from .split_cli import add_split_commands
 from .zoo.cli import add_zoo_commands
@@ -124,6 +124,10 @@ def _add_optimize(commands: Any, common: argparse.ArgumentParser) -> None:
     cmd.add_argument("--plugin-spec", metavar="SPEC", default=None,
                      help="--target trt-plugin: a TOML/JSON plugin spec (default: the legacy "
                           "fMHCA/fMHA_V2 presets)")
+    cmd.add_argument("--qkv-layout", choices=QKV_LAYOUTS, default=None,
+                     help="--target onnx-attention: 4d (default; Q/K/V as [B,H,S,D], what "
+                          "TensorRT 10.14 parses) or 3d (the op reads the projections "
+                          "[B,S,H*D]: no head split or merge left; ONNX Runtime, newer parsers)")
     cmd.add_argument("--guard-precision", action="store_true",
                      help="keep each attention's score MatMul and Softmax in fp32 (half-precision "
                           "models) and list them for the TensorRT build")
@@ -157,7 +161,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     result = optimize(model, args.passes, fixpoint=args.fixpoint, debug=args.debug,
                       reproducer=args.reproducer, listener=listener, target=args.target,
                       specialize=specialize, plugin_spec=args.plugin_spec,
-                      guard_precision=args.guard_precision)
+                      guard_precision=args.guard_precision, qkv_layout=args.qkv_layout)
     report: dict[str, Any] = {
         "model": str(model_path), "output": str(output),
         "before": model_summary(model), "after": model_summary(result.detached),

@@ -29,6 +29,8 @@ from .weights import (
 DEFAULT_PIPELINE = "canonicalize,unroll-control-flow,remove-layout-clutter,fuse-attention"
 #: Fusion targets (``fuse-attention{target=...}``); the first is the default.
 TARGETS = ("onnx-attention", "canonical", "trt-plugin", "ort-mha")
+#: Q/K/V layouts of ``onnx-attention`` (``fuse-attention{qkv-layout=...}``); the first is the default.
+QKV_LAYOUTS = ("4d", "3d")
 
 
 def default_pipeline(
@@ -36,20 +38,28 @@ def default_pipeline(
     specialize: Mapping[str, Any] | None = None,
     plugin_spec: str | Path | None = None,
     guard_precision: bool = False,
+    qkv_layout: str | None = None,
 ) -> str:
     """The default pipeline's text for a fusion target, input values to specialise on, a
-    plugin spec (``trt-plugin``) and, when asked, ``guard-precision`` at the end."""
+    plugin spec (``trt-plugin``), the Q/K/V layout (``onnx-attention``: ``4d`` or ``3d``) and,
+    when asked, ``guard-precision`` at the end."""
     target = target or TARGETS[0]
     if target not in TARGETS:
         raise PipelineError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if plugin_spec and target != "trt-plugin":
         raise PipelineError("a plugin spec applies to --target trt-plugin only")
+    if qkv_layout and target != "onnx-attention":
+        raise PipelineError("a Q/K/V layout applies to --target onnx-attention only")
+    if qkv_layout and qkv_layout not in QKV_LAYOUTS:
+        raise PipelineError(f"unknown Q/K/V layout {qkv_layout!r}; choose one of "
+                            f"{', '.join(QKV_LAYOUTS)}")
     unroll = "unroll-control-flow"
     if specialize:
         values = ",".join(f"{name}={_value_text(value)}" for name, value in specialize.items())
         unroll += f"{{values={values}}}"
     fuse = f"fuse-attention{{target={target}"
-    fuse += f" plugin-spec={plugin_spec}}}" if plugin_spec else "}"
+    fuse += f" plugin-spec={plugin_spec}" if plugin_spec else ""
+    fuse += f" qkv-layout={qkv_layout}}}" if qkv_layout else "}"
     passes = ["canonicalize", unroll, "remove-layout-clutter", fuse]
     if guard_precision:
         passes.append("guard-precision")
@@ -123,19 +133,21 @@ def optimize(
     specialize: Mapping[str, Any] | None = None,
     plugin_spec: str | Path | None = None,
     guard_precision: bool = False,
+    qkv_layout: str | None = None,
 ) -> OptimizeResult:
     """Run ``passes`` (pipeline text, pass objects, or the default pipeline) on ``model``.
 
-    ``target``, ``specialize`` (graph input -> value), ``plugin_spec`` and ``guard_precision``
-    shape the default pipeline (:func:`default_pipeline`); with explicit ``passes`` say the
-    same in the text, e.g. ``fuse-attention{target=canonical}``.
+    ``target``, ``specialize`` (graph input -> value), ``plugin_spec``, ``guard_precision``
+    and ``qkv_layout`` shape the default pipeline (:func:`default_pipeline`); with explicit
+    ``passes`` say the same in the text, e.g. ``fuse-attention{target=canonical}``.
     """
-    shaped = target is not None or specialize or plugin_spec or guard_precision
+    shaped = target is not None or specialize or plugin_spec or guard_precision or qkv_layout
     if shaped and passes is not None:
-        raise PipelineError("target, specialize, plugin_spec and guard_precision shape the "
-                            "default pipeline; with explicit passes, give them as pass options")
+        raise PipelineError("target, specialize, plugin_spec, guard_precision and qkv_layout "
+                            "shape the default pipeline; with explicit passes, give them as "
+                            "pass options")
     if passes is None:
-        passes = default_pipeline(target, specialize, plugin_spec, guard_precision)
+        passes = default_pipeline(target, specialize, plugin_spec, guard_precision, qkv_layout)
     pipeline = build_pipeline(passes, fixpoint=fixpoint, debug=debug, reproducer=reproducer)
     store = None
     if detachable_bytes(model) >= DETACH_MODEL_BYTES:

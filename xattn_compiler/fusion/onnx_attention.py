@@ -126,14 +126,13 @@ def _fuse_3d(edit: Editor, block: AttentionMatch, plan: CorePlan, q: gs.Tensor, 
              v: gs.Tensor, heads: int, kv_heads: int) -> list[gs.Node]:
     inputs = [q, edit.batched_like(k, plan.q, "key_batched"),
               edit.batched_like(v, plan.q, "value_batched")]
-    # The mask's form depends only on the core's 4-D shapes, which the plan still holds.
     mask = None
     if plan.terms:
         mask = edit.additive_mask(plan, plan.dtype)
     elif plan.keeps:
         mask = edit.keep_mask(plan)
     if mask is not None:
-        inputs.append(edit.full_mask(mask, plan))
+        inputs.append(edit.full_mask(mask, plan, lengths=((q, 1), (k, 1))))
     attrs: dict = {"scale": float(plan.folded_scale), "q_num_heads": heads,
                    "kv_num_heads": kv_heads}
     if plan.softmax_dtype != plan.dtype:

@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 
 from xattn_compiler.analysis import constant_eval
 from xattn_compiler.attention import AttentionMatch, _head_split
-from xattn_compiler.ir import is_graph_output, producer
+from xattn_compiler.ir import constant_value, is_graph_output, producer
 from xattn_compiler.passes.reshapes import Names, disconnect, move_readers, onnx_dtype, same_dim
 from xattn_compiler.rewrite import compose_perms, is_identity_perm, transpose_perm
 
@@ -352,9 +352,26 @@ def head_split_source(tensor: gs.Tensor, perm: list[int]) -> tuple[gs.Tensor, in
     heads, dim, width = split.shape[2], split.shape[3], source.shape[2]
     if not all(isinstance(d, int) and d > 0 for d in (heads, dim, width)) or heads * dim != width:
         return None
-    if not (same_dim(split.shape[0], source.shape[0]) and same_dim(split.shape[1], source.shape[1])):
+    if not (same_dim(split.shape[0], source.shape[0]) and same_dim(split.shape[1], source.shape[1])) \
+            and not _keeps_leading_dims(reshape, source.shape[:2]):
         return None
     return source, heads, dim
+
+
+def _keeps_leading_dims(reshape: gs.Node, dims: list) -> bool:
+    """Whether a Reshape between [B, S, H*D] and [B, S, H, D] (either way) keeps B and S
+    (``dims``), read off its constant target where shape inference named the output dims
+    afresh (``unk__``): each of the first two entries copies its dim (0) or is that dim, and
+    at most one is -1 (then it can only be the one left: the shapes above fix the entries
+    after the first two to exactly H and D, or H*D)."""
+    target = constant_value(reshape.inputs[1])
+    if target is None or target.size not in (3, 4) or reshape.attrs.get("allowzero", 0):
+        return False
+    entries = [int(t) for t in target.reshape(-1)]
+    if -1 in entries[2:] or entries[:2].count(-1) > 1:
+        return False
+    return all(t in (0, -1) or (isinstance(d, int) and d == t)
+               for t, d in zip(entries[:2], dims, strict=True))
 
 
 def key_split_source(k_t: gs.Tensor) -> tuple[gs.Tensor, int, int] | None:
@@ -387,7 +404,8 @@ def standard_merge(block: AttentionMatch, plan: CorePlan) -> gs.Node | None:
     width = static_dim(context, 1), static_dim(context, 3)
     if None in width or merged.shape[2] != width[0] * width[1]:
         return None
-    if not (same_dim(merged.shape[0], context.shape[0]) and same_dim(merged.shape[1], context.shape[2])):
+    if not (same_dim(merged.shape[0], context.shape[0]) and same_dim(merged.shape[1], context.shape[2])) \
+            and not _keeps_leading_dims(reshape, [context.shape[0], context.shape[2]]):
         return None
     return reshape
 
@@ -547,12 +565,17 @@ class Editor:
                                                            dtype=np_dtype)
         return result
 
-    def full_mask(self, mask: gs.Tensor, plan: CorePlan) -> gs.Tensor:
+    def full_mask(self, mask: gs.Tensor, plan: CorePlan,
+                  lengths: tuple[tuple[gs.Tensor, int], tuple[gs.Tensor, int]] | None = None
+                  ) -> gs.Tensor:
         """``mask`` broadcast to rank 4 with its last two dims exactly [Sq, Sk]: fused kernels
         (ONNX Runtime's Attention and MultiHeadAttention, TensorRT's IAttention) take a mask of
-        that form and broadcast only batch and heads."""
-        shape, q, k_t = mask.shape, plan.q, plan.k_t
-        q_axis, k_axis = plan.seq_axes
+        that form and broadcast only batch and heads. ``lengths``: the tensors and axes to read
+        Sq and Sk from, when the op reads other tensors than the core's (a Shape of the core's
+        Q would keep its head split alive)."""
+        shape = mask.shape
+        (q, q_axis), (k_t, k_axis) = lengths or ((plan.q, plan.seq_axes[0]),
+                                                  (plan.k_t, plan.seq_axes[1]))
         if plan.batched and (len(shape) if shape is not None else plan.mask_rank) == 3:
             # [B*H,Sq,Sk] masks the rows of the batch, which the op sees as [B*H,1,Sq,Sk].
             mask = self.node("Unsqueeze", [mask, self.const("head_axis", np.array([1], np.int64))],

@@ -81,12 +81,15 @@ class OrtMultiHeadAttentionTarget(FusionTarget):
         else:
             heads = int(block.num_heads)
             q_bse = self._query(edit, plan, heads)
-            k, v = self._key_value(edit, plan, heads)
+            k, v, k_len = self._key_value(edit, plan, heads)
         empty = gs.Variable.empty()
         inputs = [q_bse, k, v, empty, empty]
         mask = edit.additive_mask(plan, plan.dtype)
         if mask is not None:
-            inputs.append(edit.full_mask(mask, plan))
+            # Lengths from what the op reads: a Shape of the core's Q or K^T would keep the
+            # head split the op made unnecessary.
+            lengths = None if plan.batched else ((q_bse, 1), k_len)
+            inputs.append(edit.full_mask(mask, plan, lengths))
         out = edit.node("MultiHeadAttention", inputs, "attention", domain=MS_DOMAIN,
                         dtype=plan.context.dtype, num_heads=heads, scale=float(plan.folded_scale))
         if plan.batched:
@@ -109,15 +112,16 @@ class OrtMultiHeadAttentionTarget(FusionTarget):
                          "query_BSE", dtype=plan.q.dtype)
 
     @staticmethod
-    def _key_value(edit: Editor, plan: CorePlan, heads: int) -> tuple[gs.Tensor, gs.Tensor]:
+    def _key_value(edit: Editor, plan: CorePlan, heads: int
+                   ) -> tuple[gs.Tensor, gs.Tensor, tuple[gs.Tensor, int]]:
         """K and V as the op takes them: both [B, Sk, H*D] when both are head splits of
-        projection outputs (the splits go), else both [B, H, Sk, D]."""
+        projection outputs (the splits go), else both [B, H, Sk, D]; and where Sk is read."""
         k_source, v_source = key_split_source(plan.k_t), head_split_source(plan.v, [0, 2, 1, 3])
         if k_source is not None and v_source is not None and k_source[1] == v_source[1] == heads:
             return (edit.batched_like(k_source[0], plan.q, "key_batched"),
-                    edit.batched_like(v_source[0], plan.q, "value_batched"))
+                    edit.batched_like(v_source[0], plan.q, "value_batched"), (k_source[0], 1))
         return (edit.batched_like(edit.key(plan.k_t), plan.q, "key_batched", plan.k_t),
-                edit.batched_like(plan.v, plan.q, "value_batched"))
+                edit.batched_like(plan.v, plan.q, "value_batched"), (plan.k_t, 3))
 
 
 def _all_nodes(graph: onnx.GraphProto):
