@@ -96,14 +96,15 @@ def test_kv_given_in_head_layout_is_fused_the_4d_way():
     assert ranks(mha.model, node.input[:3]) == [3, 4, 4]
 
 
-def _context_output_model() -> onnx.ModelProto:
-    """Self-attention on ``x[B,S,8]`` with two heads whose 4-D context is the graph output:
-    no head merge for the op's 3-D output to take over."""
+def _self_attention(split_target, merge_target=None) -> onnx.ModelProto:
+    """Self-attention on ``x[B,S,8]`` with two heads split by ``split_target``; merged by
+    ``merge_target`` into the output ``y``, or else the 4-D context is the graph output (no
+    head merge for the op's 3-D output to take over)."""
     f = TensorProto.FLOAT
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"w{n}")
              for n in "qkv"]
-    inits += [numpy_helper.from_array(np.array([0, 0, 2, 4], np.int64), "split"),
+    inits += [numpy_helper.from_array(np.array(split_target, np.int64), "split"),
               numpy_helper.from_array(np.array(0.5, np.float32), "scale")]
     nodes = []
     for n in "qkv":
@@ -115,15 +116,33 @@ def _context_output_model() -> onnx.ModelProto:
               helper.make_node("Mul", ["s", "scale"], ["ss"]),
               helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
               helper.make_node("MatMul", ["p", "v"], ["context"])]
+    output = "context"
+    if merge_target is not None:
+        inits.append(numpy_helper.from_array(np.array(merge_target, np.int64), "merge"))
+        nodes += [helper.make_node("Transpose", ["context"], ["bshd"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["bshd", "merge"], ["y"])]
+        output = "y"
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, ["b", "s", 8])],
-                              [helper.make_tensor_value_info("context", f, None)], inits)
+                              [helper.make_tensor_value_info(output, f, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     return model
 
 
+def test_splits_and_merges_are_proved_by_their_targets_where_inference_names_dims_afresh():
+    # A -1 in the target: shape inference calls the length unk__N, not s.
+    model = _self_attention([0, -1, 2, 4], [0, -1, 8])
+    result = assert_pass_properties(FuseAttention(**LAYOUT_3D), model, allow_refusal=False)
+    assert layout_ops(result.model) == 0
+    # A target that does not keep the batch (here it folds it into the length) is no split.
+    folded = _self_attention([1, -1, 2, 4], [0, -1, 8])
+    result = assert_pass_properties(FuseAttention(**LAYOUT_3D), folded, allow_refusal=False,
+                                    inputs=[{"x": np.ones((1, 3, 8), np.float32)}])
+    assert ranks(result.model, fused_node(result.model).input[:3]) == [4, 4, 4]
+
+
 def test_a_context_read_in_head_layout_stays_4d_where_3d_would_split_it_back():
-    model = _context_output_model()
+    model = _self_attention([0, 0, 2, 4])
     result = assert_pass_properties(FuseAttention(**LAYOUT_3D), model, allow_refusal=False)
     node = fused_node(result.model)
     assert node.output[0] == "context" and ranks(result.model, node.input[:3]) == [4, 4, 4]
