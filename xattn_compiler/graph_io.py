@@ -54,10 +54,14 @@ def import_onnx(model: onnx.ModelProto, value_info: bool = True) -> gs.Graph:
     inputs = [_io_tensor(value, local) for value in source.input if value.name not in initializers]
     outputs = [_io_tensor(value, local) for value in source.output]
     nodes = [_node(node, local, opset, domains) for node in source.node]
-    return gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, name=source.name,
-                    doc_string=source.doc_string, producer_name=model.producer_name,
-                    producer_version=model.producer_version, opset=opset, import_domains=domains,
-                    functions=[], ir_version=model.ir_version)
+    graph = gs.Graph(nodes=[], inputs=inputs, outputs=outputs, name=source.name,
+                     doc_string=source.doc_string, producer_name=model.producer_name,
+                     producer_version=model.producer_version, opset=opset,
+                     import_domains=domains, functions=[], ir_version=model.ir_version)
+    # Given the nodes, the constructor walks every body to merge the functions bodies
+    # declare; without model-local functions (else graphsurgeon imported it) there are none.
+    graph.nodes = nodes
+    return graph
 
 
 def _variable(value: onnx.ValueInfoProto) -> gs.Variable:

@@ -151,8 +151,9 @@ def remove_dead_nodes(graph: gs.Graph) -> int:
         detach([node for node in graph.nodes if id(node) not in live])
         graph.nodes = kept
     for node in kept:
-        for body in _bodies(node):
-            removed += remove_dead_nodes(body)
+        if node.op in _BODY_OPS or node.domain not in (None, "", "ai.onnx"):
+            for body in _bodies(node):
+                removed += remove_dead_nodes(body)
     return removed
 
 

@@ -365,10 +365,11 @@ def _keeps_leading_dims(reshape: gs.Node, dims: list) -> bool:
     at most one is -1 (then it can only be the one left: the shapes above fix the entries
     after the first two to exactly H and D, or H*D)."""
     target = constant_value(reshape.inputs[1])
-    if target is None or target.size not in (3, 4) or reshape.attrs.get("allowzero", 0):
+    if target is None or target.size not in (3, 4):
         return False
     entries = [int(t) for t in target.reshape(-1)]
-    if -1 in entries[2:] or entries[:2].count(-1) > 1:
+    if -1 in entries[2:] or entries[:2].count(-1) > 1 \
+            or (reshape.attrs.get("allowzero", 0) and 0 in entries):  # then 0 is a zero
         return False
     return all(t in (0, -1) or (isinstance(d, int) and d == t)
                for t, d in zip(entries[:2], dims, strict=True))
