@@ -7,7 +7,8 @@ One run measures everything below on this machine, so every figure is quoted nex
 others as a ratio:
 
 * **tools**: for each zoo model (benchmark size by default, an SD-1.5-sized UNet included), each
-  tool runs in a fresh process (``toolrun.py``): seconds, peak memory, nodes, Transpose+Reshape
+  tool (ours twice: the default pipeline, and with ``--qkv-layout 3d``) runs in a fresh
+  process (``toolrun.py``): seconds, peak memory, nodes, Transpose+Reshape
   left, attention blocks our matcher still finds, fused attention nodes, and whether ONNX
   Runtime gives the raw export's outputs on the model's sample inputs;
 * **scaling**: the default pipeline on synthetic decoders of 2 to 64 layers, fitted exponent;
@@ -43,7 +44,7 @@ from xattn_compiler.cost import estimate_cost  # noqa: E402
 from xattn_compiler.ir import count_nodes, op_histogram  # noqa: E402
 from xattn_compiler.zoo import all_models, cached_export  # noqa: E402
 
-TOOLS = ("xattn-compiler", "onnxsim", "onnxslim", "onnxscript optimizer",
+TOOLS = ("xattn-compiler", "xattn-compiler 3d", "onnxsim", "onnxslim", "onnxscript optimizer",
          "onnxscript ort_fusions", "ort transformers optimizer")
 #: Nodes that are one fused attention kernel, by (domain, op).
 FUSED_OPS = {("", "Attention"), ("com.microsoft", "MultiHeadAttention"),

@@ -37,12 +37,14 @@ def _save(model, out: Path) -> None:
 def run(tool: str, model_path: Path, out: Path, family: str, pipeline: str | None) -> dict:
     start = time.perf_counter()
     load_seconds = 0.0
-    if tool == "xattn-compiler":
+    if tool in ("xattn-compiler", "xattn-compiler 3d"):
         import xattn_compiler as xc
 
         model = xc.load(model_path, lazy_weights=True)  # as the CLI does
         load_seconds = time.perf_counter() - start
-        result = xc.optimize(model, pipeline)
+        # "3d": the default pipeline with --qkv-layout 3d (fused ops read [B,S,H*D]).
+        result = (xc.optimize(model, pipeline) if tool == "xattn-compiler"
+                  else xc.optimize(model, qkv_layout="3d"))
         tool_seconds = time.perf_counter() - start - load_seconds
         result.save(out)
     elif tool in ("onnxscript optimizer", "onnxscript ort_fusions"):
