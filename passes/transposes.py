@@ -78,6 +78,7 @@ from xattn_compiler.rewrite import (
     is_identity_perm,
     transpose_perm,
 )
+from xattn_compiler.weights import new_constant
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class _Edit:
         return gs.Variable(self.fresh(base), dtype=like.dtype, shape=shape)
 
     def constant(self, base: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.fresh(base), np.ascontiguousarray(values))
+        return new_constant(self.fresh(base), values)  # a transposed weight stays detached
 
     def add_node(self, op: str, name: str, inputs: list, outputs: list,
                  attrs: dict | None = None) -> gs.Node:

@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from .errors import GraphStructureError, ModelLoadError, OutputError
-from .ir import iter_tensors
+from .ir import iter_tensors, tensor_nbytes
 from .structure import check_structure
 from .weights import has_stubs, is_stub, source_of, stub_external_data
 
@@ -167,7 +167,7 @@ def checker_view(model: onnx.ModelProto, threshold: int = 2**20) -> onnx.ModelPr
         if field.name != "initializer":
             _copy_field(view.graph, field, value)
     for tensor in model.graph.initializer:
-        if tensor.ByteSize() < threshold and not is_stub(tensor):
+        if tensor_nbytes(tensor) < threshold and not is_stub(tensor):
             view.graph.initializer.add().CopyFrom(tensor)
         elif tensor.name not in inputs:
             view.graph.input.append(

@@ -362,6 +362,29 @@ def infer_shapes(
     return out
 
 
+_ITEMSIZE: dict[int, int] = {}
+
+
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """The size of a tensor's data from its dims and element type, without reading the data
+    (``ByteSize`` serialises the tensor: a millisecond for a large weight, asked per weight
+    per pass). Strings and unknown types fall back to ``ByteSize``."""
+    kind = tensor.data_type
+    if kind not in _ITEMSIZE:
+        try:
+            _ITEMSIZE[kind] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(kind)).itemsize
+        except (KeyError, TypeError, ValueError):
+            _ITEMSIZE[kind] = 0
+        if kind == onnx.TensorProto.STRING:
+            _ITEMSIZE[kind] = 0
+    if not _ITEMSIZE[kind]:
+        return tensor.ByteSize()
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * _ITEMSIZE[kind]
+
+
 def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers of ``threshold`` bytes or more are typed inputs.
 
@@ -371,7 +394,8 @@ def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16) -> onnx.ModelPro
     def stays(tensor: onnx.TensorProto) -> bool:
         # A tensor whose bytes live elsewhere (external data, a detached weight) is never
         # read by inference; as a typed input it cannot make inference look for them.
-        return tensor.ByteSize() < threshold and tensor.data_location != onnx.TensorProto.EXTERNAL
+        return (tensor.data_location != onnx.TensorProto.EXTERNAL
+                and tensor_nbytes(tensor) < threshold)
 
     if all(stays(tensor) for tensor in model.graph.initializer):
         return model

@@ -19,6 +19,7 @@ from .passmanager import Listener, Pass, Pipeline, PipelineError, PipelineResult
 from .weights import (
     DETACH_MODEL_BYTES,
     WeightStore,
+    collecting,
     detach,
     detachable_bytes,
     has_stubs,
@@ -153,7 +154,10 @@ def optimize(
     if detachable_bytes(model) >= DETACH_MODEL_BYTES:
         # Every pass's export would copy the weights; they travel as stubs instead.
         model, store = detach(model)
-    result = pipeline.run(model, listener)
+    elif has_stubs(model):
+        store = WeightStore()  # weights read lazily from files: computed ones join them
+    with collecting(store):
+        result = pipeline.run(model, listener)
     return OptimizeResult(result.model, result, store)
 
 

@@ -21,6 +21,7 @@ protobuf).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import weakref
@@ -34,8 +35,9 @@ from onnx import external_data_helper, numpy_helper
 
 #: Stubs' ``location``; the rest is ``<store id>/<tensor index>``.
 STUB_PREFIX = "xattn-detached-weights/"
-#: Tensors at least this large are detached.
-DETACH_TENSOR_BYTES = 1 << 20
+#: Tensors at least this large are detached: weights, never a shape or a scale a rewrite reads
+#: (at 1 MB, an fp16 decoder kept a quarter of its weights inline, copied by every export).
+DETACH_TENSOR_BYTES = 64 << 10
 #: Models with at least this many bytes in such tensors run their passes detached; below it
 #: the copies cost less than the bookkeeping.
 DETACH_MODEL_BYTES = 64 << 20
@@ -179,6 +181,41 @@ def detach(model: onnx.ModelProto, store: WeightStore | None = None
         else:
             light.graph.initializer.add().CopyFrom(tensor)
     return light, store
+
+
+_COLLECTING: list[WeightStore] = []
+
+
+@contextlib.contextmanager
+def collecting(store: WeightStore | None) -> Iterator[None]:
+    """While passes run on a detached model: large constants they compute go to ``store``
+    (:func:`new_constant`) rather than into the graph. ``None``: nothing changes."""
+    if store is None:
+        yield
+        return
+    _COLLECTING.append(store)
+    try:
+        yield
+    finally:
+        _COLLECTING.pop()
+
+
+def new_constant(name: str, values: np.ndarray):
+    """A graphsurgeon constant for values a pass computed (a weight transposed, say): inside
+    :func:`collecting` and at least :data:`DETACH_TENSOR_BYTES`, a stub of the collecting store,
+    so the exports after it move a stub instead of copying the values; else a plain constant."""
+    import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    values = np.ascontiguousarray(values)
+    if not _COLLECTING or values.nbytes < DETACH_TENSOR_BYTES:
+        return gs.Constant(name, values)
+    tensor = numpy_helper.from_array(values, name)
+    stub = onnx.TensorProto()
+    stub.name, stub.data_type = name, tensor.data_type
+    stub.dims.extend(tensor.dims)
+    _COLLECTING[-1].stub(stub, _InMemory(tensor))
+    return gs.Constant(name, LazyValues(stub), data_location=onnx.TensorProto.EXTERNAL)
 
 
 def stub_external_data(model: onnx.ModelProto, base: Path) -> WeightStore:
