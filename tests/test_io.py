@@ -530,3 +530,18 @@ def test_infer_shapes_with_a_large_initializer_matches_onnx():
     assert list(ours.graph.value_info) == list(plain.graph.value_info)
     assert _arrays(ours).keys() == _arrays(model).keys(), "weights lost on the way"
     np.testing.assert_array_equal(_arrays(ours)["W"], _arrays(model)["W"])
+
+
+def test_a_large_model_is_checked_without_a_copy_of_its_weights_and_still_checked(
+        tmp_path, monkeypatch):
+    # Over CHECK_VIEW_BYTES the checker sees a view without the large weights; each weight is
+    # checked on its own, so a truncated one is still named.
+    monkeypatch.setattr(io, "CHECK_VIEW_BYTES", 1)
+    model = models.large_weight_model(2**21)
+    good = models.write_unchecked(model, tmp_path / "good.onnx")
+    assert io.load(good).SerializeToString() == model.SerializeToString()
+    weight = model.graph.initializer[0]
+    weight.raw_data = weight.raw_data[:-4]
+    bad = models.write_unchecked(model, tmp_path / "bad.onnx")
+    message = _load_error(bad)
+    assert "invalid model" in message and weight.name in message

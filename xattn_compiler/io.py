@@ -140,14 +140,24 @@ def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
                     f"the end of '{info.location}' ({file.stat().st_size} bytes)")
 
 
+#: Models with this many bytes of weights or more are checked as a view without their large
+#: weights (each weight checked on its own): ``check_model`` serialises its argument, one more
+#: copy of every weight at load, the peak of a whole run on a decoder stored inline.
+CHECK_VIEW_BYTES = 64 << 20
+_VIEW_THRESHOLD = 2**20
+
+
 def _run_checker(model: onnx.ModelProto, path: Path) -> None:
     try:
-        if weight_bytes(model) < PROTOBUF_LIMIT and not has_stubs(model):
+        if weight_bytes(model) < CHECK_VIEW_BYTES and not has_stubs(model):
             onnx.checker.check_model(model)
         else:
-            # check_model serialises its argument; check a view without the large weights
-            # (re-checking the file would see the graph as stored, before any sorting).
-            onnx.checker.check_model(checker_view(model))
+            # A view without the large weights (re-checking the file would see the graph as
+            # stored, before any sorting); the weights the view leaves out, one at a time.
+            for tensor in model.graph.initializer:
+                if not is_stub(tensor) and tensor_nbytes(tensor) >= _VIEW_THRESHOLD:
+                    onnx.checker.check_tensor(tensor)
+            onnx.checker.check_model(checker_view(model, _VIEW_THRESHOLD))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(path, f"invalid model: {first}") from exc
