@@ -4,10 +4,10 @@
     q_BHSD = layout*(x)                             no projection: K/V read from an input
 
 ``layout`` is any chain of head split/merge and bookkeeping ops: Reshape (shape constant or
-computed), Transpose, Squeeze/Unsqueeze, Cast, Identity, Expand (GQA's repeat_kv), a scalar
-Mul/Div (a scale applied before the MatMul), Split/Slice/Gather (fused QKV or KV), and Concat
-with a cached past (a KV cache). The walk takes as many as it can, so an exporter that
-reorders or adds such ops still matches.
+computed), Transpose, Squeeze/Unsqueeze, Cast, Identity, Expand (GQA's repeat_kv) or Tile
+(``Tensor.repeat``) of K/V heads, a scalar Mul/Div (a scale applied before the MatMul),
+Split/Slice/Gather (fused QKV or KV), and Concat with a cached past (a KV cache). The walk
+takes as many as it can, so an exporter that reorders or adds such ops still matches.
 
 Captures are prefixed by the operand (``q_src``, ``k_w``, ``v_scale``) so one block's three
 walks bind distinct names.
@@ -26,6 +26,7 @@ def layout_steps(p: str) -> tuple[Pattern, ...]:
         Op("Cast", REST),
         Op("Identity", REST),
         Op("Expand", REST, Any()),
+        Op("Tile", REST, Any()),
         Op("Mul", REST, Scalar(f"{p}_scale*"), commutative=True),
         Op("Div", REST, Scalar(f"{p}_div*")),
         Op("Split", REST, ..., output=None),
