@@ -40,6 +40,7 @@ from xattn_compiler.plugins.reference import record_specs, recorded_specs
 from xattn_compiler.plugins.spec import PluginSpec, load_spec
 
 from .base import FusionTarget, register_target
+from .operands import plan_core
 
 _PACKED = frozenset({"q_kv_packed", "qkv_packed"})
 # Ops that may sit between a projection and the core operand without changing which column of
@@ -119,7 +120,10 @@ def _block_problem(block: AttentionMatch) -> str | None:
         return "the scale is not a constant"
     if _merge_chain(block) is None:
         return f"no Transpose/Reshape path from the context to '{block.output.name}'"
-    return None
+    # The plugin takes the scale and masks from the match's captures; an op in the scores
+    # chain the shared reading does not understand would be dropped, so it refuses too.
+    plan = plan_core(block)
+    return plan if isinstance(plan, str) else None
 
 
 def _spec_problem(spec: PluginSpec, block: AttentionMatch) -> str | None:
