@@ -377,7 +377,9 @@ def reshape_target(node: gs.Node) -> list[int | None] | None:
     if value is not None:
         return [int(v) for v in value.reshape(-1)]
     producer_node = shape_input.inputs[0] if shape_input.inputs else None
-    while producer_node is not None and producer_node.op == "Identity":  # clutter on the target
+    # Clutter on the target: an Identity, or a Cast to int64 of integers (the same values).
+    while producer_node is not None and (producer_node.op == "Identity"
+                                         or _integer_to_int64(producer_node)):
         shape_input = producer_node.inputs[0]
         producer_node = shape_input.inputs[0] if shape_input.inputs else None
     if producer_node is None or producer_node.op != "Concat":
@@ -392,6 +394,15 @@ def reshape_target(node: gs.Node) -> list[int | None] | None:
         else:
             return None
     return target
+
+
+def _integer_to_int64(node: gs.Node) -> bool:
+    if node.op != "Cast" or node.attrs.get("to") != onnx.TensorProto.INT64 or not node.inputs:
+        return False
+    try:
+        return np.dtype(node.inputs[0].dtype) in (np.dtype(np.int64), np.dtype(np.int32))
+    except TypeError:  # unknown, or a type numpy does not have
+        return False
 
 
 def _vector_length(tensor: gs.Tensor) -> int | None:

@@ -64,6 +64,13 @@ FIXED_BUGS = {
     "flattened-q-in-batched-heads": Recipe(
         layers=(Layer((AttentionSpec(kind="self", head_layout="3d"),)),), q_len=3,
         clutter=(Clutter("reshape_flatten", "layers.0.self_attn.q.transpose", 0, "operand"),)),
+    # A same-type Cast on a computed head-split target hid its constant pieces (heads None).
+    "cast-on-computed-target": Recipe(
+        layers=(Layer((AttentionSpec(kind="cross", projection="fused_gather", head_layout="3d",
+                                     shape_style="computed"),)),),
+        dynamic=True, batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter("cast_same", "layers.0.cross_attn.q.split_heads.shape",
+                         region="shape"),)),
 }
 
 
