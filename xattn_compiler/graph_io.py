@@ -80,19 +80,20 @@ def _io_tensor(value: onnx.ValueInfoProto, local: dict[str, gs.Tensor]) -> gs.Te
     return tensor
 
 
+def _tensors(names, local: dict[str, gs.Tensor]) -> list[gs.Tensor]:
+    """The graph's tensors of these names; a name not seen yet is a new variable of this graph
+    (an omitted optional one, ``""``, an empty tensor of its own)."""
+    tensors = []
+    for name in names:
+        tensor = local.get(name)
+        if tensor is None:
+            tensor = gs.Variable.empty() if not name else local.setdefault(name, gs.Variable(name))
+        tensors.append(tensor)
+    return tensors
+
+
 def _node(proto: onnx.NodeProto, local: dict[str, gs.Tensor], opset, domains) -> gs.Node:
-    inputs = []
-    for name in proto.input:
-        tensor = local.get(name)
-        if tensor is None:
-            tensor = gs.Variable.empty() if not name else local.setdefault(name, gs.Variable(name))
-        inputs.append(tensor)
-    outputs = []
-    for name in proto.output:
-        tensor = local.get(name)
-        if tensor is None:
-            tensor = gs.Variable.empty() if not name else local.setdefault(name, gs.Variable(name))
-        outputs.append(tensor)
+    inputs, outputs = _tensors(proto.input, local), _tensors(proto.output, local)
     attrs = (OnnxImporter.import_attributes(proto.attribute, {}, local, opset, domains)
              if len(proto.attribute) else {})
     return gs.Node(op=proto.op_type, name=proto.name, attrs=attrs, inputs=inputs,

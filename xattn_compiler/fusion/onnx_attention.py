@@ -89,14 +89,7 @@ class OnnxAttentionTarget(FusionTarget):
             k, v, kv_heads = k_src, v_src, k_heads
         k = edit.batched_like(k, plan.q, "key_batched", plan.k_t)
         v = edit.batched_like(v, plan.q, "value_batched")
-        inputs = [plan.q, k, v]
-        mask = None
-        if plan.terms:
-            mask = edit.additive_mask(plan, plan.dtype)
-        elif plan.keeps:
-            mask = edit.keep_mask(plan)
-        if mask is not None:
-            inputs.append(edit.full_mask(mask, plan))
+        inputs = [plan.q, k, v, *_mask(edit, plan)]
         attrs: dict = {"scale": float(plan.folded_scale)}
         # With 4-D operands the op reads the head counts from the shapes; the attributes are
         # written only where shapes confirm them (a wrong one fails at run time).
@@ -112,6 +105,18 @@ class OnnxAttentionTarget(FusionTarget):
         return edit.added
 
 
+def _mask(edit: Editor, plan: CorePlan, lengths=None) -> list[gs.Tensor]:
+    """The op's mask input, if the block has one: the float terms (keep conditions folded in),
+    else the keep conditions as a bool tensor; [., ., Sq, Sk] with Sq, Sk read from ``lengths``."""
+    if plan.terms:
+        mask = edit.additive_mask(plan, plan.dtype)
+    elif plan.keeps:
+        mask = edit.keep_mask(plan)
+    else:
+        return []
+    return [edit.full_mask(mask, plan, lengths)]
+
+
 def _projections(plan: CorePlan) -> tuple[gs.Tensor, gs.Tensor, gs.Tensor, int, int] | None:
     """``(q, k, v, H, Hkv)``: the [B, S, heads*D] tensors Q, K and V were split from, when all
     three are such splits with head counts the op can take."""
@@ -125,14 +130,8 @@ def _projections(plan: CorePlan) -> tuple[gs.Tensor, gs.Tensor, gs.Tensor, int, 
 def _fuse_3d(edit: Editor, block: AttentionMatch, plan: CorePlan, q: gs.Tensor, k: gs.Tensor,
              v: gs.Tensor, heads: int, kv_heads: int) -> list[gs.Node]:
     inputs = [q, edit.batched_like(k, plan.q, "key_batched"),
-              edit.batched_like(v, plan.q, "value_batched")]
-    mask = None
-    if plan.terms:
-        mask = edit.additive_mask(plan, plan.dtype)
-    elif plan.keeps:
-        mask = edit.keep_mask(plan)
-    if mask is not None:
-        inputs.append(edit.full_mask(mask, plan, lengths=((q, 1), (k, 1))))
+              edit.batched_like(v, plan.q, "value_batched"),
+              *_mask(edit, plan, lengths=((q, 1), (k, 1)))]
     attrs: dict = {"scale": float(plan.folded_scale), "q_num_heads": heads,
                    "kv_num_heads": kv_heads}
     if plan.softmax_dtype != plan.dtype:
