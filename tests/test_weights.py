@@ -171,3 +171,16 @@ def test_a_weight_a_pass_computes_stays_detached_and_comes_back_the_same(small_t
     assert result.model.SerializeToString() == inline.model.SerializeToString()
     x = np.ones((2, 64), np.float32)
     assert verify(model, result.model, inputs={"x": x}).ok
+
+
+def test_a_weight_computed_from_a_lazily_loaded_one_is_saved_with_its_bytes(tmp_path):
+    model = _transposed_weight_model()
+    save(model, tmp_path / "in.onnx", external_data=True)
+    lazy = load(tmp_path / "in.onnx", lazy_weights=True)
+    assert weights.has_stubs(lazy)
+    result = xc.optimize(lazy, "remove-layout-clutter")
+    folded = [t for t in result.detached.graph.initializer if t.name != "W"]
+    assert folded and all(weights.is_stub(t) for t in folded)  # in the run's own store
+    written = load(result.save(tmp_path / "out.onnx"))
+    assert "Transpose" not in {n.op_type for n in written.graph.node}
+    assert verify(model, written, inputs={"x": np.ones((2, 64), np.float32)}).ok
