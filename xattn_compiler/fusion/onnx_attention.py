@@ -89,7 +89,10 @@ class OnnxAttentionTarget(FusionTarget):
             k, v, kv_heads = k_src, v_src, k_heads
         k = edit.batched_like(k, plan.q, "key_batched", plan.k_t)
         v = edit.batched_like(v, plan.q, "value_batched")
-        inputs = [plan.q, k, v, *_mask(edit, plan)]
+        # Sq and Sk are read from Q and K as the op gets them: a Shape of K^T would keep the
+        # K^T Transpose alive next to the K the op reads.
+        axis = plan.seq_axes[0]
+        inputs = [plan.q, k, v, *_mask(edit, plan, lengths=((plan.q, axis), (k, axis)))]
         attrs: dict = {"scale": float(plan.folded_scale)}
         # With 4-D operands the op reads the head counts from the shapes; the attributes are
         # written only where shapes confirm them (a wrong one fails at run time).

@@ -120,8 +120,8 @@ class OrtMultiHeadAttentionTarget(FusionTarget):
         if k_source is not None and v_source is not None and k_source[1] == v_source[1] == heads:
             return (edit.batched_like(k_source[0], plan.q, "key_batched"),
                     edit.batched_like(v_source[0], plan.q, "value_batched"), (k_source[0], 1))
-        return (edit.batched_like(edit.key(plan.k_t), plan.q, "key_batched", plan.k_t),
-                edit.batched_like(plan.v, plan.q, "value_batched"), (plan.k_t, 3))
+        k = edit.batched_like(edit.key(plan.k_t), plan.q, "key_batched", plan.k_t)
+        return k, edit.batched_like(plan.v, plan.q, "value_batched"), (k, 2)
 
 
 def _all_nodes(graph: onnx.GraphProto):
