@@ -30,6 +30,9 @@ some block will be fused.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -40,6 +43,7 @@ from .base import FusionTarget, register_target
 from .operands import (
     CorePlan,
     Editor,
+    constant_heads_merged,
     head_split_source,
     key_split_source,
     plan_core,
@@ -120,18 +124,24 @@ def _mask(edit: Editor, plan: CorePlan, lengths=None) -> list[gs.Tensor]:
     return [edit.full_mask(mask, plan, lengths)]
 
 
-def _projections(plan: CorePlan) -> tuple[gs.Tensor, gs.Tensor, gs.Tensor, int, int] | None:
-    """``(q, k, v, H, Hkv)``: the [B, S, heads*D] tensors Q, K and V were split from, when all
-    three are such splits with head counts the op can take."""
+def _projections(plan: CorePlan) -> tuple[gs.Tensor, Any, Any, int, int] | None:
+    """``(q, k, v, H, Hkv)``: the [B, S, heads*D] tensors Q, K and V were split from (K and V
+    of a constant context: their values, laid out so), when all three are such with head
+    counts the op can take."""
     q = head_split_source(plan.q, [0, 2, 1, 3])
-    k, v = key_split_source(plan.k_t), head_split_source(plan.v, [0, 2, 1, 3])
+    k = key_split_source(plan.k_t) or constant_heads_merged(plan.k_t, key=True)
+    v = head_split_source(plan.v, [0, 2, 1, 3]) or constant_heads_merged(plan.v, key=False)
     if q is None or k is None or v is None or k[1] != v[1] or q[1] % k[1] or q[2] != k[2]:
         return None
     return q[0], k[0], v[0], q[1], k[1]
 
 
-def _fuse_3d(edit: Editor, block: AttentionMatch, plan: CorePlan, q: gs.Tensor, k: gs.Tensor,
-             v: gs.Tensor, heads: int, kv_heads: int) -> list[gs.Node]:
+def _fuse_3d(edit: Editor, block: AttentionMatch, plan: CorePlan, q: gs.Tensor, k, v,
+             heads: int, kv_heads: int) -> list[gs.Node]:
+    if isinstance(k, np.ndarray):
+        k = edit.weight("key_BSE", k)
+    if isinstance(v, np.ndarray):
+        v = edit.weight("value_BSE", v)
     inputs = [q, edit.batched_like(k, plan.q, "key_batched"),
               edit.batched_like(v, plan.q, "value_batched"),
               *_mask(edit, plan, lengths=((q, 1), (k, 1)))]

@@ -41,6 +41,7 @@ from xattn_compiler.attention import AttentionMatch, _head_split
 from xattn_compiler.ir import constant_value, is_graph_output, producer
 from xattn_compiler.passes.reshapes import Names, disconnect, move_readers, onnx_dtype, same_dim
 from xattn_compiler.rewrite import compose_perms, is_identity_perm, transpose_perm
+from xattn_compiler.weights import new_constant
 
 #: A Where fill at or below this is a mask: exp(fill + score) underflows to 0 in float32 and
 #: float16 for any score a trained model produces.
@@ -387,6 +388,18 @@ def key_split_source(k_t: gs.Tensor) -> tuple[gs.Tensor, int, int] | None:
     return head_split_source(swap.inputs[0], [0, 2, 1, 3])
 
 
+def constant_heads_merged(tensor: gs.Tensor, key: bool) -> tuple[np.ndarray, int, int] | None:
+    """``(values[B, S, H*D], H, D)`` of a constant K^T ``[B, H, D, S]`` (``key``) or V
+    ``[B, H, S, D]``: what a constant context's head split would have read, for an op that
+    takes 3-D K/V."""
+    if not isinstance(tensor, gs.Constant) or tensor.shape is None or len(tensor.shape) != 4:
+        return None
+    values = np.asarray(tensor.values)
+    bshd = values.transpose(0, 3, 1, 2) if key else values.transpose(0, 2, 1, 3)
+    batch, length, heads, dim = bshd.shape
+    return np.ascontiguousarray(bshd).reshape(batch, length, heads * dim), heads, dim
+
+
 def standard_merge(block: AttentionMatch, plan: CorePlan) -> gs.Node | None:
     """The Reshape ending a ``Transpose(0,2,1,3) -> Reshape [B, Sq, H*D]`` merge of the core's
     context, when the block has exactly that (its output is then what an op with 3-D Q
@@ -425,6 +438,11 @@ class Editor:
 
     def const(self, hint: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(self.names.fresh(f"{self.prefix}/{hint}"), np.asarray(value))
+
+    def weight(self, hint: str, value: np.ndarray) -> gs.Constant:
+        """A constant computed from a weight (K laid out for the op): kept detached when the
+        run detaches weights (:func:`xattn_compiler.weights.new_constant`)."""
+        return new_constant(self.names.fresh(f"{self.prefix}/{hint}"), value)
 
     def node(self, op: str, inputs: list[gs.Tensor], hint: str, *, outputs: list[gs.Tensor] | None = None,
              domain: str | None = None, dtype=None, **attrs) -> gs.Tensor:
@@ -472,6 +490,8 @@ class Editor:
     def key(self, k_t: gs.Tensor) -> gs.Tensor:
         """K as [B,Hkv,Sk,D] from K^T: the Transpose that made K^T with its last two axes
         swapped back (nothing when that is the identity), else a new Transpose."""
+        if isinstance(k_t, gs.Constant):  # a constant context's K^T: K is a constant too
+            return self.weight("key", np.swapaxes(np.asarray(k_t.values), -1, -2))
         maker = producer(k_t)
         rank = len(k_t.shape) if k_t.shape is not None else 4
         swap = [0, 1, 3, 2] if rank == 4 else [0, 2, 1]
@@ -622,4 +642,4 @@ class Editor:
 
 
 __all__ = ["MASK_FILL_LIMIT", "CorePlan", "Editor", "KeepCondition", "ScaleFold", "head_problem",
-           "head_split_source", "key_split_source", "plan_core", "standard_merge", "static_dim"]
+           "constant_heads_merged", "head_split_source", "key_split_source", "plan_core", "standard_merge", "static_dim"]
