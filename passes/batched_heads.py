@@ -206,9 +206,6 @@ class CollapseBatchedHeads(GraphPass):
     name = "collapse-batched-heads"
     description = ("run attention cores exported on [B*H,S,D] on [B,H,S,D] and remove the "
                    "Reshapes that fold heads into the batch")
-    # Set by a caller that removes dead nodes before each call (remove-layout-clutter), so
-    # the rewrite skips its own liveness walk.
-    starts_clean = False
 
     def rewrite(self, graph: gs.Graph, path: str) -> dict[str, int]:
         """Collapse one graph (the base calls this for the top level and each body)."""
@@ -227,8 +224,7 @@ class _Collapser:
 
     def run(self) -> dict[str, int]:
         """Collapse every batched core that can be, then every detour; count what went."""
-        self.local = ({id(node) for node in self.graph.nodes} if self.starts_clean
-                      else sweep_dead(self.graph))
+        self.local = sweep_dead(self.graph, clean=self.starts_clean)
         reshapes_before = self._reshape_count()
         for block in self._batched_blocks():
             problem = self.collapse(block)

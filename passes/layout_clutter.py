@@ -40,8 +40,7 @@ class RemoveLayoutClutter(GraphPass):
         super().__init__(**values)
         self.steps = [step() for step in STEPS]
         for step in self.steps:
-            if hasattr(step, "starts_clean"):
-                step.starts_clean = True  # rewrite() below keeps the graph free of dead nodes
+            step.starts_clean = True  # rewrite() below keeps the graph free of dead nodes
 
     def rewrite(self, graph: gs.Graph, path: str) -> dict[str, int]:
         # One import and one export per round for all five steps: the graphsurgeon round trip,

@@ -272,14 +272,17 @@ def move_readers(old: gs.Tensor, new: gs.Tensor, graph: gs.Graph) -> bool:
     return True
 
 
-def sweep_dead(graph: gs.Graph) -> set[int]:
+def sweep_dead(graph: gs.Graph, clean: bool = False) -> set[int]:
     """Remove the nodes of ``graph`` no graph output depends on; returns the ids of the nodes
     left. A dead reader (a Shape nobody uses) would make a tensor look shared.
 
     One walk up from the outputs (linear, unlike a full cleanup and export); values read from
     inside an If/Loop body keep their producers alive.
     """
-    live = live_nodes(graph, local={id(node) for node in graph.nodes})
+    local = {id(node) for node in graph.nodes}
+    if clean:  # the caller just removed the dead nodes
+        return local
+    live = live_nodes(graph, local=local)
     if len(live) != len(graph.nodes):
         detach([node for node in graph.nodes if id(node) not in live])
         graph.nodes = [node for node in graph.nodes if id(node) in live]
@@ -417,9 +420,6 @@ class SimplifyReshapes(GraphPass):
     Squeeze/Unsqueeze pairs and drop round-trip or no-op Casts and Identities."""
 
     name = "simplify-reshapes"
-    # Set by a caller that removes dead nodes before each call (remove-layout-clutter), so
-    # the rewrite skips its own liveness walk.
-    starts_clean = False
     description = ("merge Reshape chains, make computed Reshape targets constant, drop identity "
                    "Reshapes, Squeeze/Unsqueeze pairs, lossless Cast round trips and Identities")
 
@@ -447,8 +447,7 @@ class _Simplifier:
             return self._run()
 
     def _run(self) -> dict[str, int]:
-        self.local = ({id(node) for node in self.graph.nodes} if self.starts_clean
-                      else sweep_dead(self.graph))
+        self.local = sweep_dead(self.graph, clean=self.starts_clean)
         self.push(self.graph.nodes)
         while self.queue:
             node = self.queue.popleft()

@@ -28,13 +28,18 @@ _SUBGRAPH_ATTRS = ("then_branch", "else_branch", "body")
 # The standard ops with graph attributes; only these (and ops of other domains) can own bodies.
 # Asked for every node by every walk over bodies, so the common answer is one set lookup.
 _BODY_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+_DEFAULT_DOMAINS = (None, "", "ai.onnx")
+
+
+def _may_own_bodies(op: str, domain: str | None) -> bool:
+    return op in _BODY_OPS or domain not in _DEFAULT_DOMAINS
 
 
 def iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """The graph and every If/Loop/Scan body below it, outermost first."""
     yield graph
     for node in graph.node:
-        if node.op_type not in _BODY_OPS and node.domain in ("", "ai.onnx"):
+        if not _may_own_bodies(node.op_type, node.domain):
             continue
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
@@ -151,9 +156,8 @@ def remove_dead_nodes(graph: gs.Graph) -> int:
         detach([node for node in graph.nodes if id(node) not in live])
         graph.nodes = kept
     for node in kept:
-        if node.op in _BODY_OPS or node.domain not in (None, "", "ai.onnx"):
-            for body in _bodies(node):
-                removed += remove_dead_nodes(body)
+        for body in _bodies(node):
+            removed += remove_dead_nodes(body)
     return removed
 
 
@@ -174,7 +178,7 @@ def live_nodes(graph: gs.Graph, local: set[int] | None = None) -> set[int]:
             writers = tensor.inputs
             if writers and id(writers[0]) not in live:
                 stack.append(writers[0])
-        if node.op in _BODY_OPS or node.domain not in (None, "", "ai.onnx"):
+        if _may_own_bodies(node.op, node.domain):
             stack.extend(t.inputs[0] for t in _outer_reads(node) if t.inputs)
     return live
 
@@ -247,7 +251,7 @@ def toposort(graph: gs.Graph) -> None:
 
 
 def _bodies(node: gs.Node) -> list[gs.Graph]:
-    if node.op not in _BODY_OPS and node.domain in (None, "", "ai.onnx"):
+    if not _may_own_bodies(node.op, node.domain):
         return []
     bodies = []
     for value in node.attrs.values():
@@ -309,7 +313,7 @@ def iter_graphs(graph: gs.Graph, path: str = "") -> Iterator[tuple[str, gs.Graph
     """
     yield path, graph
     for node in graph.nodes:
-        if node.op not in _BODY_OPS and node.domain in (None, "", "ai.onnx"):
+        if not _may_own_bodies(node.op, node.domain):
             continue
         for attr_name, value in node.attrs.items():
             bodies = value if isinstance(value, list) else [value]
@@ -439,6 +443,7 @@ def refresh_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
     """
     from onnx_graphsurgeon.importers.onnx_importer import (
         get_onnx_tensor_dtype,
+        get_onnx_tensor_shape,
         get_onnx_tensor_type,
     )
 
@@ -459,26 +464,13 @@ def refresh_shapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
                 continue
             key = value.type.SerializeToString()
             if key not in parsed:
-                parsed[key] = (get_onnx_tensor_dtype(value), _parse_shape(value),
+                parsed[key] = (get_onnx_tensor_dtype(value), get_onnx_tensor_shape(value),
                                get_onnx_tensor_type(value) if key else None)
             dtype, shape, kind = parsed[key]
             set_attr(tensor, "dtype", dtype)
             set_attr(tensor, "shape", list(shape) if shape is not None else None)
             if kind is not None:  # a sequence stays a sequence on export
                 set_attr(tensor, "type", kind)
-
-
-def _parse_shape(value: onnx.ValueInfoProto) -> list | None:
-    """A value's shape as graphsurgeon reads it: ints, dim names, None for unknown dims."""
-    from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_shape
-
-    if not value.type.HasField("tensor_type"):
-        return get_onnx_tensor_shape(value)
-    tensor_type = value.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        return None
-    return [d.dim_param if d.HasField("dim_param") else
-            d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
 
 
 def _variables(graph: gs.Graph) -> Iterator[gs.Variable]:

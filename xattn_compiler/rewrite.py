@@ -39,6 +39,9 @@ class GraphPass(Pass):
     """
 
     max_rounds: ClassVar[int] = 4
+    #: Set by a caller that removes dead nodes before each call (remove-layout-clutter), so a
+    #: rewrite that needs the live nodes may skip its own liveness walk.
+    starts_clean: bool = False
 
     def rewrite(self, graph: gs.Graph, path: str) -> dict[str, int]:
         raise NotImplementedError

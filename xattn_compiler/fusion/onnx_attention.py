@@ -44,9 +44,8 @@ from .operands import (
     CorePlan,
     Editor,
     constant_heads_merged,
-    head_split_source,
-    key_split_source,
     plan_core,
+    split_sources,
     standard_merge,
     static_dim,
 )
@@ -128,9 +127,9 @@ def _projections(plan: CorePlan) -> tuple[gs.Tensor, Any, Any, int, int] | None:
     """``(q, k, v, H, Hkv)``: the [B, S, heads*D] tensors Q, K and V were split from (K and V
     of a constant context: their values, laid out so), when all three are such with head
     counts the op can take."""
-    q = head_split_source(plan.q, [0, 2, 1, 3])
-    k = key_split_source(plan.k_t) or constant_heads_merged(plan.k_t, key=True)
-    v = head_split_source(plan.v, [0, 2, 1, 3]) or constant_heads_merged(plan.v, key=False)
+    q, k, v = split_sources(plan)
+    k = k or constant_heads_merged(plan.k_t, key=True)
+    v = v or constant_heads_merged(plan.v, key=False)
     if q is None or k is None or v is None or k[1] != v[1] or q[1] % k[1] or q[2] != k[2]:
         return None
     return q[0], k[0], v[0], q[1], k[1]

@@ -388,6 +388,13 @@ def key_split_source(k_t: gs.Tensor) -> tuple[gs.Tensor, int, int] | None:
     return head_split_source(swap.inputs[0], [0, 2, 1, 3])
 
 
+def split_sources(plan: CorePlan) -> tuple:
+    """For Q, K and V each ``(x, H, D)`` when it is the head split of a projection output ``x``
+    (:func:`head_split_source`, :func:`key_split_source`), else None."""
+    return (head_split_source(plan.q, [0, 2, 1, 3]), key_split_source(plan.k_t),
+            head_split_source(plan.v, [0, 2, 1, 3]))
+
+
 def constant_heads_merged(tensor: gs.Tensor, key: bool) -> tuple[np.ndarray, int, int] | None:
     """``(values[B, S, H*D], H, D)`` of a constant K^T ``[B, H, D, S]`` (``key``) or V
     ``[B, H, S, D]``: what a constant context's head split would have read, for an op that
@@ -642,4 +649,4 @@ class Editor:
 
 
 __all__ = ["MASK_FILL_LIMIT", "CorePlan", "Editor", "KeepCondition", "ScaleFold", "head_problem",
-           "constant_heads_merged", "head_split_source", "key_split_source", "plan_core", "standard_merge", "static_dim"]
+           "constant_heads_merged", "head_split_source", "key_split_source", "split_sources", "plan_core", "standard_merge", "static_dim"]

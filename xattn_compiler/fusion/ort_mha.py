@@ -27,9 +27,8 @@ from .base import FusionTarget, register_target
 from .operands import (
     CorePlan,
     Editor,
-    head_split_source,
-    key_split_source,
     plan_core,
+    split_sources,
     static_dim,
 )
 
@@ -80,8 +79,9 @@ class OrtMultiHeadAttentionTarget(FusionTarget):
             v = edit.node("Unsqueeze", [v, axis], "value_rows", dtype=v.dtype)
         else:
             heads = int(block.num_heads)
-            q_bse = self._query(edit, plan, heads)
-            k, v, k_len = self._key_value(edit, plan, heads)
+            q_source, k_source, v_source = split_sources(plan)
+            q_bse = self._query(edit, plan, heads, q_source)
+            k, v, k_len = self._key_value(edit, plan, heads, k_source, v_source)
         empty = gs.Variable.empty()
         inputs = [q_bse, k, v, empty, empty]
         mask = edit.additive_mask(plan, plan.dtype)
@@ -100,9 +100,8 @@ class OrtMultiHeadAttentionTarget(FusionTarget):
 
 
     @staticmethod
-    def _query(edit: Editor, plan: CorePlan, heads: int) -> gs.Tensor:
+    def _query(edit: Editor, plan: CorePlan, heads: int, source) -> gs.Tensor:
         """Q as [B, Sq, H*D]: the projection output the head split read, else Q merged."""
-        source = head_split_source(plan.q, [0, 2, 1, 3])
         if source is not None and source[1] == heads:
             return source[0]
         q_bshd = edit.node("Transpose", [plan.q], "query_BSHD", dtype=plan.q.dtype,
@@ -112,11 +111,10 @@ class OrtMultiHeadAttentionTarget(FusionTarget):
                          "query_BSE", dtype=plan.q.dtype)
 
     @staticmethod
-    def _key_value(edit: Editor, plan: CorePlan, heads: int
+    def _key_value(edit: Editor, plan: CorePlan, heads: int, k_source, v_source
                    ) -> tuple[gs.Tensor, gs.Tensor, tuple[gs.Tensor, int]]:
         """K and V as the op takes them: both [B, Sk, H*D] when both are head splits of
         projection outputs (the splits go), else both [B, H, Sk, D]; and where Sk is read."""
-        k_source, v_source = key_split_source(plan.k_t), head_split_source(plan.v, [0, 2, 1, 3])
         if k_source is not None and v_source is not None and k_source[1] == v_source[1] == heads:
             return (edit.batched_like(k_source[0], plan.q, "key_batched"),
                     edit.batched_like(v_source[0], plan.q, "value_batched"), (k_source[0], 1))
