@@ -303,3 +303,95 @@ def test_iter_graphs_nested_paths():
     assert paths[:2] == ["", "/repeat/body"]
     assert set(paths) == {"", "/repeat/body", "/repeat/body/pick/then_branch",
                           "/repeat/body/pick/else_branch"}
+
+
+# --- names a body may reuse (onnx.checker's rule), kept apart --------------------------------
+
+
+def _if_model(then_nodes, then_out, else_nodes, else_out, after=()):
+    """``y = If(c, ...)`` on input ``x``; ``after``: nodes following the If (outputs added)."""
+    def branch(nodes, out, name):
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, [2])])
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("If", ["c"], ["y"], name="choose",
+                              then_branch=branch(then_nodes, then_out, "then"),
+                              else_branch=branch(else_nodes, else_out, "else")), *after]
+    outputs = ["y"] + [out for node in after for out in node.output]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [2]) for name in outputs])
+    return models.make_model(graph)
+
+
+def _run(model: onnx.ModelProto, cond: bool) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": np.asarray([1.0, -2.0], np.float32), "c": np.asarray(cond)})
+
+
+def _body_names(model: onnx.ModelProto) -> list[set[str]]:
+    return [{out for node in body.node for out in node.output} | {v.name for v in body.output}
+            for body in list(ir.iter_graph_protos(model.graph))[1:]]
+
+
+def _accepted_and_separated(model: onnx.ModelProto) -> onnx.ModelProto:
+    onnx.checker.check_model(model, full_check=True)  # onnx accepts it: so must we
+    expected = [_run(model, cond) for cond in (True, False)]
+    outputs = [v.name for v in model.graph.output]
+    check_structure(model)
+    onnx.checker.check_model(model, full_check=True)
+    top = {name for node in model.graph.node for name in (*node.input, *node.output)}
+    for names in _body_names(model):
+        assert not names & top
+    assert [v.name for v in model.graph.output] == outputs
+    for cond, before in zip((True, False), expected, strict=True):
+        for got, want in zip(_run(model, cond), before, strict=True):
+            np.testing.assert_array_equal(got, want)
+    return model
+
+
+def test_optimum_body_output_named_after_its_own_node_output():
+    # optimum's merged decoders: each branch's outputs are named like the If's outputs.
+    model = _if_model([helper.make_node("Neg", ["r"], ["y"], name="then_neg")], "y",
+                      [helper.make_node("Abs", ["x"], ["y"], name="else_abs")], "y")
+    _accepted_and_separated(model)
+    then_names, else_names = _body_names(model)
+    assert not then_names & else_names  # sibling branches' "y" are two tensors too
+
+
+def test_body_output_named_after_a_later_node_output():
+    later = helper.make_node("Sigmoid", ["y"], ["z"], name="later")
+    model = _if_model([helper.make_node("Neg", ["x"], ["z"], name="then_neg")], "z",
+                      [helper.make_node("Abs", ["x"], ["e"], name="else_abs")], "e", [later])
+    _accepted_and_separated(model)
+
+
+def test_body_output_shadowing_an_earlier_node_output():
+    model = _if_model([helper.make_node("Neg", ["x"], ["r"], name="then_neg")], "r",
+                      [helper.make_node("Abs", ["x"], ["e"], name="else_abs")], "e")
+    with pytest.raises(onnx.checker.ValidationError):  # onnx refuses this one
+        onnx.checker.check_model(model, full_check=True)
+    err = _error(model)
+    assert (err.node, err.tensor) == ("then_neg", "r") and "shadows" in str(err)
+
+
+def test_nested_body_reads_follow_a_rename():
+    # The then branch defines "y" (renamed) and a nested If's branches read it.
+    inner_then = helper.make_graph([helper.make_node("Neg", ["y"], ["a"], name="in_neg")], "it",
+                                   [], [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2])])
+    inner_else = helper.make_graph([helper.make_node("Abs", ["y"], ["b"], name="in_abs")], "ie",
+                                   [], [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])])
+    then_nodes = [helper.make_node("Add", ["x", "r"], ["y"], name="then_add"),
+                  helper.make_node("If", ["c"], ["w"], name="inner", then_branch=inner_then,
+                                   else_branch=inner_else)]
+    model = _if_model(then_nodes, "w",
+                      [helper.make_node("Abs", ["x"], ["e"], name="else_abs")], "e")
+    separated = _accepted_and_separated(model)
+    bodies = list(ir.iter_graph_protos(separated.graph))[1:]
+    inner = next(n for body in bodies for n in body.node if n.op_type == "If")
+    reads = {name for a in inner.attribute for node in a.g.node for name in node.input}
+    assert "y" not in reads and len(reads) == 1

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from . import graph_io
 from . import weights as _weights  # noqa: F401  (graphsurgeon reads detached weights)
+from .structure import needs_separating, separate_scopes
 
 _SUBGRAPH_ATTRS = ("then_branch", "else_branch", "body")
 
@@ -89,7 +90,7 @@ def import_graph(model: onnx.ModelProto, value_info: bool = True) -> gs.Graph:
     Without ``value_info`` the model's recorded types are not read: for a caller that sets
     every tensor's type itself right after (:func:`refresh_shapes`).
     """
-    graph = graph_io.import_onnx(model, value_info=value_info)
+    graph = graph_io.import_onnx(_separated(model), value_info=value_info)
     # graphsurgeon keeps the model's own opset list and appends to it on export (a new domain
     # such as com.microsoft): the graph gets a copy, so the model is never written to.
     domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in model.opset_import]
@@ -99,6 +100,23 @@ def import_graph(model: onnx.ModelProto, value_info: bool = True) -> gs.Graph:
     return graph
 
 
+def _separated(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy whose bodies no longer reuse names of the rest of the model.
+
+    ``load`` separates scopes in place; a model built or loaded otherwise whose body reuses an
+    outer or sibling name (optimum's merged decoders do) would have graphsurgeon make the two
+    tensors one, so it is separated here, on a copy: the caller's model is not written to.
+    """
+    if not any(_may_own_bodies(n.op_type, n.domain) for n in model.graph.node):
+        return model
+    if not needs_separating(model):
+        return model
+    separated = onnx.ModelProto()
+    separated.CopyFrom(model)
+    separate_scopes(separated)
+    return separated
+
+
 def import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
     """``import_graph(infer_shapes(model))`` without copying the model.
 
@@ -106,6 +124,7 @@ def import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
     lazily), so a multi-gigabyte model is not duplicated; shapes come from inference on the
     weightless skeleton. :func:`export_model` never writes into those initializers.
     """
+    model = _separated(model)  # shapes are refreshed by name: the names must be the graph's
     inferred = onnx.shape_inference.infer_shapes(_skeleton(model), data_prop=True)
     graph = import_graph(model, value_info=False)
     refresh_shapes(graph, inferred)
