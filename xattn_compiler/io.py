@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from . import outputs
 from .errors import GraphStructureError, ModelLoadError, OutputError
 from .ir import iter_tensors, tensor_nbytes
 from .structure import check_structure
-from .weights import has_stubs, is_stub, source_of, stub_external_data
+from .validate import check_values
+from .weights import DETACH_TENSOR_BYTES, FileRange, WeightStore, has_stubs, is_stub, source_of
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ def load(path: str | os.PathLike, *, check: bool = True, lazy_weights: bool = Fa
     if check:
         try:
             check_structure(model)
+            check_values(model)
         except GraphStructureError as exc:
             raise ModelLoadError(path, str(exc)) from exc
         _run_checker(model, path)
@@ -99,45 +102,148 @@ def _check_header(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path, read: bool = True) -> None:
-    base = path.parent
-    if not read:
-        _check_external_files(model, path)
-        stub_external_data(model, base)
-        return
+    """Read every external tensor's bytes into the model, or (``read=False``) only those
+    under :data:`INLINE_BYTES` and stub the rest. Every reference is checked first: inside
+    the model's folder, a regular file, a byte range that exists and fits the tensor."""
+    folder = _real(path.parent)
+    files: dict[str, Path] = {}
+    store = None
     for tensor in _all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
-        try:
-            location = external_data_helper.ExternalDataInfo(tensor).location
-            if not (base / location).is_file():
-                raise ModelLoadError(
-                    path, f"tensor '{tensor.name}' refers to external data file '{location}', "
-                    f"which is missing (looked for {base / location})",
-                )
-            external_data_helper.load_external_data_for_tensor(tensor, str(base))
-        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            raise ModelLoadError(
-                path, f"tensor '{tensor.name}': cannot read its external data: {exc}"
-            ) from exc
-        # Older onnx releases leave these to the caller.
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
+        file, offset, length = _external_range(tensor, path, folder, files)
+        if read or length < INLINE_BYTES:
+            _read_inline(tensor, path, file, offset, length)
+        else:
+            store = store or WeightStore(pinned=True)
+            store.stub(tensor, FileRange(file, offset, length, tensor.data_type,
+                                         tuple(tensor.dims)))
 
 
-def _check_external_files(model: onnx.ModelProto, path: Path) -> None:
-    for tensor in _all_tensors(model):
-        if external_data_helper.uses_external_data(tensor) and not is_stub(tensor):
-            info = external_data_helper.ExternalDataInfo(tensor)
-            file = path.parent / info.location
-            if not file.is_file():
-                raise ModelLoadError(
-                    path, f"tensor '{tensor.name}' refers to external data file "
-                    f"'{info.location}', which is missing (looked for {file})")
-            end = (info.offset or 0) + (info.length or 0)
-            if end > file.stat().st_size:
-                raise ModelLoadError(
-                    path, f"tensor '{tensor.name}': its external data ends at byte {end}, past "
-                    f"the end of '{info.location}' ({file.stat().st_size} bytes)")
+#: Lazily loaded external tensors smaller than this are read at load: shapes, axes and scales
+#: are values the passes must see (a stub hides them), and cost nothing to keep inline.
+INLINE_BYTES = DETACH_TENSOR_BYTES
+
+
+def _external_range(tensor: onnx.TensorProto, path: Path, folder: Path,
+                    files: dict[str, Path]) -> tuple[Path, int, int]:
+    """The checked (file, offset, length) of an external tensor; :class:`ModelLoadError`
+    naming the tensor (and its location) for anything ONNX Runtime would refuse or misread."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    name = tensor.name
+    location = entries.get("location", "")
+    if not location:
+        raise ModelLoadError(path, f"tensor '{name}' is stored externally but has no location")
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        raise ModelLoadError(path, f"tensor '{name}' of type "
+                             f"{onnx.TensorProto.DataType.Name(tensor.data_type)} cannot be "
+                             "stored externally")
+    if location not in files:
+        files[location] = _external_file(name, location, path, folder)
+    file = files[location]
+    size = file.stat().st_size
+    offset = _external_int(entries, "offset", 0, name, path)
+    if offset > size:
+        raise ModelLoadError(path, f"tensor '{name}': external data offset {offset} is past the "
+                             f"end of '{location}' ({size} bytes)")
+    length = _external_int(entries, "length", size - offset, name, path)
+    if offset + length > size:
+        raise ModelLoadError(path, f"tensor '{name}': its external data ends at byte "
+                             f"{offset + length}, past the end of '{location}' ({size} bytes; "
+                             "truncated?)")
+    expected = packed_nbytes(tensor)
+    if expected is not None and length != expected:
+        raise ModelLoadError(path, f"tensor '{name}': external data in '{location}' has "
+                             f"{length} bytes, but a {_type_text(tensor)} tensor takes "
+                             f"{expected}")
+    return file, offset, length
+
+
+def _external_file(name: str, location: str, path: Path, folder: Path) -> Path:
+    where = f"tensor '{name}': external data location '{location}'"
+    if os.path.isabs(location) or location.startswith(("/", "\\")):
+        raise ModelLoadError(path, f"{where} is an absolute path; external data must be in the "
+                             f"model's folder ({folder}), named relative to it")
+    try:
+        file = _real(path.parent / location)
+    except ValueError as exc:
+        raise ModelLoadError(path, f"{where} is not a valid path ({exc})") from exc
+    if file != folder and folder not in file.parents:
+        raise ModelLoadError(path, f"{where} is outside the model's folder {folder} (it "
+                             f"resolves to {file}); refusing to read it")
+    if not file.exists():
+        raise ModelLoadError(path, f"tensor '{name}' refers to external data file "
+                             f"'{location}', which is missing (looked for {path.parent / location})")
+    if not file.is_file():
+        raise ModelLoadError(path, f"{where} is not a regular file")
+    return file
+
+
+def _external_int(entries: dict[str, str], key: str, default: int, name: str,
+                  path: Path) -> int:
+    text = entries.get(key)
+    if text is None:
+        return default
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ModelLoadError(path, f"tensor '{name}': external data {key} {text!r} is not a "
+                             "non-negative integer")
+    return value
+
+
+def _read_inline(tensor: onnx.TensorProto, path: Path, file: Path, offset: int,
+                 length: int) -> None:
+    try:
+        with open(file, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+    except OSError as exc:
+        raise ModelLoadError(path, f"tensor '{tensor.name}': cannot read its external data "
+                             f"({exc.strerror or exc})") from exc
+    if len(data) != length:  # the file shrank since it was checked
+        raise ModelLoadError(path, f"tensor '{tensor.name}': cannot read its external data "
+                             f"(got {len(data)} of {length} bytes)")
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(field)
+    tensor.raw_data = data
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+#: Bits per element of the packed sub-byte types (numpy gives them a whole byte).
+_SUBBYTE_BITS = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2))
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def packed_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of the tensor's raw data from its dims and type; None for types without a
+    fixed size (strings) or that this onnx package does not know."""
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    bits = _SUBBYTE_BITS.get(tensor.data_type)
+    if bits is not None:
+        return (count * bits + 7) // 8
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    return count * itemsize if tensor.data_type != onnx.TensorProto.STRING else None
+
+
+def _type_text(tensor: onnx.TensorProto) -> str:
+    kind = onnx.TensorProto.DataType.Name(tensor.data_type)
+    return f"{kind}{list(tensor.dims)}"
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
 
 
 #: Models with this many bytes of weights or more are checked as a view without their large
@@ -216,44 +322,29 @@ def save(
 
     ``protect`` lists paths that must never be written (the input model; one path may be given
     bare); writing to one of them, through any spelling or link, or to an external data file of
-    one of them, raises :class:`OutputError`. ``external_data`` defaults to "when the weights
-    do not fit one protobuf"; the data file is ``<name>.data`` beside the model. ``model`` is
-    not modified. The model (and data) file is written to a temporary folder beside ``path``
-    and renamed into place, so a failure leaves any previous file at ``path`` as it was and no
-    temporary file behind. An ``OSError`` (no space, no permission) becomes an ``OutputError``.
+    one of them, raises :class:`OutputError`, as does an existing ``path`` that is not a
+    regular file (:mod:`xattn_compiler.outputs`). ``external_data`` defaults to "when the
+    weights do not fit one protobuf"; the data file is ``<name>.data`` beside the model.
+    ``model`` is not modified. The model (and data) file is written to a staging folder beside
+    ``path`` and renamed into place, so a failure leaves any previous files at ``path`` as they
+    were and no temporary file behind. An ``OSError`` (no space, no permission) becomes an
+    ``OutputError``.
     """
     path = Path(path)
-    if isinstance(protect, (str, os.PathLike)):
-        protect = [protect]
-    guarded = _protected_files(protect)
-    _refuse_protected(path, guarded)
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory, not a model file")
     _refuse_unloaded_external_data(model, path)
     stubbed = has_stubs(model)
     if external_data is None or stubbed:  # detached weights are written from where they are
         external_data = stubbed or weight_bytes(model) >= PROTOBUF_LIMIT
     data_name = f"{path.name}.data"
-    data_path = path.parent / data_name
-    if external_data:
-        _refuse_protected(data_path, guarded)
-        if data_path.is_dir():
-            raise OutputError(f"{data_path}: is a directory, not an external data file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
-            tmp_model = Path(tmp) / path.name
-            if stubbed:
-                _save_detached(model, tmp_model, data_name)
-                os.replace(Path(tmp) / data_name, data_path)
-            elif external_data:
-                _save_external(model, tmp_model, data_name)
-                os.replace(Path(tmp) / data_name, data_path)
-            else:
-                _write_file(tmp_model, _serialize(model))
-            os.replace(tmp_model, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write the model ({exc.strerror or exc})") from exc
+    with outputs.staged(path.parent, protect, name=path) as stage:
+        tmp_model = stage.path(path.name)
+        if stubbed:
+            _save_detached(model, tmp_model, stage.path(data_name).name)
+        elif external_data:
+            _save_external(model, tmp_model, stage.path(data_name).name)
+        else:
+            _write_file(tmp_model, _serialize(model))
+        stage.commit()
     return path
 
 
@@ -264,50 +355,6 @@ def _serialize(model: onnx.ModelProto) -> bytes:
 def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _protected_files(protect: Iterable[str | os.PathLike]) -> list[tuple[str, Path]]:
-    """``(why, path)`` for every protected model and every external data file it refers to."""
-    files: list[tuple[str, Path]] = []
-    for item in protect:
-        model_path = Path(item)
-        files.append(("the input model", model_path))
-        files.append((f"external data of the input {item}", model_path.with_name(
-            model_path.name + ".data")))
-        for location in _external_locations(model_path):
-            files.append((f"external data of the input {item}", model_path.parent / location))
-    return files
-
-
-def _external_locations(model_path: Path) -> set[str]:
-    """External data files a model refers to; empty when it is not a readable ONNX file.
-
-    A model with external data has a small protobuf, so one larger than the limit below holds
-    its weights inline and is not parsed again just to find none.
-    """
-    try:
-        if not model_path.is_file() or model_path.stat().st_size > 64 * 2**20:
-            return set()
-        model = onnx.load_model(str(model_path), load_external_data=False)
-    except (OSError, DecodeError, RuntimeError, ValueError):
-        return set()
-    return {
-        external_data_helper.ExternalDataInfo(t).location
-        for t in _all_tensors(model)
-        if external_data_helper.uses_external_data(t)
-    }
-
-
-def _refuse_protected(path: Path, guarded: list[tuple[str, Path]]) -> None:
-    target = path.resolve()
-    for why, item in guarded:
-        resolved = item.resolve()
-        if target == resolved or (
-            target.exists() and resolved.exists() and target.samefile(resolved)
-        ):
-            raise OutputError(f"{path}: refusing to write over {why}")
 
 
 def _refuse_unloaded_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -340,8 +387,6 @@ def _save_external(model: onnx.ModelProto, tmp_model: Path, data_name: str) -> N
             data.write(raw)
             placed.append((tensor, offset, len(raw)))
             del raw
-        data.flush()
-        os.fsync(data.fileno())
     moved: list[tuple[onnx.TensorProto, int, int, int | None, onnx.TensorProto | None]] = []
     try:
         for tensor, offset, length in placed:
@@ -368,15 +413,23 @@ def _save_detached(model: onnx.ModelProto, tmp_model: Path, data_name: str) -> N
         for tensor in _all_tensors(out):
             source = source_of(tensor)
             raw = source.raw() if source is not None else _raw_bytes(tensor)
-            if raw is None or len(raw) < EXTERNAL_THRESHOLD:
+            if raw is None:
+                continue
+            if len(raw) < EXTERNAL_THRESHOLD:
+                if source is not None:  # a small stub: its bytes go inline, not to a stub path
+                    _put_inline(tensor, raw)
                 continue
             offset = _align(data) if len(raw) >= ALIGN_THRESHOLD else data.tell()
             data.write(raw)
             _point_to_external(tensor, data_name, offset, len(raw))
             del raw
-        data.flush()
-        os.fsync(data.fileno())
     _write_file(tmp_model, _serialize(out))
+
+
+def _put_inline(tensor: onnx.TensorProto, raw: bytes | memoryview) -> None:
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")
+    tensor.raw_data = bytes(raw)
 
 
 def _restore(moved, data_path: Path) -> None:
@@ -439,3 +492,7 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from iter_tensors(model)
+
+
+# split.py reads the input's data files through this name.
+_external_locations = outputs._external_locations

@@ -362,12 +362,18 @@ class Pipeline:
     def _save_reproducer(self, model: onnx.ModelProto, index: int) -> None:
         if self.reproducer is None:
             return
+        from .errors import OutputError
         from .io import save
+        from .outputs import write_text
 
-        self.reproducer.mkdir(parents=True, exist_ok=True)
-        save(model, self.reproducer / "input.onnx")
         rest = ",".join(p.spec() for p in self.passes[index:])
-        (self.reproducer / "pipeline.txt").write_text(rest + "\n")
+        try:  # through the output guard: the input model is never a reproducer's target
+            save(model, self.reproducer / "input.onnx")
+            write_text(self.reproducer / "pipeline.txt", rest + "\n")
+        except OutputError as exc:
+            # The pass failure is what the user must see; a reproducer is a courtesy.
+            log.error("could not write the reproducer: %s", exc)
+            return
         log.error("reproducer written to %s (input.onnx + pipeline.txt)", self.reproducer)
 
 

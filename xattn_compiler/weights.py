@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, numpy_helper
+from onnx import numpy_helper
 
 #: Stubs' ``location``; the rest is ``<store id>/<tensor index>``.
 STUB_PREFIX = "xattn-detached-weights/"
@@ -66,7 +66,9 @@ class _InMemory:
 
 
 @dataclass(frozen=True)
-class _FileRange:
+class FileRange:
+    """A checked byte range of an external data file (``io.load`` checks it fits)."""
+
     path: Path
     offset: int
     length: int
@@ -96,12 +98,12 @@ class WeightStore:
     def __init__(self, pinned: bool = False):
         with _LOCK:
             self.id = f"{next(_IDS)}-{id(self):x}"
-        self.sources: list[_InMemory | _FileRange] = []
+        self.sources: list[_InMemory | FileRange] = []
         _STORES[self.id] = self
         if pinned:
             _PINNED[self.id] = self
 
-    def stub(self, target: onnx.TensorProto, source: _InMemory | _FileRange) -> None:
+    def stub(self, target: onnx.TensorProto, source: _InMemory | FileRange) -> None:
         """Turn ``target`` (name, type and dims already set) into a stub for ``source``."""
         for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
                       "uint64_data", "string_data"):
@@ -117,7 +119,7 @@ class WeightStore:
         return sum(source.nbytes for source in self.sources)
 
 
-def source_of(tensor: onnx.TensorProto) -> _InMemory | _FileRange | None:
+def source_of(tensor: onnx.TensorProto) -> _InMemory | FileRange | None:
     """The bytes behind a stub; None for any other tensor. A stub whose store is gone is an
     error that says so, not a missing file."""
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -216,20 +218,6 @@ def new_constant(name: str, values: np.ndarray):
     stub.dims.extend(tensor.dims)
     _COLLECTING[-1].stub(stub, _InMemory(tensor))
     return gs.Constant(name, LazyValues(stub), data_location=onnx.TensorProto.EXTERNAL)
-
-
-def stub_external_data(model: onnx.ModelProto, base: Path) -> WeightStore:
-    """Turn ``model``'s external-data tensors (as loaded, unread) into stubs of their files."""
-    store = WeightStore(pinned=True)
-    for tensor in _all_tensors(model):
-        if not external_data_helper.uses_external_data(tensor) or is_stub(tensor):
-            continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        path = (base / info.location).resolve()
-        length = info.length if info.length is not None else path.stat().st_size - (info.offset or 0)
-        store.stub(tensor, _FileRange(path, info.offset or 0, length, tensor.data_type,
-                                      tuple(tensor.dims)))
-    return store
 
 
 def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
