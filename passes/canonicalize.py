@@ -73,7 +73,10 @@ class Canonicalize(Pass):
         nodes_folded = 0
         if self.option("fold-constants"):
             before = _node_count(graph)
-            fold_sliced_shapes(graph)
+            if fold_sliced_shapes(graph) or identities:
+                # Bypassed Identities and folded Shapes are still listed, with no inputs or
+                # outputs: neither the checks below nor graphsurgeon's folder expect that.
+                remove_dead_nodes(graph)
             # graphsurgeon's folder copies the whole graph before it looks: ask it only when
             # something can fold (the confirming round of a large model usually has nothing).
             if _has_foldable(graph):
@@ -110,6 +113,8 @@ def _has_foldable(graph: gs.Graph) -> bool:
 
 def _shape_folds(node: gs.Node) -> bool:
     """Whether graphsurgeon can fold this Shape, or a Gather or Slice of it, to a constant."""
+    if not node.inputs or not node.outputs:  # already folded, waiting to be swept
+        return False
     shape = node.inputs[0].shape
     if shape is None:
         return False

@@ -190,3 +190,43 @@ def test_a_sliced_shape_of_a_computed_constant_does_not_stop_the_other_folds():
     assert op_histogram(out) == {"Add": 1, "Reshape": 1}
     z, w = run(out, x=np.zeros(4, np.float32), y=np.arange(3, dtype=np.float32))
     assert z.tolist() == [0, 1, 2] and w.tolist() == [4, 4, 4, 4]
+
+
+def test_sliced_shape_of_a_partly_dynamic_tensor_folds_without_crashing():
+    # Shape(x, start=1) with x [N, 4, 8]: folded to [4, 8] by fold_sliced_shapes, which left
+    # the Shape node listed without outputs; the foldability check then read its outputs[0].
+    model = make_model(
+        [helper.make_node("Shape", ["x"], ["s"], start=1, name="tail"),
+         helper.make_node("Cast", ["s"], ["y"], to=onnx.TensorProto.FLOAT)],
+        [value("x", ["N", 4, 8])], [value("y", [2])])
+    result = Canonicalize()(model)
+    onnx.checker.check_model(result.model, full_check=True)
+    x = np.zeros((3, 4, 8), np.float32)
+    np.testing.assert_array_equal(run(result.model, x=x)[0], [4.0, 8.0])
+    assert "Shape" not in op_histogram(result.model)
+
+
+@pytest.mark.parametrize("starts, ends", [([-100], [2**62]), ([5], [1]), ([-1], [-2])])
+def test_shape_slice_with_out_of_range_bounds(starts, ends):
+    model = make_model(
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "a", "b"], ["t"]),
+         helper.make_node("Cast", ["t"], ["y"], to=onnx.TensorProto.FLOAT)],
+        [value("x", ["N", 4, 8])], [value("y", ["k"])],
+        [numpy_helper.from_array(np.array(starts, np.int64), "a"),
+         numpy_helper.from_array(np.array(ends, np.int64), "b")])
+    x = np.zeros((3, 4, 8), np.float32)
+    result = Canonicalize()(model)
+    np.testing.assert_array_equal(run(result.model, x=x)[0], run(model, x=x)[0])
+
+
+def test_identity_and_a_sliced_shape_fold_in_one_round():
+    model = make_model(
+        [helper.make_node("Identity", ["x"], ["xi"]),
+         helper.make_node("Shape", ["xi"], ["s"], start=1),
+         helper.make_node("Cast", ["s"], ["c"], to=onnx.TensorProto.FLOAT),
+         helper.make_node("Add", ["a", "a"], ["b"])],
+        [value("x", ["N", 4, 8])], [value("c", [2]), value("b", [1], onnx.TensorProto.INT64)],
+        [numpy_helper.from_array(np.array([1], np.int64), "a")])
+    result = Canonicalize()(model)
+    assert op_histogram(result.model) == {}
+    np.testing.assert_array_equal(run(result.model, x=np.zeros((3, 4, 8), np.float32))[1], [2])
