@@ -14,14 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, outputs
 from .backends.cli import add_backend_commands
-from .errors import CheckFailed, InputError, OutputError, PassError
+from .errors import CheckFailed, InputError, PassError
 from .io import load
 from .passmanager import Listener, Pass, PassRecord
 from .pipeline import DEFAULT_PIPELINE, QKV_LAYOUTS, TARGETS, model_summary, optimize
 from .registry import default_registry
 from .split_cli import add_split_commands
+from .weights import has_stubs
 from .zoo.cli import add_zoo_commands
 
 log = logging.getLogger("xattn_compiler")
@@ -147,53 +148,95 @@ def _add_optimize(commands: Any, common: argparse.ArgumentParser) -> None:
 def run_optimize(args: argparse.Namespace) -> int:
     model_path = _example_path() if args.example else Path(args.model)
     output = Path(args.output)
-    if output.resolve() == model_path.resolve():
-        raise OutputError(f"{output}: refusing to write over the input model")
-    # Weights in external data files stay there: passes see stubs, save streams the bytes.
-    model = load(model_path, lazy_weights=True)
-    specialize = _specializations(args.specialize)
-    names = [value.name for value in model.graph.input]
-    unknown = [name for name in specialize if name not in names]
-    if unknown:
-        raise InputError(f"--specialize: {model_path} has no graph input "
-                         f"{', '.join(repr(u) for u in unknown)} (inputs: {', '.join(names)})")
-    listener = ProgressLine(enabled=not args.quiet and sys.stderr.isatty())
-    result = optimize(model, args.passes, fixpoint=args.fixpoint, debug=args.debug,
-                      reproducer=args.reproducer, listener=listener, target=args.target,
-                      specialize=specialize, plugin_spec=args.plugin_spec,
-                      guard_precision=args.guard_precision, qkv_layout=args.qkv_layout)
-    report: dict[str, Any] = {
-        "model": str(model_path), "output": str(output),
-        "before": model_summary(model), "after": model_summary(result.detached),
-        **result.report,
-    }
-    check = None
-    if args.verify and specialize:
+    # Every write of this run (model, data, report, reproducer) is checked against the input
+    # and its data files; the targets are checked before any work is done.
+    with outputs.protecting(model_path):
+        _check_optimize_targets(args, output)
+        # Weights in external data files stay there: passes see stubs, save streams the bytes.
+        model = load(model_path, lazy_weights=True)
+        specialize = _specializations(args.specialize)
+        names = [value.name for value in model.graph.input]
+        unknown = [name for name in specialize if name not in names]
+        if unknown:
+            raise InputError(f"--specialize: {model_path} has no graph input "
+                             f"{', '.join(repr(u) for u in unknown)} (inputs: {', '.join(names)})")
+        listener = ProgressLine(enabled=not args.quiet and sys.stderr.isatty())
+        result = optimize(model, args.passes, fixpoint=args.fixpoint, debug=args.debug,
+                          reproducer=args.reproducer, listener=listener, target=args.target,
+                          specialize=specialize, plugin_spec=args.plugin_spec,
+                          guard_precision=args.guard_precision, qkv_layout=args.qkv_layout)
+        report: dict[str, Any] = {
+            "model": str(model_path), "output": str(output),
+            "before": model_summary(model), "after": model_summary(result.detached),
+            **result.report,
+        }
+
+        def finish(written: Path) -> None:
+            # Runs on the files as written, before they replace anything at the output path.
+            if args.verify:
+                check = _verify_written(model, model_path, written, args.inputs, specialize)
+                report["verify"] = check.to_dict()
+            if args.report:
+                _write_json(Path(args.report), report, protect=[model_path])
+            if args.verify and not check.ok:
+                print(check.summary(), file=sys.stderr)
+                raise CheckFailed(f"verification failed: the optimized model's outputs differ "
+                                  f"from {model_path}; {output} was not written")
+
+        outputs.save_checked(result.detached, output, finish, protect=[model_path])
+    if not args.quiet:
+        before, after = report["before"]["num_nodes"], report["after"]["num_nodes"]
+        print(f"wrote {output}: {before} -> {after} nodes "
+              f"({report['seconds']:.2f} s, pipeline '{result.pipeline.pipeline}')"
+              + (", verified from disk" if args.verify else ""), file=sys.stderr)
+    return EXIT_OK
+
+
+def _check_optimize_targets(args: argparse.Namespace, output: Path) -> None:
+    targets = [output, output.with_name(output.name + ".data")]
+    if args.report:
+        targets.append(Path(args.report))
+    if args.reproducer:
+        folder = Path(args.reproducer)
+        targets += [folder / "input.onnx", folder / "input.onnx.data", folder / "pipeline.txt"]
+    for target in targets:
+        outputs.check(target)
+
+
+def _verify_written(model: Any, model_path: Path, written: Path, inputs: str | None,
+                    specialize: dict[str, str]) -> Any:
+    """Compare the model as written (read back from ``written`` with its data) with the input."""
+    try:
+        candidate = load(written, lazy_weights=True)  # the same checks as any input gets
+    except InputError as exc:
+        raise CheckFailed(f"verification failed: the model as written does not load ({exc}); "
+                          "nothing was written") from exc
+    if specialize:
         # The specialised model no longer takes the pinned inputs: compare it with the
         # original run on those same values.
         from xattn_compiler.passes.control_flow import verify_specialized
 
         from .verification import load_inputs
 
-        check = verify_specialized(model, result.model, specialize,
-                                   inputs=load_inputs(args.inputs) if args.inputs else None)
-        report["verify"] = check.to_dict()
-    elif args.verify:
-        check = _verify(model, result.model, args.inputs)
-        report["verify"] = check.to_dict()
-    if args.report:
-        _write_json(Path(args.report), report, protect=[model_path])
-    if check is not None and not check.ok:
-        print(check.summary(), file=sys.stderr)
-        raise CheckFailed(f"verification failed: the optimized model's outputs differ from "
-                          f"{model_path}; {output} was not written")
-    result.save(output, protect=[model_path])
-    if not args.quiet:
-        before, after = report["before"]["num_nodes"], report["after"]["num_nodes"]
-        print(f"wrote {output}: {before} -> {after} nodes "
-              f"({report['seconds']:.2f} s, pipeline '{result.pipeline.pipeline}')"
-              + (", verified" if check is not None else ""), file=sys.stderr)
-    return EXIT_OK
+        return verify_specialized(model, candidate, specialize,
+                                  inputs=load_inputs(inputs) if inputs else None)
+    return _verify(_reference(model, model_path), str(written), inputs)
+
+
+def _reference(model: Any, model_path: Path) -> Any:
+    """The input as verify should run it: its file when every externally stored tensor was
+    left there (ONNX Runtime reads the weights from disk, no copy of them in memory), else the
+    loaded model (ONNX Runtime cannot load a file whose shape constants are external)."""
+    import onnx
+
+    from .ir import iter_tensors
+    from .weights import stubs
+
+    if not has_stubs(model):
+        return model
+    on_disk = onnx.load_model(str(model_path), load_external_data=False)
+    external = sum(1 for t in iter_tensors(on_disk) if t.data_location == onnx.TensorProto.EXTERNAL)
+    return model_path if external == sum(1 for _ in stubs(model)) else model
 
 
 def _specializations(items: list[str]) -> dict[str, str]:
@@ -306,18 +349,7 @@ class ProgressLine(Listener):
 
 
 def _write_json(path: Path, data: dict[str, Any], protect: list[Path]) -> None:
-    import os
-    import tempfile
-
-    for guarded in protect:
-        if path.resolve() == Path(guarded).resolve():
-            raise OutputError(f"{path}: refusing to write over the input model")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    outputs.write_json(path, data, protect=protect)
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:

@@ -124,8 +124,8 @@ def _as_list(protect: Iterable[PathLike] | PathLike) -> list[PathLike]:
 def _non_regular_kind(path: Path) -> str | None:
     try:
         mode = os.stat(path).st_mode  # through a symlink: what it points to is what we'd hit
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # nothing there yet (making its folder reports a file in the way)
     except OSError as exc:
         raise OutputError(f"{path}: cannot check the output ({exc.strerror or exc})") from exc
     if stat.S_ISREG(mode):
