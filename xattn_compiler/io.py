@@ -315,7 +315,7 @@ def save(
     model: onnx.ModelProto,
     path: str | os.PathLike,
     *,
-    protect: str | os.PathLike | Iterable[str | os.PathLike] = (),
+    protect: str | os.PathLike | Iterable[str | os.PathLike] | outputs.Guard = (),
     external_data: bool | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically and return the path.

@@ -103,8 +103,7 @@ def check(path: PathLike, protect: Iterable[PathLike] | Guard = ()) -> Path:
     or a :class:`Guard`), and an existing target that is not a regular file.
     """
     path = Path(path)
-    guards = list(_ACTIVE.get())
-    guards.append(protect if isinstance(protect, Guard) else Guard(_as_list(protect)))
+    guards = [*_ACTIVE.get(), as_guard(protect)]
     for guard in guards:
         why = guard.protects(path)
         if why is not None:
@@ -115,10 +114,14 @@ def check(path: PathLike, protect: Iterable[PathLike] | Guard = ()) -> Path:
     return path
 
 
-def _as_list(protect: Iterable[PathLike] | PathLike) -> list[PathLike]:
+def as_guard(protect: Iterable[PathLike] | PathLike | Guard) -> Guard:
+    """``protect`` as a :class:`Guard` (model paths, one path, or a Guard already built:
+    building one reads each model's external data locations, so build it once per write)."""
+    if isinstance(protect, Guard):
+        return protect
     if isinstance(protect, (str, os.PathLike)):
-        return [protect]
-    return list(protect)
+        return Guard([protect])
+    return Guard(protect)
 
 
 def _non_regular_kind(path: Path) -> str | None:
@@ -145,6 +148,7 @@ def atomic_path(path: PathLike, protect: Iterable[PathLike] | Guard = ()) -> Ite
     """Yield a temporary path beside ``path``; once the block has written it completely, it
     replaces ``path``. On any failure the temporary file is removed and ``path`` is left as
     it was; an ``OSError`` becomes an :class:`OutputError` naming ``path``."""
+    protect = as_guard(protect)
     path = check(path, protect)
     tmp: Path | None = None
     try:
@@ -257,7 +261,7 @@ def staged(folder: PathLike, protect: Iterable[PathLike] | Guard = (),
     block ends (an error, a failed check) is removed, and no target has been touched.
     An ``OSError`` becomes an :class:`OutputError` naming ``name`` (default: ``folder``)."""
     folder = Path(folder)
-    guard = protect if isinstance(protect, Guard) else Guard(_as_list(protect))
+    guard = as_guard(protect)
     stage: Path | None = None
     try:
         _make_folder(folder)
@@ -282,7 +286,7 @@ def save_checked(model: Any, path: PathLike, check_saved: Callable[[Path], None]
     """
     from .io import save
 
-    path = Path(path)
+    path, protect = Path(path), as_guard(protect)
     with staged(path.parent, protect, name=path) as stage:
         staged_model = stage.path(path.name)
         stage.path(path.name + ".data")  # checked before the work, like the model
