@@ -291,3 +291,10 @@ def test_atomic_write_error_names_the_target(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=r"r\.json: cannot write \(Permission denied\)"):
         outputs.write_json(tmp_path / "r.json", {"a": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_at_the_output_path(source, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    err = _refused(capsys, "optimize", str(source), "-o", str(out), "--report",
+                   str(tmp_path / "." / "out.onnx"))
+    assert "--report" in err and not out.exists()

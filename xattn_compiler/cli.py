@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__, outputs
 from .backends.cli import add_backend_commands
-from .errors import CheckFailed, InputError, PassError
+from .errors import CheckFailed, InputError, OutputError, PassError
 from .io import load
 from .passmanager import Listener, Pass, PassRecord
 from .pipeline import DEFAULT_PIPELINE, QKV_LAYOUTS, TARGETS, model_summary, optimize
@@ -195,7 +195,10 @@ def run_optimize(args: argparse.Namespace) -> int:
 def _check_optimize_targets(args: argparse.Namespace, output: Path) -> None:
     targets = [output, output.with_name(output.name + ".data")]
     if args.report:
-        targets.append(Path(args.report))
+        report = Path(args.report)
+        if any(outputs.same_file(report, target) for target in targets):
+            raise OutputError(f"--report {report}: that is where the model goes (-o {output})")
+        targets.append(report)
     if args.reproducer:
         folder = Path(args.reproducer)
         targets += [folder / "input.onnx", folder / "input.onnx.data", folder / "pipeline.txt"]

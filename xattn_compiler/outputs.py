@@ -77,6 +77,13 @@ class Guard:
                 return item.why
         return None
 
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether two paths name one file (one resolved path, or one inode: a hard link)."""
+    a, b = Path(a), Path(b)
+    identity = _identity(a)
+    return _resolve(a) == _resolve(b) or (identity is not None and identity == _identity(b))
+
     def __iter__(self) -> Iterator[_Protected]:
         return iter(self._items)
 
