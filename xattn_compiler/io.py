@@ -1,6 +1,7 @@
 """Loading and saving models: every check that turns a bad file into one clear line.
 
-``load`` resolves external data, checks the IR version and opsets, checks the graph's structure
+``load`` resolves external data (refusing references that leave the model's folder or do not
+fit their tensor), checks the IR version and opsets, checks the graph's structure
 (every edge produced, no cycles, every domain imported; If/Loop/Scan bodies included) and runs
 ``onnx.checker``. ``save`` writes atomically, switches to external data for models whose weights
 do not fit a 2 GB protobuf, and refuses to write over a protected path (the input).
@@ -42,10 +43,15 @@ def load(path: str | os.PathLike, *, check: bool = True, lazy_weights: bool = Fa
          ) -> onnx.ModelProto:
     """Read an ONNX model with its external data and check that it is usable.
 
-    With ``lazy_weights`` the external data is not read: its tensors become detached weights
-    (:mod:`xattn_compiler.weights`) that point into the data files, read only where a pass
-    needs values, and streamed from there by :func:`save`. The files must then stay unchanged
-    while the model is used.
+    Every external data reference is checked first, as ONNX Runtime would: a relative
+    location inside the model's folder once symlinks are resolved, a regular file, an integer
+    offset and length within it, and exactly the bytes the tensor's type and dims take.
+
+    With ``lazy_weights`` the external data of tensors of :data:`INLINE_BYTES` or more is not
+    read: they become detached weights (:mod:`xattn_compiler.weights`) that point into the data
+    files, read only where a pass needs values, and streamed from there by :func:`save`. The
+    files must then stay unchanged while the model is used. Smaller ones (shapes, axes,
+    scales: values a rewrite reads) are read in.
 
     Raises :class:`ModelLoadError` (an :class:`InputError`) whose one-line message names the
     file and the node, tensor or field at fault; a structural problem keeps the
