@@ -158,13 +158,13 @@ def test_an_encoded_context_splits_after_the_encoder_layers():
 
 
 def test_static_inputs_can_be_overridden():
-    # Declaring the query stream static moves what depends only on it (the first
-    # self-attention) into the "projector"; the context becomes a decoder input.
+    # Naming the static input explicitly gives the split the default finds. (Naming the query
+    # stream instead moves no cross-attention K/V: test_split_moving_no_cross_attention_kv_is_refused.)
     built = decoder_model()
-    split = split_static_kv(built.model, ["hidden_states"])
-    assert split.static_inputs == ["hidden_states"]
-    assert "encoder_hidden_states" in input_names(split.decoder)
-    assert "hidden_states" not in input_names(split.decoder)
+    split = split_static_kv(built.model, ["encoder_hidden_states"])
+    default = split_static_kv(built.model)
+    assert split.static_inputs == ["encoder_hidden_states"]
+    assert split.decoder.SerializeToString() == default.decoder.SerializeToString()
     assert verify_split(built.model, split, inputs=built.inputs).ok
 
 
@@ -488,7 +488,11 @@ def zoo_split(request):
                 pytest.skip(f"needs {', '.join(missing)}")
             exported = cached_export(name, export_cache)
             model = xio.load(exported.path)
-            cache[name] = (exported, model, split_static_kv(model))
+            # A context with a padding mask: its K/V depend on an input that also feeds the
+            # cross-attention mask, which the default does not take; the model names them.
+            static = (exported.manifest["config"]["context_inputs"]
+                      if "explicit-static-inputs" in get_model(name).tags else None)
+            cache[name] = (exported, model, split_static_kv(model, static))
         return cache[name]
 
     return get
@@ -586,3 +590,89 @@ def test_drawn_models_split_soundly_or_are_refused_with_a_reason(ex):
 def test_the_pass_has_every_pass_property_on_drawn_models(ex):
     note(ex.description)
     assert_pass_properties(SplitStaticKV(), ex.model, ex.samples)
+
+
+# --- splits that move no K/V, sorting, verifying what was written ---------------------------------
+
+def test_split_moving_no_cross_attention_kv_is_refused():
+    # The per-step input named static: the static region holds the self-attention's K/V, none
+    # of a cross-attention; this was written as a "verified" split with "key": null.
+    built = decoder_model()
+    with pytest.raises(SplitError, match="determine no cross-attention K/V.*'encoder_hidden_states'"):
+        split_static_kv(built.model, ["hidden_states"])
+
+
+def test_cli_split_moving_no_kv_exits_2_and_writes_nothing(tmp_path, run_cli, capsys):
+    model = write(tmp_path / "m.onnx", decoder_model().model)
+    assert run_cli("split-kv", model, "-o", tmp_path / "split", "--static-inputs",
+                   "hidden_states", "--verify") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "determine no cross-attention K/V" in err
+    assert not (tmp_path / "split").exists()
+
+
+def test_split_cut_names_mixing_numbers_and_words_sort():
+    from xattn_compiler.split import _name_order
+
+    names = ["cross_kv.extra.0", "cross_kv.10.key", "cross_kv.1.value", "cross_kv.1.key",
+             "cross_kv.2.key"]
+    assert sorted(names, key=_name_order) == [
+        "cross_kv.1.key", "cross_kv.1.value", "cross_kv.2.key", "cross_kv.10.key",
+        "cross_kv.extra.0"]
+
+
+def test_cli_split_verify_reads_the_files_as_written(tmp_path, run_cli, monkeypatch):
+    import xattn_compiler.split as split_module
+
+    seen = []
+    original = split_module.verify_split
+
+    def recording(reference, candidate, **options):
+        seen.append((candidate, sorted(p.name for p in Path(candidate).iterdir())))
+        return original(reference, candidate, **options)
+
+    monkeypatch.setattr(split_module, "verify_split", recording)
+    model = write(tmp_path / "m.onnx", decoder_model().model)
+    assert run_cli("split-kv", model, "-o", tmp_path / "split", "--verify", "-q") == 0
+    ((candidate, files),) = seen
+    assert files == ["decoder.onnx", "kv_projector.onnx", SPLIT_FILE]  # complete on disk
+    assert candidate.parent == tmp_path / "split" and not candidate.exists()  # staged, moved
+
+
+def test_cli_split_failed_verify_keeps_the_previous_split(tmp_path, run_cli, monkeypatch):
+    import xattn_compiler.split as split_module
+    from xattn_compiler.verification import VerifyResult
+
+    model = write(tmp_path / "m.onnx", decoder_model().model)
+    out = tmp_path / "split"
+    assert run_cli("split-kv", model, "-o", out, "-q") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(split_module, "verify_split",
+                        lambda *a, **k: VerifyResult(ok=False, outputs=[], input_shapes={},
+                                                     reason="forced"))
+    assert run_cli("split-kv", model, "-o", out, "--verify", "-q") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_zoo_nn_transformer_default_split_is_refused_naming_src_pad(export_cache):
+    from xattn_compiler.zoo import cached_export
+
+    model = xio.load(cached_export("nn-transformer-padded", export_cache).path)
+    with pytest.raises(SplitError, match="no cross-attention K/V.*'src_pad'.*src,src_pad"):
+        split_static_kv(model)
+
+
+@pytest.mark.slow
+def test_zoo_nn_transformer_static_inputs_src_and_src_pad(tmp_path, run_cli, export_cache):
+    from xattn_compiler.zoo import cached_export
+
+    path = cached_export("nn-transformer-padded", export_cache).path
+    out = tmp_path / "split"
+    assert run_cli("split-kv", path, "-o", out, "--static-inputs", "src,src_pad",
+                   "--verify", "-q") == 0
+    meta = json.loads((out / SPLIT_FILE).read_text())
+    assert len(meta["kv"]) == 2 and all(e["key"] and e["value"] for e in meta["kv"])
+    for name in ("kv_projector.onnx", "decoder.onnx"):
+        onnx.checker.check_model(onnx.load(out / name), full_check=True)
+    assert not {"src", "src_pad"} & set(input_names(onnx.load(out / "decoder.onnx")))

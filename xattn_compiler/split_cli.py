@@ -54,13 +54,16 @@ def run_split_kv(args: argparse.Namespace) -> int:
     if args.static_inputs is not None:
         names = [name.strip() for name in args.static_inputs.split(",") if name.strip()]
     result = split_static_kv(model, names)
-    if args.verify:
-        check = verify_split(model, result, inputs=args.inputs)
+
+    def verify_saved(staged: Path) -> None:
+        # The files as written, read back from disk: what a user will run.
+        check = verify_split(model, staged, inputs=args.inputs)
         if not check.ok:
             print(check.summary(), file=sys.stderr)
             raise CheckFailed(f"verification failed: projector then decoder differ from "
                               f"{model_path}; nothing was written to {output}")
-    result.save(output, protect=[model_path])
+
+    result.save(output, protect=[model_path], check_saved=verify_saved if args.verify else None)
     if not getattr(args, "quiet", False):
         print(_summary(result, output, PROJECTOR_FILE, args.verify), file=sys.stderr)
     return EXIT_OK
