@@ -125,7 +125,7 @@ def import_with_shapes(model: onnx.ModelProto) -> gs.Graph:
     weightless skeleton. :func:`export_model` never writes into those initializers.
     """
     model = _separated(model)  # shapes are refreshed by name: the names must be the graph's
-    inferred = onnx.shape_inference.infer_shapes(_skeleton(model), data_prop=True)
+    inferred = _infer_skeleton(model)
     graph = import_graph(model, value_info=False)
     refresh_shapes(graph, inferred)
     return graph
@@ -373,10 +373,10 @@ def infer_shapes(
     shapes and the values of small tensors (Reshape targets), so it runs on a skeleton whose
     large initializers are replaced by typed graph inputs, and the inferred value_info is
     copied back onto the full model (``model`` itself with ``in_place``, which saves a copy
-    of the weights; else a copy).
+    of the weights; else a copy). Memory stays bounded by the model's size: see
+    :func:`_skeleton` for the long 1-D tensors data propagation would expand.
     """
-    skeleton = _skeleton(model)
-    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=strict, data_prop=True)
+    inferred = _infer_skeleton(model, strict=strict)
     out = model
     if not in_place:
         out = onnx.ModelProto()
@@ -408,11 +408,32 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return count * _ITEMSIZE[kind]
 
 
-def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers of ``threshold`` bytes or more are typed inputs.
+#: 1-D tensors longer than this are given a symbolic length while data propagation runs.
+#: Shape values (the data it propagates) have one entry per dim, so they are never this long.
+LONG_1D = 1 << 12
+_LENGTH_PARAM = "xattn_len_"
 
+
+def _infer_skeleton(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
+    """Inference with data propagation on ``model``'s skeleton, long lengths restored."""
+    inferred = onnx.shape_inference.infer_shapes(_skeleton(model, data_prop=True),
+                                                 strict_mode=strict, data_prop=True)
+    _restore_lengths(inferred.graph)
+    return inferred
+
+
+def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16,
+              data_prop: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` for shape inference whose initializers of ``threshold`` bytes or
+    more are typed graph inputs. For inference with ``data_prop``, so are its Constant nodes
+    that large, and every 1-D graph input longer than :data:`LONG_1D` has a symbolic length.
+
+    Why the lengths: ONNX's data propagation treats a 1-D tensor of known length as a shape
+    and builds one symbolic dim per element (about 200 bytes each), so ``Add`` on a 64 MB 1-D
+    tensor took 3.7 GB. As ``xattn_len_<n>`` the length is unknown to it, elementwise ops and
+    broadcasts carry the name, and :func:`_restore_lengths` turns it back into ``n``.
     Built field by field so neither the weights are copied nor the caller's model touched;
-    a model with no such initializer is its own skeleton (inference does not write to it).
+    a model with none of these is its own skeleton (inference does not write to it).
     """
     def stays(tensor: onnx.TensorProto) -> bool:
         # A tensor whose bytes live elsewhere (external data, a detached weight) is never
@@ -420,23 +441,67 @@ def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16) -> onnx.ModelPro
         return (tensor.data_location != onnx.TensorProto.EXTERNAL
                 and tensor_nbytes(tensor) < threshold)
 
-    if all(stays(tensor) for tensor in model.graph.initializer):
+    source = model.graph
+    large_constants = [i for i, node in enumerate(source.node)
+                       if data_prop and _large_constant(node, stays)]
+    long_inputs = data_prop and any(_long_1d(value) for value in source.input)
+    if all(stays(tensor) for tensor in source.initializer) and not large_constants \
+            and not long_inputs:
         return model
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
     skeleton.functions.extend(model.functions)
-    source, graph = model.graph, skeleton.graph
+    graph = skeleton.graph
     graph.name = source.name
-    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
+    for name in ("node", "output", "value_info", "sparse_initializer"):
         getattr(graph, name).extend(getattr(source, name))
+    inputs = list(source.input)
     for tensor in source.initializer:
         if stays(tensor):
             graph.initializer.append(tensor)
         else:
-            graph.input.append(onnx.helper.make_tensor_value_info(
+            inputs.append(onnx.helper.make_tensor_value_info(
                 tensor.name, tensor.data_type, list(tensor.dims)))
+    for index in large_constants:
+        # Same position, same output: body value_info is copied back by node position.
+        node, value = graph.node[index], graph.node[index].attribute[0].t
+        feed = f"{node.output[0]}__xattn_value"
+        inputs.append(onnx.helper.make_tensor_value_info(feed, value.data_type, list(value.dims)))
+        graph.node[index].CopyFrom(onnx.helper.make_node(
+            "Identity", [feed], [node.output[0]], name=node.name))
+    graph.input.extend(_with_symbolic_length(v) if data_prop else v for v in inputs)
     return skeleton
+
+
+def _large_constant(node: onnx.NodeProto, stays) -> bool:
+    return (node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+            and len(node.attribute) == 1 and node.attribute[0].name == "value"
+            and not stays(node.attribute[0].t))
+
+
+def _long_1d(value: onnx.ValueInfoProto) -> bool:
+    dims = value.type.tensor_type.shape.dim
+    return len(dims) == 1 and dims[0].HasField("dim_value") and dims[0].dim_value > LONG_1D
+
+
+def _with_symbolic_length(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    if not _long_1d(value):
+        return value
+    renamed = onnx.ValueInfoProto()
+    renamed.CopyFrom(value)
+    dim = renamed.type.tensor_type.shape.dim[0]
+    dim.dim_param = f"{_LENGTH_PARAM}{dim.dim_value}"  # clears dim_value (a oneof)
+    return renamed
+
+
+def _restore_lengths(graph: onnx.GraphProto) -> None:
+    """``xattn_len_<n>`` dims (from :func:`_skeleton`) back to ``n``, bodies included."""
+    for body in iter_graph_protos(graph):
+        for value in (*body.value_info, *body.output, *body.input):
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.HasField("dim_param") and dim.dim_param.startswith(_LENGTH_PARAM):
+                    dim.dim_value = int(dim.dim_param[len(_LENGTH_PARAM):])
 
 
 def _copy_value_info(source: onnx.GraphProto, target: onnx.GraphProto) -> None:
