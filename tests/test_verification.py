@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 
 import ml_dtypes
 import numpy as np
@@ -11,15 +13,21 @@ import onnx.parser
 import pytest
 
 import xattn_compiler.io as xio
+import xattn_compiler.verification_inputs as vi
+from xattn_compiler.cli import main
 from xattn_compiler.errors import InputError
+from xattn_compiler.testing import assert_equivalent
 from xattn_compiler.verification import (
+    CandidateError,
     OutputCheck,
     VerifyResult,
     default_tolerances,
+    input_sets,
     load_inputs,
     random_inputs,
     run_model,
     verify,
+    verify_with,
 )
 
 HEADER = '<ir_version: 10, opset_import: ["" : 17]>'
@@ -332,7 +340,7 @@ def test_gather_heuristic_follows_casts_and_unsqueezes():
     assert verify(m, m).ok
 
 
-def test_masks_are_ones_and_positions_count_along_the_last_axis():
+def test_masks_hold_both_values_and_positions_count_along_the_last_axis():
     m = model("""
         named (int64[batch, seq] attention_mask, int64[batch, seq] position_ids, int64[batch, seq] other)
             => (int64[batch, seq] y) {
@@ -340,7 +348,11 @@ def test_masks_are_ones_and_positions_count_along_the_last_axis():
             y = Add(s, other)
         }""")
     inputs = random_inputs(m, dims={"batch": 2, "seq": 5})
-    np.testing.assert_array_equal(inputs["attention_mask"], np.ones((2, 5), np.int64))
+    mask = inputs["attention_mask"]
+    # Every row keeps its first position (never fully masked) and masks its last.
+    np.testing.assert_array_equal(mask[:, 0], [1, 1])
+    np.testing.assert_array_equal(mask[:, -1], [0, 0])
+    assert set(np.unique(mask)) == {0, 1}
     np.testing.assert_array_equal(inputs["position_ids"], [[0, 1, 2, 3, 4]] * 2)
     assert inputs["other"].min() >= 0 and inputs["other"].max() < 4
 
@@ -487,9 +499,15 @@ def test_a_candidate_that_fails_at_run_time_fails_without_raising():
 def test_a_reference_that_cannot_run_raises_input_error(tmp_path):
     with pytest.raises(InputError, match="reference model .*absent.onnx"):
         verify(tmp_path / "absent.onnx", scale_model())
-    wrong_dtype = {"x": np.ones((2, 3), np.float64)}
-    with pytest.raises(InputError, match="reference model"):
-        verify(scale_model(), scale_model(), inputs=wrong_dtype)
+    always_fails = model("""
+        scale (float[batch, 3] x) => (float[batch, 3] y) {
+            s = Constant <value = int64[2] {4, 4}> ()
+            y = Reshape(x, s)
+        }""")
+    # Every input set fails, fallbacks included: nothing was verified, so it is an error.
+    with pytest.raises(InputError, match="reference model .* fails in ONNX Runtime on every "
+                                         "input set drawn .*'distinct'.*'legacy'"):
+        verify(always_fails, always_fails)
 
 
 # --- models on disk and large models -------------------------------------------------------
@@ -590,6 +608,7 @@ def test_output_check_to_dict_keeps_every_field():
     assert check.to_dict() == {
         "name": "y", "dtype": "float32", "shape": [2, 3], "max_abs_error": 0.5,
         "max_rel_error": 0.25, "rtol": 1e-3, "atol": 1e-4, "ok": False, "reason": "bad",
+        "input_set": None,
     }
 
 
@@ -620,3 +639,244 @@ def test_an_output_widened_from_fp16_is_judged_at_fp16_precision():
     inputs = {"x": np.zeros(4, np.float32)}
     assert not verify(_widened(onnx.TensorProto.FLOAT, 0.0),
                       _widened(onnx.TensorProto.FLOAT, 2.0**-8), inputs=inputs).ok
+
+
+# --- tolerances ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tolerances", [
+    {"rtol": float("nan")}, {"atol": float("nan")}, {"rtol": float("inf")},
+    {"atol": -1e-3}, {"rtol": -0.5}, {"atol": "tight"},
+])
+def test_nan_infinite_or_negative_tolerances_are_refused(tolerances):
+    # NaN compares false with everything, so a NaN tolerance used to pass a wrong candidate.
+    with pytest.raises(InputError, match="tolerance must be a finite number >= 0|must be a"):
+        verify(scale_model(), scale_model(extra=1.0), **tolerances)
+    with pytest.raises(InputError):
+        assert_equivalent(scale_model(), scale_model(extra=1.0), **tolerances)
+
+
+@pytest.mark.parametrize("flag, value", [("--rtol", "nan"), ("--atol", "nan"),
+                                         ("--rtol", "-1"), ("--atol", "inf")])
+def test_cli_verify_refuses_bad_tolerances_with_exit_2(tmp_path, capsys, flag, value):
+    ref = xio.save(scale_model(), tmp_path / "ref.onnx")
+    cand = xio.save(scale_model(extra=1.0), tmp_path / "cand.onnx")
+    assert main(["verify", str(ref), str(cand), flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("xattn-compiler: error: ")
+    assert flag.lstrip("-") in err[0]
+
+
+# --- input sets ----------------------------------------------------------------------------
+
+def test_three_input_sets_by_default_each_reported_with_its_dims():
+    m = model(ADD_DYNAMIC)
+    result = verify(m, m)
+    assert result.num_input_sets == 3
+    assert [(r.name, r.dims, r.status) for r in result.input_sets] == [
+        ("distinct", {"batch": 2, "n": 3}, "passed"),
+        ("decode-step", {"batch": 1, "n": 1}, "passed"),
+        ("reversed", {"batch": 3, "n": 4}, "passed")]
+    assert result.input_sets[2].input_shapes == {"a": (3, 4), "b": (3, 4)}
+    assert "input set 'decode-step': batch=1 n=1: PASS" in result.summary()
+    assert json.loads(json.dumps(result.to_dict()))["num_input_sets"] == 3
+
+
+def test_the_quick_profile_and_given_inputs_run_one_set():
+    m = model(ADD_DYNAMIC)
+    assert [r.name for r in verify(m, m, profile="quick").input_sets] == ["distinct"]
+    given = {"a": np.ones((2, 2), np.float32), "b": np.ones((2, 2), np.float32)}
+    result = verify(m, m, inputs=given)
+    assert [(r.name, r.dims) for r in result.input_sets] == [("given", {})]
+    with pytest.raises(InputError, match="unknown verification profile"):
+        verify(m, m, profile="fast")
+
+
+def test_dims_that_must_agree_fall_back_and_the_skip_is_reported():
+    # n and m are different names for what must be one size: the distinct sizes cannot run.
+    m = model("""
+        add (float[batch, n] a, float[batch, m] b) => (float[batch, n] y) {
+            y = Add(a, b)
+        }""")
+    result = verify(m, m)
+    assert result.ok
+    statuses = [(r.name, r.replaces, r.status) for r in result.input_sets]
+    assert statuses == [("distinct", None, "skipped"), ("legacy", "distinct", "passed"),
+                        ("decode-step", None, "passed"),
+                        ("reversed", None, "skipped"), ("uniform", "reversed", "passed")]
+    assert "the reference fails" in result.input_sets[0].reason
+    assert "input set 'legacy' (in place of 'distinct')" in result.summary()
+
+
+def test_dims_named_by_an_expression_take_its_value():
+    # An exporter's cache mask: one more position than the past (a zero column appended).
+    m = model("""
+        grow (float[batch, past] a, float[batch, "past + 1"] b) => (float[batch, "past + 1"] y) {
+            zero = Constant <value = float[1, 1] {0.0}> ()
+            rows = Shape <end = 1> (a)
+            one = Constant <value = int64[1] {1}> ()
+            column = Concat <axis = 0> (rows, one)
+            pad = Expand(zero, column)
+            c = Concat <axis = 1> (a, pad)
+            y = Add(c, b)
+        }""")
+    result = verify(m, m)
+    assert [r.status for r in result.input_sets] == ["passed"] * 3
+    distinct = result.input_sets[0]
+    assert distinct.dims == {"batch": 2, "past": 3, "past + 1": 4}
+    assert distinct.input_shapes["b"] == (2, 4)
+
+
+def test_single_booleans_are_drawn_both_ways_and_arrays_hold_both():
+    m = model("""
+        flags (bool flag, bool[batch, n] bits) => (bool[batch, n] y) {
+            y = And(flag, bits)
+        }""")
+    sets = [choices[0].feeds for choices in input_sets(m)]
+    assert {bool(feeds["flag"]) for feeds in sets} == {True, False}
+    for feeds in sets:
+        if feeds["bits"].size > 1:
+            assert set(np.unique(feeds["bits"])) == {False, True}
+
+
+def test_ids_cover_the_first_and_last_rows_of_the_table():
+    m = embedding(rows=1000)
+    sets = [choices[0].feeds["ids"] for choices in input_sets(m)]
+    assert [ids.shape for ids in sets] == [(2, 3), (1, 1), (3, 4)]
+    for ids in sets[0], sets[2]:
+        assert ids.min() == 0 and ids.max() == 999
+
+
+def test_the_spread_set_reaches_small_and_large_magnitudes_of_both_signs():
+    m = model("""
+        draws (float[batch, n] x, float16[batch, n] h, int64[batch, n] k) => (float[batch, n] y) {
+            y = Identity(x)
+        }""")
+    spread = input_sets(m)[2][0]
+    assert spread.name == "reversed"
+    x, h = spread.feeds["x"], spread.feeds["h"].astype(np.float32)
+    assert x.max() == 8.0 and x.min() == -8.0 and np.abs(x).min() < 0.5
+    assert h.max() == 4.0 and h.min() == -4.0  # half precision: a smaller spread
+    assert spread.feeds["k"].max() >= 4  # beyond the [0, 4) of the other sets
+
+
+# --- .npz inputs that cannot be trusted ------------------------------------------------------
+
+def _cli_verify_with(tmp_path, capsys, npz, m=None) -> str:
+    ref = xio.save(m if m is not None else scale_model(), tmp_path / "ref.onnx")
+    assert main(["verify", str(ref), str(ref), "--inputs", str(npz)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("xattn-compiler: error: "), err
+    return err[0]
+
+
+def test_npz_object_array_is_refused_naming_the_member(tmp_path, capsys):
+    path = tmp_path / "objects.npz"
+    np.savez(path, x=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(InputError, match=r"objects.npz: member 'x.npy' is an array of Python "
+                                         r"objects"):
+        load_inputs(path)
+    assert "member 'x.npy'" in _cli_verify_with(tmp_path, capsys, path)
+
+
+def test_npz_corrupt_member_is_refused_naming_the_member(tmp_path, capsys):
+    path = tmp_path / "corrupt.npz"
+    np.savez_compressed(path, x=np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3))
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("x.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    raw[start + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"corrupt.npz: member 'x.npy'"):
+        load_inputs(path)
+    assert "corrupt.npz: member 'x.npy'" in _cli_verify_with(tmp_path, capsys, path)
+
+
+def test_npz_decompression_bomb_is_refused_before_decompressing(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, x=np.zeros(4_000_000, np.float32))  # 16 MB in ~16 KB
+    assert path.stat().st_size < 100_000
+
+    def never(*args, **kwargs):
+        raise AssertionError("a member was decompressed")
+
+    # The model's x is [2, 3] float: 24 bytes, so the limit derives from it.
+    monkeypatch.setattr(zipfile.ZipFile, "open", never)
+    with pytest.raises(InputError, match=r"bomb.npz: member 'x.npy' would unpack to 16000128 "
+                                         r"bytes, more than the \d+ bytes its input takes"):
+        load_inputs(path, scale_model())
+    # An input with open dims is held to the general cap.
+    monkeypatch.setattr(vi, "MAX_MEMBER_BYTES", 1 << 20)
+    with pytest.raises(InputError, match="would unpack to 16000128 bytes"):
+        load_inputs(path, model(ADD_DYNAMIC.replace("a,", "x,").replace("Add(a", "Add(x")))
+    with pytest.raises(InputError, match="would unpack"):
+        load_inputs(path)
+    monkeypatch.undo()
+    assert "would unpack" in _cli_verify_with(tmp_path, capsys, path)
+
+
+def test_npz_header_claiming_more_data_than_stored_is_corrupt(tmp_path):
+    # A header may declare a huge shape over a few bytes; numpy would allocate the shape.
+    path = tmp_path / "liar.npz"
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        member, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 3)})
+    member.write(np.ones((2, 3), np.float32).tobytes())
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", member.getvalue())
+    with pytest.raises(InputError, match=r"member 'x.npy' is corrupt"):
+        load_inputs(path)
+
+
+def test_npz_arrays_must_match_the_inputs_type_and_rank(tmp_path, capsys):
+    path = tmp_path / "wrong.npz"
+    np.savez(path, x=np.ones((2, 3), np.float64))
+    with pytest.raises(InputError, match=r"wrong.npz: member 'x.npy': input 'x' has element "
+                                         r"type float64, the model takes float32"):
+        verify(scale_model(), scale_model(), inputs=path)
+    assert "input 'x'" in _cli_verify_with(tmp_path, capsys, path)
+    np.savez(path, x=np.ones((2, 3, 1), np.float32))
+    with pytest.raises(InputError, match=r"input 'x' has rank 3 \[2, 3, 1\], the model takes "
+                                         r"rank 2 \[2, 3\]"):
+        verify(scale_model(), scale_model(), inputs=path)
+    with pytest.raises(InputError, match=r"inputs: input 'x' has shape \[3, 3\]"):
+        verify(scale_model(), scale_model(), inputs={"x": np.ones((3, 3), np.float32)})
+
+
+def test_npz_members_that_are_not_inputs_are_never_read(tmp_path):
+    path = tmp_path / "extra.npz"
+    np.savez(path, a=np.ones((2, 3), np.float32), b=np.ones((2, 3), np.float32),
+             junk=np.array([None], dtype=object))
+    assert verify(model(ADD_DYNAMIC), model(ADD_DYNAMIC), inputs=path).ok
+
+
+def test_npz_bfloat16_saved_by_numpy_loads_as_bfloat16(tmp_path):
+    m = model("""
+        bf (bfloat16[2, 3] x) => (bfloat16[2, 3] y) {
+            y = Identity(x)
+        }""")
+    path = tmp_path / "bf.npz"
+    np.savez(path, x=np.ones((2, 3), ml_dtypes.bfloat16))  # stored as raw 2-byte voids
+    assert verify(m, m, inputs=path).ok
+
+
+# --- candidates that are not one model -------------------------------------------------------
+
+def test_verify_with_runs_a_runner_on_every_input_set():
+    m = model(ADD_DYNAMIC)
+    seen = []
+
+    def run(feeds):
+        seen.append(feeds["a"].shape)
+        return {"y": feeds["a"] + feeds["b"]}
+
+    assert verify_with(m, run).ok
+    assert seen == [(2, 3), (1, 1), (3, 4)]
+
+    def broken(feeds):
+        raise CandidateError("the decoder fails: boom")
+
+    result = verify_with(m, broken)
+    assert not result.ok and result.reason == "the decoder fails: boom"
+    with pytest.raises(InputError, match="rtol"):
+        verify_with(m, run, rtol=float("nan"))

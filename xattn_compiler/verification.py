@@ -1,10 +1,16 @@
 """Numerical proof of a rewrite: run both models in ONNX Runtime and compare every output.
 
-``verify(reference, candidate)`` feeds both models exactly the same arrays (drawn at random from
-the reference's inputs, given as a dict, or read from an ``.npz``), runs them on the CPU with
-ONNX Runtime's graph optimizations switched off, and compares the outputs with dtype-aware
-tolerances. A candidate that does not load or run is a failed check, not a crash; a reference
-that does not load or run is the user's problem and raises :class:`InputError`.
+``verify(reference, candidate)`` feeds both models exactly the same arrays, runs them on the
+CPU with ONNX Runtime's graph optimizations switched off, and compares the outputs with
+dtype-aware tolerances. Without given inputs it draws several input sets, each at its own
+binding of the symbolic dims (every dim distinct and above 1; a decode step with batch and
+length 1; distinct sizes in reverse order with spread values), so that a rewrite which is right
+only at one size, one batch or below a threshold fails; see
+:mod:`xattn_compiler.verification_inputs`. The result lists every set with its dims.
+
+A candidate that does not load or run is a failed check, not a crash; a reference that does
+not load, or runs on none of the sets, is the user's problem and raises :class:`InputError`
+(a set the reference cannot run is replaced by a safer one, or skipped, and reported).
 
 Optimizations are off because the check must judge the graph as written: ORT's own fusions
 have failed correct graphs (and could equally hide a broken one behind a rewrite of their own).
@@ -14,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
+import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ml_dtypes  # noqa: F401  (registers bfloat16/float8 with numpy, so np.dtype("bfloat16") works)
@@ -27,26 +35,32 @@ import onnx
 import onnxruntime as ort
 
 from . import io as xio
-from .errors import InputError, ModelLoadError
+from .errors import InputError
+from .verification_inputs import (  # noqa: F401  (re-exported: the inputs are part of this API)
+    ANONYMOUS_DIM,
+    DEFAULT_BATCH,
+    DEFAULT_DIM,
+    DEFAULT_INT_HIGH,
+    PROFILES,
+    InputSet,
+    _is_float,
+    _model_proto,
+    binding_plan,
+    check_given,
+    draw_set,
+    input_sets,
+    load_inputs,
+    random_inputs,
+)
 from .weights import has_stubs, materialize
 
 log = logging.getLogger(__name__)
 
 ModelLike = onnx.ModelProto | str | os.PathLike
+#: A candidate that is not one model: inputs by name -> outputs by name; raises
+#: :class:`CandidateError` with the reason when it cannot produce them.
+Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
-#: Default size of a symbolic dim whose name mentions a batch.
-DEFAULT_BATCH = 2
-#: Default size of any other named dim (sequence lengths, heads...).
-DEFAULT_DIM = 3
-#: Size of a dim that has neither a value nor a name.
-ANONYMOUS_DIM = 2
-#: Integer inputs with no better clue are drawn from [0, DEFAULT_INT_HIGH).
-DEFAULT_INT_HIGH = 4
-
-# Ops that carry index values through unchanged, so an input reaching a Gather's indices
-# through them must still respect the table's size.
-_INDEX_PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
-_DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
 # Denominator floor of the relative error where the reference is 0. float32's smallest normal
 # rather than float64's: float64's turns any difference above ~4 into inf, which is no number.
 _REL_FLOOR = float(np.finfo(np.float32).tiny)
@@ -61,7 +75,8 @@ class _OrtFailure(Exception):
 @dataclass(frozen=True)
 class OutputCheck:
     """The comparison of one output. Errors are None when no elementwise comparison was made
-    (dtype or shape differ, or the output is missing)."""
+    (dtype or shape differ, or the output is missing). ``input_set`` names the input set the
+    figures come from (the first that failed, else the one with the largest error)."""
 
     name: str
     dtype: str
@@ -72,6 +87,7 @@ class OutputCheck:
     atol: float
     ok: bool
     reason: str | None = None
+    input_set: str | None = None
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (the shape as a list)."""
@@ -79,7 +95,38 @@ class OutputCheck:
             "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
             "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
             "rtol": self.rtol, "atol": self.atol, "ok": self.ok, "reason": self.reason,
+            "input_set": self.input_set,
         }
+
+
+@dataclass(frozen=True)
+class InputSetReport:
+    """What became of one input set: ``status`` is ``passed``, ``failed`` or ``skipped``
+    (the reference could not run it; ``reason`` says why). ``dims`` is the binding of the
+    symbolic dims (empty for given inputs); ``replaces`` names the set this one stands in for."""
+
+    name: str
+    dims: dict[str, int]
+    input_shapes: dict[str, tuple]
+    status: str
+    reason: str | None = None
+    replaces: str | None = None
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict."""
+        return {
+            "name": self.name, "dims": dict(self.dims), "status": self.status,
+            "reason": self.reason, "replaces": self.replaces,
+            "input_shapes": {n: list(shape) for n, shape in self.input_shapes.items()},
+        }
+
+    def line(self) -> str:
+        """One line for :meth:`VerifyResult.summary`."""
+        dims = " ".join(f"{name}={size}" for name, size in self.dims.items())
+        instead = f" (in place of '{self.replaces}')" if self.replaces else ""
+        status = {"passed": "PASS", "failed": "FAIL"}.get(self.status, self.status)
+        return (f"input set '{self.name}'{instead}{': ' + dims if dims else ''}: {status}"
+                + (f" ({self.reason})" if self.reason else ""))
 
 
 @dataclass(frozen=True)
@@ -87,13 +134,21 @@ class VerifyResult:
     """The outcome of :func:`verify`.
 
     ``reason`` explains a failure that concerns the model as a whole (the candidate did not
-    load or run, its inputs or output count differ); per-output failures are in ``outputs``.
+    load or run, its inputs or output count differ); per-output failures are in ``outputs``,
+    the worst over the input sets. ``input_shapes`` are the first set's; ``input_sets`` says
+    which sets ran, at which dims, and which were skipped and why.
     """
 
     ok: bool
     outputs: list[OutputCheck]
     input_shapes: dict[str, tuple]
     reason: str | None = None
+    input_sets: list[InputSetReport] = field(default_factory=list)
+
+    @property
+    def num_input_sets(self) -> int:
+        """How many input sets both models ran on."""
+        return sum(report.status != "skipped" for report in self.input_sets)
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict."""
@@ -101,20 +156,26 @@ class VerifyResult:
             "ok": self.ok,
             "reason": self.reason,
             "input_shapes": {name: list(shape) for name, shape in self.input_shapes.items()},
+            "num_input_sets": self.num_input_sets,
+            "input_sets": [report.to_dict() for report in self.input_sets],
             "outputs": [check.to_dict() for check in self.outputs],
         }
 
     def summary(self) -> str:
-        """A human-readable table: a verdict line, the input shapes, one line per output."""
+        """A human-readable table: a verdict line, the input sets with their dims, the first
+        set's input shapes, one line per output."""
         verdict = "PASS" if self.ok else "FAIL"
         lines = [f"verify: {verdict}" + (f": {self.reason}" if self.reason else "")]
+        if len(self.input_sets) > 1 or any(r.dims for r in self.input_sets):
+            lines += [report.line() for report in self.input_sets]
         if self.input_shapes:
             shapes = ", ".join(f"{n} {_fmt_shape(s)}" for n, s in self.input_shapes.items())
             lines.append(f"inputs: {shapes}")
         if self.outputs:
+            several = self.num_input_sets > 1
             header = ("output", "dtype", "shape", "max abs err", "max rel err", "tolerance",
-                      "result")
-            rows = [header] + [_summary_row(check) for check in self.outputs]
+                      *(("input set",) if several else ()), "result")
+            rows = [header] + [_summary_row(check, several) for check in self.outputs]
             widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
             for row in rows:
                 # The last column (result) is not padded: it has no column to its right.
@@ -123,14 +184,15 @@ class VerifyResult:
         return "\n".join(lines)
 
 
-def _summary_row(check: OutputCheck) -> tuple[str, ...]:
+def _summary_row(check: OutputCheck, with_set: bool = False) -> tuple[str, ...]:
     tolerance = "exact" if check.rtol == 0 and check.atol == 0 else (
         f"rtol={check.rtol:.1e} atol={check.atol:.1e}")
     result = "PASS" if check.ok else "FAIL"
     if check.reason:
         result += f" ({check.reason})"
+    where = (check.input_set or "-",) if with_set else ()
     return (check.name, check.dtype, _fmt_shape(check.shape), _fmt_err(check.max_abs_error),
-            _fmt_err(check.max_rel_error), tolerance, result)
+            _fmt_err(check.max_rel_error), tolerance, *where, result)
 
 
 def _fmt_shape(shape: tuple) -> str:
@@ -165,11 +227,6 @@ def _np_dtype(dtype) -> np.dtype:
     if isinstance(dtype, int) and not isinstance(dtype, bool):
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
     return np.dtype(dtype)
-
-
-def _is_float(dtype: np.dtype) -> bool:
-    # ml_dtypes floats (bfloat16, float8_*) have numpy kind "V", so look at the name too.
-    return dtype.kind == "f" or dtype.name.startswith(("bfloat", "float"))
 
 
 def _computed_precision(model: ModelLike) -> dict[str, np.dtype]:
@@ -227,7 +284,7 @@ def _session(model: ModelLike) -> Iterator[ort.InferenceSession]:
     """An ORT CPU session with optimizations off; temporary files live as long as the session."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3  # errors only: ORT's warnings are noise in a verification
+    options.log_severity_level = 4  # fatal only: a failure comes back as our one-line error
     if isinstance(model, onnx.ModelProto) and has_stubs(model):
         model = materialize(model)  # ONNX Runtime needs the detached weights' bytes
     with contextlib.ExitStack() as stack:
@@ -328,34 +385,14 @@ def _describe(model: ModelLike) -> str:
 
 # --- inputs --------------------------------------------------------------------------------
 
-def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` file, by key. Raises :class:`InputError` if it is unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such inputs file")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: cannot read inputs ({_first_line(exc)})") from exc
-    if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array has no input names
-        raise InputError(f"{path}: not an .npz archive of named arrays")
-    with data:
-        return {key: data[key] for key in data.files}
-
-
-def _resolve_inputs(
-    inputs, reference: ModelLike, names: list[str], seed: int, dims: Mapping[str, int] | None
-) -> dict[str, np.ndarray]:
-    """The arrays both models get, keyed by the reference's input names."""
-    if inputs is None:
-        given = random_inputs(reference, seed=seed, dims=dims)
-    elif isinstance(inputs, (str, os.PathLike)):
-        given = load_inputs(inputs)
-    elif isinstance(inputs, Mapping):
-        given = inputs
-    else:
-        raise InputError(f"inputs must be None, a dict or an .npz path, not {type(inputs).__name__}")
-    return _select_inputs(given, names)
+def _given_inputs(inputs, reference: ModelLike, names: list[str]) -> dict[str, np.ndarray]:
+    """The arrays both models get when the caller gives them, checked against the
+    reference's declared inputs and keyed by its input names."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return check_given(load_inputs(inputs, reference), reference, names, str(inputs))
+    if isinstance(inputs, Mapping):
+        return check_given(inputs, reference, names)
+    raise InputError(f"inputs must be None, a dict or an .npz path, not {type(inputs).__name__}")
 
 
 def _select_inputs(given: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -368,159 +405,37 @@ def _select_inputs(given: Mapping[str, np.ndarray], names: list[str]) -> dict[st
     return {name: np.asarray(given[name]) for name in names}
 
 
-def random_inputs(
-    model: ModelLike, *, seed: int = 0, dims: Mapping[str, int] | None = None
-) -> dict[str, np.ndarray]:
-    """Seeded random values for the model's graph inputs (initializers excluded), in graph order.
-
-    Every symbolic dim gets one size shared by all inputs that name it (so batches agree):
-    ``dims[name]`` if given, else 2 for names containing 'batch' and 3 otherwise; dims with
-    neither a value nor a name get 2. Floats are standard normal; bools are fair coin flips.
-    Integer inputs are ones when the name contains 'mask', ``arange`` along the last axis when
-    it contains 'position', in ``[0, rows)`` when they index a Gather over a constant table,
-    else in ``[0, 4)``. Raises :class:`InputError` for inputs it cannot invent (strings,
-    sequences, unknown rank): pass those explicitly.
-    """
-    graph = _model_proto(model).graph
-    initializers = {tensor.name for tensor in graph.initializer}
-    values = [value for value in graph.input if value.name not in initializers]
-    sizes = _dim_sizes(values, dict(dims or {}))
-    bounds = _gather_bounds(graph)
-    rng = np.random.default_rng(seed)
-    drawn = {}
-    for value in values:
-        dtype, shape = _input_spec(value, sizes)
-        drawn[value.name] = _draw(value.name, dtype, shape, rng, bounds.get(value.name))
-    log.debug("random inputs (seed %d): %s", seed,
-              ", ".join(f"{n} {a.dtype}{list(a.shape)}" for n, a in drawn.items()))
-    return drawn
-
-
-def _model_proto(model: ModelLike) -> onnx.ModelProto:
-    """The model's graph; weights are not read from disk because only their shapes matter."""
-    if isinstance(model, onnx.ModelProto):
-        return model
-    path = Path(model)
-    if not path.is_file():
-        raise ModelLoadError(path, "no such file")
-    try:
-        return onnx.load_model(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf and onnx raise assorted types for a corrupt file
-        raise ModelLoadError(path, f"not a valid ONNX model ({_first_line(exc)})") from exc
-
-
-def _dim_sizes(values: list[onnx.ValueInfoProto], dims: dict[str, int]) -> dict[str, int]:
-    for name, size in dims.items():
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
-            raise InputError(f"dims['{name}'] must be a non-negative integer, not {size!r}")
-    sizes: dict[str, int] = {}
-    for value in values:
-        if not value.type.HasField("tensor_type"):
+def check_tolerances(rtol: float | None, atol: float | None) -> tuple[float | None, float | None]:
+    """``(rtol, atol)`` as floats (None stays None: the dtype's default), or an
+    :class:`InputError`: a NaN tolerance would pass any candidate (every comparison with NaN
+    is false, so nothing is ever out of tolerance), and a negative one fails every candidate."""
+    checked = []
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is None:
+            checked.append(None)
             continue
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") and dim.dim_param not in sizes:
-                name = dim.dim_param
-                default = DEFAULT_BATCH if "batch" in name.lower() else DEFAULT_DIM
-                sizes[name] = int(dims.get(name, default))
-    unused = sorted(set(dims) - set(sizes))
-    if unused:
-        log.warning("dims %s name no dynamic dim of the model's inputs", ", ".join(unused))
-    return sizes
-
-
-def _input_spec(value: onnx.ValueInfoProto, sizes: dict[str, int]) -> tuple[np.dtype, tuple]:
-    if not value.type.HasField("tensor_type"):
-        raise InputError(f"input '{value.name}' is not a tensor; pass its value in inputs")
-    tensor_type = value.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        raise InputError(f"input '{value.name}' has unknown rank; pass its value in inputs")
-    try:
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"input '{value.name}' has an unsupported element type") from exc
-    shape = []
-    for dim in tensor_type.shape.dim:
-        if dim.HasField("dim_value"):
-            shape.append(dim.dim_value)
-        elif dim.HasField("dim_param"):
-            shape.append(sizes[dim.dim_param])
-        else:
-            shape.append(ANONYMOUS_DIM)
-    return dtype, tuple(shape)
-
-
-def _draw(name: str, dtype: np.dtype, shape: tuple, rng: np.random.Generator,
-          bound: int | None) -> np.ndarray:
-    lowered = name.lower()
-    if dtype == np.bool_:
-        return np.asarray(rng.random(shape) < 0.5)
-    if _is_float(dtype):
-        return np.asarray(rng.standard_normal(shape)).astype(dtype)
-    if dtype.kind not in "iu":
-        raise InputError(f"cannot invent a value for input '{name}' of type {dtype}; "
-                         "pass it in inputs")
-    if "mask" in lowered:
-        return np.ones(shape, dtype)
-    if "position" in lowered:
-        positions = np.arange(shape[-1] if shape else 1)
-        if bound:
-            positions %= bound  # stay inside a position-embedding table shorter than the input
-        return np.broadcast_to(positions, shape or (1,)).reshape(shape).astype(dtype)
-    high = max(bound, 1) if bound is not None else DEFAULT_INT_HIGH
-    return np.asarray(rng.integers(0, high, size=shape)).astype(dtype)
-
-
-def _gather_bounds(graph: onnx.GraphProto) -> dict[str, int]:
-    """For each graph input that indexes a Gather over a constant table, the table's size
-    along the gathered axis (the smallest, if it indexes several).
-
-    Index values pass through Cast/Reshape/Unsqueeze and the like unchanged, so the walk
-    follows those ops' data input; anything else may transform the values, so it stops.
-    """
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, index))
-    tables = _constant_shapes(graph)
-    bounds: dict[str, int] = {}
-    for value in graph.input:
-        stack, seen = [value.name], set()
-        while stack:
-            tensor = stack.pop()
-            if tensor in seen:
-                continue
-            seen.add(tensor)
-            for node, index in consumers.get(tensor, []):
-                if node.domain not in _DEFAULT_DOMAINS:
-                    continue
-                if node.op_type == "Gather" and index == 1 and node.input[0] in tables:
-                    rows = _gathered_size(node, tables[node.input[0]])
-                    if rows is not None:
-                        bounds[value.name] = min(rows, bounds.get(value.name, rows))
-                elif node.op_type in _INDEX_PASS_THROUGH and index == 0:
-                    stack.extend(node.output)
-    return bounds
-
-
-def _constant_shapes(graph: onnx.GraphProto) -> dict[str, list[int]]:
-    shapes = {tensor.name: list(tensor.dims) for tensor in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    shapes[node.output[0]] = list(attr.t.dims)
-    return shapes
-
-
-def _gathered_size(node: onnx.NodeProto, table_shape: list[int]) -> int | None:
-    axis = next((attr.i for attr in node.attribute if attr.name == "axis"), 0)
-    rank = len(table_shape)
-    if not -rank <= axis < rank:
-        return None
-    return table_shape[axis % rank]
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{name} must be a number, not {value!r}") from exc
+        if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+            raise InputError(f"{name}={value!r}: a tolerance must be a finite number >= 0")
+        checked.append(number)
+    return checked[0], checked[1]
 
 
 # --- verification --------------------------------------------------------------------------
+
+class CandidateError(Exception):
+    """Raised by a :data:`Runner` given to :func:`verify_with`: the candidate cannot produce
+    outputs for these inputs; the message is the reason the result reports."""
+
+
+@dataclass
+class _ReferenceRun:
+    inputs: InputSet
+    outputs: dict[str, np.ndarray]
+
 
 def verify(
     reference: ModelLike,
@@ -531,74 +446,213 @@ def verify(
     atol: float | None = None,
     seed: int = 0,
     dims: Mapping[str, int] | None = None,
+    profile: str = "thorough",
 ) -> VerifyResult:
     """Run ``reference`` and ``candidate`` on the same inputs and compare every output.
 
-    ``inputs`` is None (seeded random values, see :func:`random_inputs`; ``seed`` and ``dims``
-    apply), a dict of arrays, or the path of an ``.npz`` (keys that are not inputs of the
-    reference are ignored). Floats pass when ``|cand - ref| <= atol + rtol * |ref|``
+    ``inputs`` is None (seeded random input sets, see :mod:`~xattn_compiler.verification_inputs`:
+    ``profile`` picks them, ``thorough`` three bindings and ``quick`` one; ``seed`` and ``dims``
+    apply, ``dims`` pinning sizes in every set), a dict of arrays, or the path of an ``.npz``
+    (keys that are not inputs of the reference are ignored; the others must have the input's
+    element type and rank). Floats pass when ``|cand - ref| <= atol + rtol * |ref|``
     elementwise, with :func:`default_tolerances` unless ``rtol``/``atol`` are given (a given
     ``atol`` is absolute); NaNs must sit at the same places and infinities must match.
     Integers and bools compare exactly. Outputs pair up by name, or by position when the names
-    differ but the counts agree.
+    differ but the counts agree. The check passes when every set that ran passes.
 
     A candidate that ONNX Runtime cannot load or run, or whose inputs differ from the
-    reference's, gives ``ok=False`` with the reason. Raises :class:`InputError` when the
-    reference cannot be loaded or run or the inputs are unusable.
+    reference's, gives ``ok=False`` with the reason. Raises :class:`InputError` when a
+    tolerance is NaN, infinite or negative, the reference cannot be loaded or runs on no
+    input set, or the inputs are unusable.
     """
+    rtol, atol = check_tolerances(rtol, atol)
+    events = _reference_runs(reference, inputs, seed, dims, profile)
+    feeds = [event.inputs.feeds for event in events if isinstance(event, _ReferenceRun)]
     # One session at a time: on a multi-gigabyte model two live sessions double the peak.
     with contextlib.ExitStack() as stack:
+        produced = _candidate_outputs(candidate, feeds, stack)
+    result = _judge(reference, events, produced, rtol, atol)
+    log.info("verify %s against %s on %d input set(s): %s", _describe(candidate),
+             _describe(reference), result.num_input_sets, "PASS" if result.ok else "FAIL")
+    return result
+
+
+def verify_with(
+    reference: ModelLike,
+    run: Runner,
+    *,
+    inputs=None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seed: int = 0,
+    dims: Mapping[str, int] | None = None,
+    profile: str = "thorough",
+) -> VerifyResult:
+    """:func:`verify` for a candidate that is not one model (a projector feeding a decoder,
+    say): ``run(feeds)`` returns its outputs by name, or raises :class:`CandidateError` with
+    the reason it cannot. Inputs, tolerances, seed, dims and profile as for :func:`verify`."""
+    rtol, atol = check_tolerances(rtol, atol)
+    events = _reference_runs(reference, inputs, seed, dims, profile)
+    produced = []
+    for event in events:
+        if isinstance(event, _ReferenceRun):
+            try:
+                produced.append((dict(run(event.inputs.feeds)), None))
+            except CandidateError as exc:
+                produced.append((None, str(exc)))
+    result = _judge(reference, events, produced, rtol, atol)
+    log.info("verify against %s on %d input set(s): %s", _describe(reference),
+             result.num_input_sets, "PASS" if result.ok else "FAIL")
+    return result
+
+
+def _reference_runs(reference: ModelLike, inputs, seed: int, dims: Mapping[str, int] | None,
+                    profile: str) -> list[_ReferenceRun | InputSetReport]:
+    """The reference's outputs on each input set it runs, and a skipped report for each set
+    it cannot run, in order. Raises :class:`InputError` when it runs none."""
+    with contextlib.ExitStack() as stack:
         try:
-            ref_session = stack.enter_context(_session(reference))
+            session = stack.enter_context(_session(reference))
         except _OrtFailure as exc:
             raise InputError(
                 f"reference model {_describe(reference)} does not load in ONNX Runtime: {exc}"
             ) from exc
-        names = [value.name for value in ref_session.get_inputs()]
-        feeds = _resolve_inputs(inputs, reference, names, seed, dims)
-        try:
-            ref_outputs = _run(ref_session, feeds)
-        except _OrtFailure as exc:
-            raise InputError(
-                f"reference model {_describe(reference)} fails in ONNX Runtime: {exc}") from exc
-        del ref_session
-    with contextlib.ExitStack() as stack:
-        cand_outputs, problem = _run_candidate(candidate, feeds, stack)
-    input_shapes = {name: tuple(array.shape) for name, array in feeds.items()}
-    if problem is not None:
-        result = VerifyResult(False, [], input_shapes, problem)
-    else:
-        checks, problem = _compare_outputs(ref_outputs, cand_outputs, rtol, atol,
-                                           _computed_precision(reference))
-        ok = problem is None and all(check.ok for check in checks)
-        result = VerifyResult(ok, checks, input_shapes, problem)
-    log.info("verify %s against %s: %s", _describe(candidate), _describe(reference),
-             "PASS" if result.ok else "FAIL")
-    return result
+        names = [value.name for value in session.get_inputs()]
+        if inputs is not None:
+            given = InputSet("given", {}, _given_inputs(inputs, reference, names))
+            try:
+                return [_ReferenceRun(given, _run(session, given.feeds))]
+            except _OrtFailure as exc:
+                raise InputError(f"reference model {_describe(reference)} fails in ONNX "
+                                 f"Runtime: {exc}") from exc
+        events = _drawn_runs(session, reference, names, seed, dims, profile)
+    if not any(isinstance(event, _ReferenceRun) for event in events):
+        tried = "; ".join(f"'{event.name}': {event.reason}" for event in events)
+        raise InputError(f"reference model {_describe(reference)} fails in ONNX Runtime on "
+                         f"every input set drawn ({tried}); pass inputs (--inputs NPZ)")
+    return events
 
 
-def _run_candidate(
-    candidate: ModelLike, feeds: dict[str, np.ndarray], stack: contextlib.ExitStack
-) -> tuple[dict[str, np.ndarray] | None, str | None]:
-    """The candidate's outputs, or None and the reason it could not produce them."""
+def _drawn_runs(session: ort.InferenceSession, reference: ModelLike, names: list[str],
+                seed: int, dims: Mapping[str, int] | None, profile: str
+                ) -> list[_ReferenceRun | InputSetReport]:
+    """Each set of ``profile`` at its first binding the reference runs; the bindings it
+    cannot run become skipped reports. Fallbacks are drawn only when needed."""
+    proto = _model_proto(reference)
+    events: list[_ReferenceRun | InputSetReport] = []
+    for index, choices in enumerate(binding_plan(proto, dims, profile)):
+        for attempt, binding in enumerate(choices):
+            if binding.problem is not None:
+                events.append(InputSetReport(binding.name, binding.dims, {}, "skipped",
+                                             binding.problem, binding.replaces))
+                continue
+            drawn = draw_set(proto, binding, seed, index, attempt)
+            try:
+                outputs = _run(session, _select_inputs(drawn.feeds, names))
+            except _OrtFailure as exc:
+                log.info("verify: the reference fails on input set '%s': %s", binding.name, exc)
+                events.append(InputSetReport(binding.name, binding.dims, drawn.input_shapes,
+                                             "skipped", f"the reference fails: {exc}",
+                                             binding.replaces))
+                continue
+            events.append(_ReferenceRun(drawn, outputs))
+            break
+    return events
+
+
+def _candidate_outputs(candidate: ModelLike, feeds: list[dict[str, np.ndarray]],
+                       stack: contextlib.ExitStack
+                       ) -> list[tuple[dict[str, np.ndarray] | None, str | None]]:
+    """The candidate's outputs on each set of ``feeds`` (one session for all), or None and
+    the reason it could not produce them."""
     try:
         session = stack.enter_context(_session(candidate))
     except _OrtFailure as exc:
-        return None, f"candidate does not load in ONNX Runtime: {exc}"
+        return [(None, f"candidate does not load in ONNX Runtime: {exc}")] * len(feeds)
     wanted = [value.name for value in session.get_inputs()]
-    if set(wanted) != set(feeds):
-        extra = [name for name in wanted if name not in feeds]
-        lacking = [name for name in feeds if name not in wanted]
+    given = list(feeds[0]) if feeds else []
+    if set(wanted) != set(given):
+        extra = [name for name in wanted if name not in given]
+        lacking = [name for name in given if name not in wanted]
         parts = []
         if extra:
             parts.append("candidate adds input(s) " + ", ".join(f"'{n}'" for n in extra))
         if lacking:
             parts.append("candidate lacks input(s) " + ", ".join(f"'{n}'" for n in lacking))
-        return None, "inputs differ from the reference's: " + "; ".join(parts)
-    try:
-        return _run(session, feeds), None
-    except _OrtFailure as exc:
-        return None, f"candidate fails in ONNX Runtime: {exc}"
+        return [(None, "inputs differ from the reference's: " + "; ".join(parts))] * len(feeds)
+    results: list[tuple[dict[str, np.ndarray] | None, str | None]] = []
+    for feed in feeds:
+        try:
+            results.append((_run(session, feed), None))
+        except _OrtFailure as exc:
+            results.append((None, f"candidate fails in ONNX Runtime: {exc}"))
+    return results
+
+
+def _judge(reference: ModelLike, events: list[_ReferenceRun | InputSetReport],
+           produced: list[tuple[dict[str, np.ndarray] | None, str | None]],
+           rtol: float | None, atol: float | None) -> VerifyResult:
+    """The verdict over every input set: each run set compared, the worst check per output."""
+    precision = _computed_precision(reference)
+    outcomes = iter(produced)
+    reports: list[InputSetReport] = []
+    checks: list[OutputCheck] = []
+    problems: list[tuple[str, str]] = []
+    first_shapes: dict[str, tuple] | None = None
+    for event in events:
+        if isinstance(event, InputSetReport):
+            reports.append(event)
+            continue
+        drawn = event.inputs
+        first_shapes = drawn.input_shapes if first_shapes is None else first_shapes
+        outputs, problem = next(outcomes)
+        set_checks: list[OutputCheck] = []
+        if problem is None:
+            set_checks, problem = _compare_outputs(event.outputs, outputs, rtol, atol, precision)
+            set_checks = [dataclasses.replace(c, input_set=drawn.name) for c in set_checks]
+        ok = problem is None and all(check.ok for check in set_checks)
+        if problem is not None:
+            problems.append((drawn.name, problem))
+        reason = problem or _first_failure(set_checks)
+        reports.append(InputSetReport(drawn.name, drawn.dims, drawn.input_shapes,
+                                      "passed" if ok else "failed", None if ok else reason,
+                                      drawn.replaces))
+        checks = _worst(checks, set_checks)
+    ok = bool(reports) and all(r.status != "failed" for r in reports) and any(
+        r.status == "passed" for r in reports)
+    return VerifyResult(ok, checks, first_shapes or {}, _model_reason(problems), reports)
+
+
+def _first_failure(checks: list[OutputCheck]) -> str | None:
+    failed = [check.name for check in checks if not check.ok]
+    if not failed:
+        return None
+    return f"{len(failed)} output(s) differ: " + ", ".join(f"'{n}'" for n in failed[:5])
+
+
+def _model_reason(problems: list[tuple[str, str]]) -> str | None:
+    """The model-level failure: the first set's reason, naming the set unless every failing
+    set gives the same reason (a candidate that does not load fails them all alike)."""
+    if not problems:
+        return None
+    name, reason = problems[0]
+    if all(other == reason for _, other in problems) or name == "given":
+        return reason
+    return f"{reason} (input set '{name}')"
+
+
+def _worst(kept: list[OutputCheck], new: list[OutputCheck]) -> list[OutputCheck]:
+    """Per output, the check to show: the first failure, else the largest absolute error."""
+    if not kept:
+        return list(new)
+    by_name = {check.name: check for check in kept}
+    for check in new:
+        old = by_name.get(check.name)
+        if old is None:
+            by_name[check.name] = check
+        elif old.ok and (not check.ok or (check.max_abs_error or 0.0) > (old.max_abs_error or 0.0)):
+            by_name[check.name] = check
+    return list(by_name.values())
 
 
 def _compare_outputs(
