@@ -124,6 +124,8 @@ def _check_bodies(graph: onnx.GraphProto, outer: _Scope, local: set[str], domain
                   where: str) -> None:
     """Check each body with the scope its node sees: the ONNX checker's rule, under which a
     body may reuse the name of its node's output or of a later node's output."""
+    if not _has_bodies(graph):
+        return
     positions = dict.fromkeys(local, -1)
     for index, node in enumerate(graph.node):
         for out in node.output:
