@@ -43,12 +43,13 @@ models with external data. ``verify_split`` runs projector then decoder against 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,9 @@ import onnx_graphsurgeon as gs
 from . import io as xio
 from .analysis import SHAPE_ONLY_OPS
 from .attention import AttentionMatch, analyze_attention
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, PassError
 from .ir import constant_value, export_model, import_graph, infer_shapes, producer
+from .outputs import staged
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +115,15 @@ class SplitResult:
                 "cut": self.report.get("cut", []), "folded": self.report.get("folded", [])}
 
     def save(self, directory: str | os.PathLike, *,
-             protect: str | os.PathLike | Iterable[str | os.PathLike] = ()) -> Path:
+             protect: str | os.PathLike | Iterable[str | os.PathLike] = (),
+             check_saved: Callable[[Path], None] | None = None) -> Path:
         """Write ``kv_projector.onnx``, ``decoder.onnx`` and ``split.json`` into ``directory``.
 
         Every target is checked against ``protect`` (the input model) before anything is
-        written; each file is then written atomically (models with external data past 2 GB),
-        ``split.json`` last, so a directory with a ``split.json`` is complete.
+        written. The files are written to a staging folder inside ``directory``, each model is
+        checked there by ``onnx.checker``, ``check_saved`` (if given) gets the staging folder
+        to read the split back from disk (``--verify``), and only then do the files replace
+        the old ones together, ``split.json`` last. A refusal leaves ``directory`` as it was.
         """
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
@@ -129,14 +134,37 @@ class SplitResult:
             files.insert(0, (PROJECTOR_FILE, self.projector))
         targets = [directory / name for name, _ in files] + [directory / SPLIT_FILE]
         _refuse_overwrite(targets, guarded)
+        existed = directory.exists()
+        try:
+            with staged(directory, guarded) as stage:
+                for name, model in files:
+                    path = stage.path(name)
+                    xio.save(model, path, protect=guarded)
+                    _check_written(path)
+                text = json.dumps(self.split_json(), indent=2) + "\n"
+                stage.path(SPLIT_FILE).write_text(text)
+                if check_saved is not None:
+                    check_saved(stage.stage)
+                stage.commit()
+        except BaseException:
+            if not existed:  # refused: leave no trace, not even the folder the staging made
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+            raise
         stale = directory / PROJECTOR_FILE
-        for name, model in files:
-            xio.save(model, directory / name, protect=guarded)
         if self.projector is None and stale.exists():
             stale.unlink()  # a projector of an earlier split would contradict split.json
-        _write_json_atomic(directory / SPLIT_FILE, self.split_json())
         log.info("wrote the split into %s", directory)
         return directory
+
+
+def _check_written(path: Path) -> None:
+    """Every model the split writes passes ``onnx.checker``: one that does not is a bug here."""
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PassError("split-kv", f"{path.name} as written fails onnx.checker: {first}") from exc
 
 
 # --- the public entry points -------------------------------------------------------------------
@@ -591,6 +619,7 @@ def _split(work: onnx.ModelProto, graph: gs.Graph | None, cross: list[AttentionM
     if not cut:
         raise SplitError(f"nothing outside the static inputs' own computation reads "
                          f"{', '.join(repr(n) for n in static_names)}: there is nothing to split")
+    _refuse_empty_split(cross, values, static_names)
     names, mapping = _name_cut(cut, cross, lambda t: values[id(t)] <= static,
                                set(graph.tensors()))
     kept = sorted(n.name or n.op for n in _decoder_side(region, cut))
@@ -612,6 +641,28 @@ def _split(work: onnx.ModelProto, graph: gs.Graph | None, cross: list[AttentionM
                           "input to split off)")
         log.warning("%s", report["note"])
     return SplitResult(projector, decoder, mapping, list(static_names), report)
+
+
+def _refuse_empty_split(cross: list[AttentionMatch], values: dict[int, frozenset],
+                        static_names: list[str]) -> None:
+    """A split whose projector computes no cross-attention's K and V is no split: the decoder
+    would still compute every K/V itself (from whatever the cut moved)."""
+    static = set(static_names)
+
+    def beyond(tensor: gs.Tensor) -> list[str]:
+        return sorted(values.get(id(tensor), frozenset()) - static)
+
+    if any(not beyond(b.k.tensor) and not beyond(b.v.tensor) for b in cross):
+        return
+    named = ", ".join(repr(n) for n in static_names)
+    role, block = next((r, b) for b in cross for r, o in (("K", b.k), ("V", b.v))
+                       if beyond(o.tensor))
+    others = beyond(block.k.tensor if role == "K" else block.v.tensor)
+    wanted = ",".join([*static_names, *others])
+    raise SplitError(
+        f"the static inputs {named} determine no cross-attention K/V: the {role} of "
+        f"{block.id} also depends on {', '.join(repr(n) for n in others)}; if that is fixed "
+        f"per context too, use --static-inputs {wanted}")
 
 
 def _decoder_side(region: _Region, cut: list[gs.Tensor]) -> list[gs.Node]:
@@ -642,7 +693,9 @@ def _as_list(value: Any) -> list[str]:
 
 
 def _name_order(name: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+    # Numbered parts sort by number ("cross_kv.10" after "cross_kv.9"); a part is tagged by
+    # kind so a number never meets a word ("cross_kv.0.key" beside "cross_kv.extra.0").
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
 def _model_facts(model: onnx.ModelProto | None) -> dict[str, Any] | None:
@@ -1233,21 +1286,6 @@ def _refuse_overwrite(targets: list[Path], protect: list[str | os.PathLike]) -> 
                 if data.resolve() == item.resolve() or (
                         data.exists() and item.exists() and data.samefile(item)):
                     raise OutputError(f"{data}: refusing to write over the input {item}")
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 
 
 def load_split(directory: str | os.PathLike) -> SplitResult:
