@@ -170,7 +170,8 @@ class VerifyResult:
             lines += [report.line() for report in self.input_sets]
         if self.input_shapes:
             shapes = ", ".join(f"{n} {_fmt_shape(s)}" for n, s in self.input_shapes.items())
-            lines.append(f"inputs: {shapes}")
+            ran = [r.name for r in self.input_sets if r.status != "skipped"]
+            lines.append(f"inputs{f' of {ran[0]!r}' if len(ran) > 1 else ''}: {shapes}")
         if self.outputs:
             several = self.num_input_sets > 1
             header = ("output", "dtype", "shape", "max abs err", "max rel err", "tolerance",
