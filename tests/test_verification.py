@@ -655,6 +655,15 @@ def test_nan_infinite_or_negative_tolerances_are_refused(tolerances):
         assert_equivalent(scale_model(), scale_model(extra=1.0), **tolerances)
 
 
+def test_assert_equivalent_checks_every_input_set_of_verify():
+    # Wrong only at a sequence length of 1: the decode-step set catches it, and says so.
+    from . import test_verify_mutations as mutations
+
+    with pytest.raises(AssertionError, match="input set 'decode-step'.*FAIL"):
+        assert_equivalent(mutations.reference(), mutations.when_dim_is_one("x", 1))
+    assert_equivalent(mutations.reference(), mutations.correct_rewrite())
+
+
 @pytest.mark.parametrize("flag, value", [("--rtol", "nan"), ("--atol", "nan"),
                                          ("--rtol", "-1"), ("--atol", "inf")])
 def test_cli_verify_refuses_bad_tolerances_with_exit_2(tmp_path, capsys, flag, value):
@@ -756,7 +765,8 @@ def test_the_spread_set_reaches_small_and_large_magnitudes_of_both_signs():
     x, h = spread.feeds["x"], spread.feeds["h"].astype(np.float32)
     assert x.max() == 8.0 and x.min() == -8.0 and np.abs(x).min() < 0.5
     assert h.max() == 4.0 and h.min() == -4.0  # half precision: a smaller spread
-    assert spread.feeds["k"].max() >= 4  # beyond the [0, 4) of the other sets
+    assert spread.feeds["k"].max() == 15  # beyond the [0, 4) of the other sets
+    assert input_sets(m)[0][0].feeds["k"].max() < 4
 
 
 # --- .npz inputs that cannot be trusted ------------------------------------------------------

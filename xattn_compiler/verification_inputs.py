@@ -337,8 +337,13 @@ def _draw(value: onnx.ValueInfoProto, binding: Binding, rng: np.random.Generator
         return np.broadcast_to(positions, shape or (1,)).reshape(shape).astype(dtype)
     if bound is not None:
         return _draw_indices(shape, rng, max(bound, 1), not legacy).astype(dtype)
-    high = DEFAULT_INT_HIGH * (4 if binding.values == "spread" else 1)
-    return np.asarray(rng.integers(0, high, size=shape)).astype(dtype)
+    if binding.values != "spread":
+        return np.asarray(rng.integers(0, DEFAULT_INT_HIGH, size=shape)).astype(dtype)
+    # Wider, with the top always drawn: a rewrite wrong only for larger counts shows here.
+    high = 4 * DEFAULT_INT_HIGH
+    values = np.asarray(rng.integers(0, high, size=shape))
+    values.reshape(-1)[:1] = high - 1
+    return values.astype(dtype)
 
 
 def _draw_mask(shape: tuple, rng: np.random.Generator) -> np.ndarray:

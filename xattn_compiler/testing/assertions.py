@@ -51,19 +51,21 @@ def assert_valid(model: onnx.ModelProto) -> None:
 
 
 def assert_equivalent(reference: onnx.ModelProto, candidate: onnx.ModelProto,
-                      inputs: Inputs | Sequence[Inputs] | None = None, **tolerances: float
-                      ) -> None:
+                      inputs: Inputs | Sequence[Inputs] | None = None, **options: Any) -> None:
     """Both models compute the same outputs in ONNX Runtime on ``inputs``.
 
     ``inputs`` is one dict of arrays, a sequence of them (each is checked, e.g. several sizes
-    of the dynamic dims) or None for seeded random inputs. ``rtol``/``atol`` override the
-    dtype-aware defaults of :func:`xattn_compiler.verification.default_tolerances`. The
-    failure message is :meth:`~xattn_compiler.verification.VerifyResult.summary`.
+    of the dynamic dims) or None for :func:`~xattn_compiler.verification.verify`'s own input
+    sets (several bindings of the dims, spread values; ``profile="quick"`` for one).
+    ``rtol``/``atol`` override the dtype-aware defaults of
+    :func:`xattn_compiler.verification.default_tolerances`; NaN, infinite or negative ones
+    raise :class:`~xattn_compiler.errors.InputError`, as in ``verify``. The failure message is
+    :meth:`~xattn_compiler.verification.VerifyResult.summary`, which names the input set.
     """
     sets: list[Inputs | None] = [inputs] if inputs is None or isinstance(inputs, Mapping) \
         else list(inputs)
     for feed in sets:
-        result = verify(reference, candidate, inputs=feed, **tolerances)
+        result = verify(reference, candidate, inputs=feed, **options)
         if not result.ok:
             raise AssertionError("the models are not equivalent\n" + result.summary())
 
