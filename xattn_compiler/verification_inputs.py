@@ -502,7 +502,7 @@ def check_given(given: Mapping[str, np.ndarray], model: ModelLike, names: list[s
     missing = [name for name in names if name not in given]
     if missing:
         raise InputError(
-            f"{source} lack " + ", ".join(f"'{n}'" for n in missing)
+            f"{source}: no array for input(s) " + ", ".join(f"'{n}'" for n in missing)
             + f" (the model needs {', '.join(names)})")
     declared = {value.name: value for value in _graph_inputs(_model_proto(model))}
     arrays = {}
