@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from .passmanager import Listener, Pass, PassRecord
 from .pipeline import DEFAULT_PIPELINE, QKV_LAYOUTS, TARGETS, model_summary, optimize
 from .registry import default_registry
 from .split_cli import add_split_commands
+from .text import printable
 from .weights import has_stubs
 from .zoo.cli import add_zoo_commands
 
@@ -43,16 +46,32 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(exc))
         return EXIT_BAD_INPUT
     except PassError as exc:
+        _traceback_if_debugging(args, exc)
         _error(f"{exc} -- this is a bug in xattn-compiler; rerun with --debug "
                "--reproducer DIR and report it with the files written there")
         return EXIT_INTERNAL
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except MemoryError:
+        # Not a bug to report: the input (or its options) needs more memory than there is.
+        _error(f"{args.command}: out of memory; the input is too large for this machine")
+        return EXIT_BAD_INPUT
     except BrokenPipeError:
         # `inspect --json | head`: the reader left; that is not an error of ours.
         sys.stderr.close()
         return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
+        _traceback_if_debugging(args, exc)
+        _error(f"{args.command}: internal error {type(exc).__name__}: {exc} -- this is a bug in "
+               "xattn-compiler; rerun with XATTN_DEBUG=1 for the traceback and report it")
+        return EXIT_INTERNAL
+
+
+def _traceback_if_debugging(args: argparse.Namespace, exc: BaseException) -> None:
+    # `optimize --debug` already means "look closer"; XATTN_DEBUG=1 works for every command.
+    if getattr(args, "debug", False) or os.environ.get("XATTN_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(exc, file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +118,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(render_table(report))
+        print(printable(render_table(report), multiline=True))
     return EXIT_OK
 
 
@@ -293,7 +312,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(check.to_dict(), indent=2))
     elif not args.quiet:
-        print(check.summary())
+        print(printable(check.summary(), multiline=True))
     if not check.ok:
         raise CheckFailed(f"{args.candidate} does not match {args.reference}")
     return EXIT_OK
@@ -358,15 +377,24 @@ def _write_json(path: Path, data: dict[str, Any], protect: list[Path]) -> None:
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("xattn-compiler: %(levelname)s: %(message)s"))
+    handler.setFormatter(_PrintableFormatter("xattn-compiler: %(levelname)s: %(message)s"))
     root = logging.getLogger("xattn_compiler")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines quote names from the model: keep their control characters off the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), multiline=True)
+
+
 def _error(message: str) -> None:
-    print(f"xattn-compiler: error: {message}", file=sys.stderr)
+    # One line whatever the message holds: names from a model may carry newlines and
+    # terminal control characters.
+    print(f"xattn-compiler: error: {printable(message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

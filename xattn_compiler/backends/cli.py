@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckFailed, InputError, OutputError
+from ..text import printable
 
 EXIT_OK = 0
 
@@ -164,7 +165,7 @@ def run_lint(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     elif not args.quiet:
-        print("\n".join(r.render() for r in reports))
+        print(printable("\n".join(r.render() for r in reports), multiline=True))
     blockers = sum(len(r.blockers) for r in reports)
     if blockers:
         raise CheckFailed(f"{args.model}: {blockers} finding(s) block a TensorRT "
@@ -199,6 +200,8 @@ def run_triton_repo(args: argparse.Namespace) -> int:
     from .triton import TritonModel, split_models, write_repository
 
     source, out = Path(args.model), Path(args.output)
+    if args.max_batch_size < 1 or args.max_queue_delay_us < 0:
+        raise InputError("--max-batch-size must be at least 1 and --max-queue-delay-us at least 0")
     engines = dict(_engine_arg(text) for text in args.engine)
     if source.is_dir():
         models, kv_names = split_models(source, engines, args.max_batch_size)

@@ -17,16 +17,19 @@ projector then decoder; a client that decodes step by step calls ``kv_projector`
 
 from __future__ import annotations
 
-import json
+import os
+import re
 import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
-from ..errors import InputError
+from ..errors import InputError, OutputError
 from ..io import save
+from ..text import pbtxt_string
 
 ONNX_TO_TRITON = {
     "FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_BF16", "DOUBLE": "TYPE_FP64",
@@ -35,6 +38,18 @@ ONNX_TO_TRITON = {
     "UINT64": "TYPE_UINT64", "BOOL": "TYPE_BOOL", "STRING": "TYPE_STRING",
 }
 PLATFORMS = {"plan": ("tensorrt_plan", "model.plan"), "onnx": ("onnxruntime_onnx", "model.onnx")}
+#: A model name is its directory's name in the repository, so it must be one plain path
+#: component: letters, digits, '_', '-' and '.', not starting with '.' or '-' (no '.', '..' or
+#: hidden directories, nothing a shell reads as an option).
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def check_model_name(name: object, what: str = "model name") -> str:
+    """``name`` if it is a safe Triton model (directory) name, else :class:`InputError`."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise InputError(f"Triton {what} {name!r}: use 1-128 letters, digits, '_', '-' and '.', "
+                         "starting with a letter, digit or '_'")
+    return name
 
 
 @dataclass
@@ -83,7 +98,8 @@ def model_config(model: TritonModel, *, max_queue_delay_us: int = 100) -> str:
     batching = model.batch_symbol() is not None
     max_batch = (model.max_batch or 8) if batching else 0
     inputs, outputs = model.io()
-    lines = [f'name: "{model.name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch}"]
+    lines = [f"name: {pbtxt_string(model.name)}", f"platform: {pbtxt_string(platform)}",
+             f"max_batch_size: {max_batch}"]
     lines += _tensor_block("input", inputs, batching)
     lines += _tensor_block("output", outputs, batching)
     if batching:
@@ -108,16 +124,19 @@ def ensemble_config(name: str, projector: TritonModel, decoder: TritonModel,
                          "projector outputs and decoder inputs")
     outer_inputs = p_inputs + [t for t in d_inputs if t.name not in kv
                                and t.name not in {p.name for p in p_inputs}]
-    lines = [f'name: "{name}"', 'platform: "ensemble"', f"max_batch_size: {max_batch}"]
+    lines = [f"name: {pbtxt_string(name)}", 'platform: "ensemble"', f"max_batch_size: {max_batch}"]
     lines += _tensor_block("input", outer_inputs, batching)
     lines += _tensor_block("output", d_outputs, batching)
     lines += ["ensemble_scheduling {", "  step ["]
     steps = [(projector.name, [t.name for t in p_inputs], [t.name for t in p_outputs]),
              (decoder.name, [t.name for t in d_inputs], [t.name for t in d_outputs])]
     for index, (model_name, ins, outs) in enumerate(steps):
-        lines += ["    {", f'      model_name: "{model_name}"', "      model_version: -1"]
-        lines += [f'      input_map {{ key: "{n}" value: "{n}" }}' for n in ins]
-        lines += [f'      output_map {{ key: "{n}" value: "{n}" }}' for n in outs]
+        lines += ["    {", f"      model_name: {pbtxt_string(model_name)}",
+                  "      model_version: -1"]
+        lines += [f"      input_map {{ key: {pbtxt_string(n)} value: {pbtxt_string(n)} }}"
+                  for n in ins]
+        lines += [f"      output_map {{ key: {pbtxt_string(n)} value: {pbtxt_string(n)} }}"
+                  for n in outs]
         lines.append("    }" + ("," if index < len(steps) - 1 else ""))
     lines += ["  ]", "}"]
     return "\n".join(lines) + "\n"
@@ -128,7 +147,8 @@ def _tensor_block(kind: str, tensors: Iterable[Tensor], batching: bool) -> list[
     lines = [f"{kind} ["]
     for index, tensor in enumerate(tensors):
         dims = tensor.dims[1:] if batching else tensor.dims
-        lines += ["  {", f'    name: "{tensor.name}"', f"    data_type: {tensor.data_type}",
+        lines += ["  {", f"    name: {pbtxt_string(tensor.name)}",
+                  f"    data_type: {tensor.data_type}",
                   f"    dims: [ {', '.join(str(d) for d in dims)} ]",
                   "  }" + ("," if index < len(tensors) - 1 else "")]
     return lines + ["]"]
@@ -146,26 +166,42 @@ def write_repository(
     pair (``models[0]`` the projector, ``models[1]`` the decoder). Returns the config files."""
     out = Path(out_dir)
     names = [m.name for m in models] + ([ensemble[0]] if ensemble else [])
+    for name in names:
+        check_model_name(name, "ensemble name" if ensemble and name == ensemble[0] else "model name")
     if len(set(names)) != len(names):
         raise InputError(f"Triton model names must be unique, got {names}")
+    for model in models:
+        if model.plan is not None and not model.plan.is_file():
+            raise InputError(f"{model.plan}: engine file not found")
+    # Every config is built before anything is written: a bad tensor fails with an empty repo.
+    texts = {m.name: model_config(m, max_queue_delay_us=max_queue_delay_us) for m in models}
+    if ensemble is not None:
+        texts[ensemble[0]] = ensemble_config(ensemble[0], models[0], models[1], ensemble[1])
     configs = []
     for model in models:
-        version = out / model.name / "1"
-        version.mkdir(parents=True, exist_ok=True)
+        version = _model_dir(out, model.name) / "1"
         if model.plan is not None:
-            if not model.plan.is_file():
-                raise InputError(f"{model.plan}: engine file not found")
-            shutil.copyfile(model.plan, version / PLATFORMS["plan"][1])
+            _copy_file(model.plan, version / PLATFORMS["plan"][1])
         else:
             save(model.model, version / PLATFORMS["onnx"][1], protect=list(protect))
-        configs.append(_write_text(out / model.name / "config.pbtxt",
-                                   model_config(model, max_queue_delay_us=max_queue_delay_us)))
+        configs.append(_write_text(out / model.name / "config.pbtxt", texts[model.name]))
     if ensemble is not None:
-        name, kv_names = ensemble
-        (out / name / "1").mkdir(parents=True, exist_ok=True)
-        configs.append(_write_text(out / name / "config.pbtxt",
-                                   ensemble_config(name, models[0], models[1], kv_names)))
+        _model_dir(out, ensemble[0])
+        configs.append(_write_text(out / ensemble[0] / "config.pbtxt", texts[ensemble[0]]))
     return configs
+
+
+def _model_dir(out: Path, name: str) -> Path:
+    """``out/name`` with its version folder ``1``, created as real folders: a link planted
+    in an existing repository must not carry our files elsewhere."""
+    for folder in (out / name, out / name / "1"):
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise OutputError(f"{folder}: exists and is not a folder; refusing to write into it")
+    try:
+        (out / name / "1").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out / name}: cannot create the folder ({exc.strerror or exc})") from exc
+    return out / name
 
 
 def split_models(directory: str | Path, plans: Mapping[str, Path] | None = None,
@@ -173,21 +209,46 @@ def split_models(directory: str | Path, plans: Mapping[str, Path] | None = None,
     """The projector and decoder of a ``split-kv`` directory, and the K/V tensor names."""
     from ..io import load
 
+    from .parts import read_split_spec
+
     directory = Path(directory)
-    spec = json.loads((directory / "split.json").read_text())
-    if not spec.get("projector"):
+    spec = read_split_spec(directory)
+    if spec.projector is None:
         raise InputError(f"{directory}: the split folded every K/V into the decoder; there is "
                          "no projector to serve (serve decoder.onnx alone)")
     plans = dict(plans or {})
-    models = [TritonModel(part, load(directory / spec[key]), plans.pop(part, None), max_batch)
-              for part, key in (("kv_projector", "projector"), ("decoder", "decoder"))]
-    if plans:
-        raise InputError(f"--engine names {sorted(plans)}; the split has kv_projector and decoder")
-    kv_names = [name for entry in spec["kv"] for name in (entry["key"], entry["value"])]
-    return models, kv_names
+    unknown = sorted(set(plans) - {"kv_projector", "decoder"})
+    if unknown:
+        raise InputError(f"--engine names {unknown}; the split has kv_projector and decoder")
+    models = [TritonModel(part, load(path), plans.pop(part, None), max_batch)
+              for part, path in (("kv_projector", spec.projector), ("decoder", spec.decoder))]
+    return models, list(spec.kv_names)
 
 
 def _write_text(path: Path, text: str) -> Path:
-    path.write_text(text)
+    _replace_with(path, lambda f: f.write(text.encode("utf-8")))
     return path
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    with open(source, "rb") as data:
+        _replace_with(target, lambda f: shutil.copyfileobj(data, f))
+
+
+def _replace_with(path: Path, write) -> None:
+    """Write a temporary file beside ``path`` and rename it over ``path``: a failure leaves
+    the old file, and a link at ``path`` is replaced, never written through."""
+    if path.exists() and not path.is_symlink() and not path.is_file():
+        raise OutputError(f"{path}: exists and is not a regular file; refusing to replace it")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 

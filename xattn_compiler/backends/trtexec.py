@@ -95,8 +95,26 @@ def polygraphy_command(plan: BuildPlan, rtol: float | None = None,
 
 
 def shell_join(argv: Iterable[str]) -> str:
-    """``argv`` as one POSIX shell line, every argument quoted where it needs to be."""
-    return shlex.join(list(argv))
+    """``argv`` as one shell line, every argument quoted where it needs to be.
+
+    An argument with a control character (a tensor name from a hostile model) is written in
+    ANSI-C quotes (``$'a\\x1bb'``, bash, zsh and ksh): the printed line stays one line, does
+    not drive the terminal, and still runs the same command.
+    """
+    return " ".join(_ansi_c_quote(arg) if not arg.isprintable() else shlex.quote(arg)
+                    for arg in argv)
+
+
+def _ansi_c_quote(arg: str) -> str:
+    out = []
+    for char in arg:
+        if char in "\\'":
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        else:
+            out.append("".join(f"\\x{byte:02x}" for byte in char.encode("utf-8")))
+    return "$'" + "".join(out) + "'"
 
 
 def _polygraphy_shapes(profile: Profile, which: str) -> list[str]:

@@ -178,10 +178,7 @@ def load_spec(path: str | Path) -> PluginSpec:
     when the file cannot be read or a field is missing, unknown or of the wrong kind.
     """
     path = Path(path)
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise PluginSpecError(str(path), "-", f"cannot read the file: {exc.strerror}") from exc
+    text = _read_bounded(path)
     if path.suffix.lower() == ".toml" and tomllib is None:
         raise PluginSpecError(str(path), "-", "TOML specs need Python 3.11+; write it as JSON")
     try:
@@ -193,7 +190,29 @@ def load_spec(path: str | Path) -> PluginSpec:
             raise PluginSpecError(str(path), "-", "a plugin spec is a .toml or .json file")
     except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError, JSONDecodeError
         raise PluginSpecError(str(path), "-", f"not valid {path.suffix[1:].upper()}: {exc}") from exc
+    except RecursionError as exc:  # [[[[...]]]] thousands deep: hostile, not a spec
+        raise PluginSpecError(str(path), "-", "nested too deeply to be a plugin spec") from exc
     return spec_from_dict(table, source=str(path))
+
+
+#: A plugin spec is a few hundred bytes; reading stops well before a file could exhaust memory.
+MAX_SPEC_BYTES = 1 << 20
+
+
+def _read_bounded(path: Path) -> bytes:
+    # Regular files only: /dev/zero or a FIFO would never end (or never start).
+    try:
+        if not path.is_file():
+            reason = "no such file" if not path.exists() else "not a regular file"
+            raise PluginSpecError(str(path), "-", f"cannot read the file: {reason}")
+        with open(path, "rb") as f:
+            text = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise PluginSpecError(str(path), "-", f"cannot read the file: {exc.strerror}") from exc
+    if len(text) > MAX_SPEC_BYTES:
+        raise PluginSpecError(str(path), "-", f"larger than {MAX_SPEC_BYTES} bytes; not a "
+                              "plugin spec")
+    return text
 
 
 def spec_from_dict(table: Any, source: str = "<plugin spec>") -> PluginSpec:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
+from ..errors import OutputError
+from ..text import printable
 from .spec import SIZES, ZooModel
 
 
@@ -69,7 +72,16 @@ def run_zoo_export(args: argparse.Namespace) -> int:
     """Export one model and print the path of its manifest."""
     from . import export
 
+    out = Path(args.output)
+    # Checked before the (long) export, and again by the OS when writing.
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputError(f"{out}: exists and is not a directory; -o names the folder to "
+                          "export into")
     # An unknown name, a size the model lacks or a missing library raise InputError.
-    exported = export(args.name, args.output, size=args.size)
-    print(exported.directory / "manifest.json")
+    try:
+        exported = export(args.name, out, size=args.size)
+    except OSError as exc:
+        raise OutputError(f"{exc.filename or out}: cannot write the export "
+                          f"({exc.strerror or exc})") from exc
+    print(printable(exported.directory / "manifest.json"))
     return 0
