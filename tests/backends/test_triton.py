@@ -110,3 +110,20 @@ def test_an_engine_for_an_unknown_part_is_a_usage_error(tmp_path, export_cache, 
     code = main(["triton-repo", str(tmp_path / "split"), "-o", str(tmp_path / "repo"),
                  "--engine", "encoder=x.plan"])
     assert code == 2 and "kv_projector and decoder" in capsys.readouterr().err
+
+
+def test_tensor_names_with_quotes_and_newlines_stay_inside_their_strings(tmp_path):
+    # A name that, written raw, would close its string and add `backend: "python"`.
+    hostile = 'x"\nbackend: "python" #\\ é\x1b'
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", [hostile], ["y"], name="relu")], "g",
+        [onnx.helper.make_tensor_value_info(hostile, onnx.TensorProto.FLOAT, [2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    source = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(graph), source)
+    assert main(["triton-repo", str(source), "-o", str(tmp_path / "repo"), "-q"]) == 0
+    text = (tmp_path / "repo" / "model" / "config.pbtxt").read_text()
+    config = parse_config(text)  # an injected field or a broken string fails to parse
+    assert [t.name for t in config.input] == [hostile]
+    assert [t.name for t in config.output] == ["y"]
+    assert text.isascii() and all(line.isprintable() for line in text.splitlines())
