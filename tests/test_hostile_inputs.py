@@ -265,6 +265,40 @@ def test_emitted_trtexec_command_quotes_control_characters(tmp_path, capsys):
     assert "\x1b" not in out and "\x07" not in out and "$'x\\x1b]0;owned" in out
 
 
+def test_split_kv_summary_escapes_the_static_input_name(tmp_path, capsys):
+    model = onnx.load(example_path())
+    old = "encoder_hidden_states"
+    for value_info in model.graph.input:
+        if value_info.name == old:
+            value_info.name = ESC_NAME
+    for node in model.graph.node:
+        node.input[:] = [ESC_NAME if name == old else name for name in node.input]
+    onnx.save(model, tmp_path / "m.onnx")
+    assert cli("split-kv", tmp_path / "m.onnx", "-o", tmp_path / "split") == 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "x\\x1b]0;owned" in err
+
+
+# --- options a script might get wrong -----------------------------------------------------------
+
+@pytest.mark.parametrize("args, word", [
+    (["--profile", "input_ids:1x1:1x64:8x99999999999999999999999"], "above"),
+    (["--profile", "input_ids:1x1:1x64:8x\u00b2"], "not dims"),
+    (["--dim", "x=1:2:\u00b2"], "SYMBOL=MIN:OPT:MAX"),
+    (["--dim", "x=1:2:99999999999"], "above"),
+    (["--workspace", "-5"], "--workspace"),
+])
+def test_hostile_build_options_are_exit_2(tmp_path, capsys, args, word):
+    assert cli("build", example_path(), "--engine", tmp_path / "e.plan", "--emit-trtexec",
+               *args) == 2
+    assert word in one_error_line(capsys)
+
+
+def test_negative_seed_is_exit_2(capsys):
+    assert cli("verify", example_path(), example_path(), "--seed", "-1") == 2
+    assert "--seed -1" in one_error_line(capsys)
+
+
 # --- ONNX Runtime's own log stays out of stderr ---------------------------------------------------
 
 def test_onnx_runtime_failure_prints_exactly_one_line(tmp_path, capfd):

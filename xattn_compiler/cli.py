@@ -300,6 +300,8 @@ def _add_verify(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed}: a seed is a non-negative integer")
     if Path(args.candidate).is_dir():  # a split-kv directory: projector, then decoder
         from .split import verify_split
 

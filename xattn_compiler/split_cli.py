@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import CheckFailed, OutputError
 from .io import load
+from .text import printable
 
 EXIT_OK = 0
 
@@ -59,13 +60,13 @@ def run_split_kv(args: argparse.Namespace) -> int:
         # The files as written, read back from disk: what a user will run.
         check = verify_split(model, staged, inputs=args.inputs)
         if not check.ok:
-            print(check.summary(), file=sys.stderr)
+            print(printable(check.summary(), multiline=True), file=sys.stderr)
             raise CheckFailed(f"verification failed: projector then decoder differ from "
                               f"{model_path}; nothing was written to {output}")
 
     result.save(output, protect=[model_path], check_saved=verify_saved if args.verify else None)
     if not getattr(args, "quiet", False):
-        print(_summary(result, output, PROJECTOR_FILE, args.verify), file=sys.stderr)
+        print(printable(_summary(result, output, PROJECTOR_FILE, args.verify)), file=sys.stderr)
     return EXIT_OK
 
 

@@ -72,6 +72,8 @@ def run_build(args: argparse.Namespace) -> int:
     from .profiles import parse_dim_range
     from .trtexec import BuildPlan, fp32_layer_names
 
+    if args.workspace is not None and args.workspace < 1:
+        raise InputError(f"--workspace {args.workspace}: give the limit in MiB, at least 1")
     parts = load_parts(args.model)
     split = len(parts) > 1 or parts[0].name != "model"
     engine = Path(args.engine)
@@ -200,8 +202,10 @@ def run_triton_repo(args: argparse.Namespace) -> int:
     from .triton import TritonModel, split_models, write_repository
 
     source, out = Path(args.model), Path(args.output)
-    if args.max_batch_size < 1 or args.max_queue_delay_us < 0:
-        raise InputError("--max-batch-size must be at least 1 and --max-queue-delay-us at least 0")
+    # Triton reads max_batch_size as int32 and the queue delay as uint64.
+    if not 1 <= args.max_batch_size < 2**31 or not 0 <= args.max_queue_delay_us < 2**64:
+        raise InputError("--max-batch-size must be 1..2147483647 and --max-queue-delay-us "
+                         "0..2**64-1")
     engines = dict(_engine_arg(text) for text in args.engine)
     if source.is_dir():
         models, kv_names = split_models(source, engines, args.max_batch_size)

@@ -93,13 +93,21 @@ def parse_shape(text: str, where: str) -> Shape:
     """``"1x1x512"`` as ``(1, 1, 512)``; an empty text is a scalar."""
     if text == "":
         return ()
-    try:
-        dims = tuple(int(part) for part in text.split("x"))
-    except ValueError:
-        raise InputError(f"{where}: shape '{text}' is not dims joined by 'x' (like 1x1x512)") from None
-    if any(d < 0 for d in dims):
+    if text.startswith("-") or "x-" in text:
         raise InputError(f"{where}: shape '{text}' has a negative dim")
+    # ASCII digits only: int() also takes '1_0', ' 1' and other scripts' digits.
+    if not all(_DIM.fullmatch(part) for part in text.split("x")):
+        raise InputError(f"{where}: shape '{text}' is not dims joined by 'x' (like 1x1x512)")
+    # Length first: int() refuses texts of thousands of digits with its own ValueError.
+    dims = tuple(int(part) if len(part) <= 10 else MAX_DIM + 1 for part in text.split("x"))
+    if any(d > MAX_DIM for d in dims):
+        raise InputError(f"{where}: shape '{text}' has a dim above {MAX_DIM}")
     return dims
+
+
+_DIM = re.compile(r"[0-9]+")
+#: TensorRT's dims are 64-bit, but no real tensor has an axis past int32.
+MAX_DIM = 2**31 - 1
 
 
 def parse_override(text: str) -> InputShapes:
@@ -119,9 +127,11 @@ def parse_dim_range(text: str) -> tuple[str, Range]:
     """``SYMBOL=MIN:OPT:MAX`` as ``(symbol, (min, opt, max))``."""
     symbol, sep, rest = text.partition("=")
     values = rest.split(":")
-    if not sep or not symbol or len(values) != 3 or not all(v.isdigit() for v in values):
+    if not sep or not symbol or len(values) != 3 or not all(_DIM.fullmatch(v) for v in values):
         raise InputError(f"--dim '{text}': expected SYMBOL=MIN:OPT:MAX (like enc_len=1:1500:1500)")
-    low, opt, high = (int(v) for v in values)
+    low, opt, high = (int(v) if len(v) <= 10 else MAX_DIM + 1 for v in values)
+    if high > MAX_DIM:
+        raise InputError(f"--dim {symbol}: {high} is above {MAX_DIM}")
     if not low <= opt <= high:
         raise InputError(f"--dim {symbol}: needs MIN <= OPT <= MAX, got {low}:{opt}:{high}")
     return symbol, (low, opt, high)
