@@ -256,3 +256,17 @@ def test_progress_line_shows_each_pass_on_a_terminal(capsys):
 def test_verbose_logs_what_each_pass_did(tmp_path, capsys):
     assert cli("optimize", "--example", "-o", tmp_path / "o.onnx", "-v") == 0
     assert "canonicalize: changed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["optimize"], "optimize: the following arguments are required: -o/--output"),
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["optimize", "m.onnx", "-o", "o.onnx", "--target", "\x1b[31mred"], "'\\x1b[31mred'"),
+])
+def test_usage_error_is_one_line_with_exit_2(capsys, argv, word):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("xattn-compiler: error: "), err
+    assert word in err and "\x1b" not in err

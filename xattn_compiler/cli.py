@@ -74,6 +74,17 @@ def _traceback_if_debugging(args: argparse.Namespace, exc: BaseException) -> Non
         traceback.print_exception(exc, file=sys.stderr)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors in the CLI's one-line form (exit 2), pointing at ``--help``; the usage
+    block argparse prints would be several lines, with the user's text unescaped."""
+
+    def error(self, message: str):  # type: ignore[override]
+        command = self.prog.partition(" ")[2]
+        where = f"{command}: " if command else ""
+        self.exit(EXIT_BAD_INPUT, f"xattn-compiler: error: {where}{printable(message)} "
+                                  f"(see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     noise = common.add_mutually_exclusive_group()
@@ -81,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log what each pass does (-vv: debug detail)")
     noise.add_argument("-q", "--quiet", action="store_true",
                        help="only errors; no progress lines")
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="xattn-compiler",
         description="Find, clean up, split and fuse attention in ONNX models for TensorRT.",
     )
