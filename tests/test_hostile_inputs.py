@@ -182,12 +182,15 @@ BAD_SPLIT_JSON = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SPLIT_JSON))
-@pytest.mark.parametrize("command", ["triton-repo", "lint-trt"])
+@pytest.mark.parametrize("command", ["triton-repo", "lint-trt", "verify"])
 def test_malformed_split_json_is_exit_2_naming_it(tmp_path, capsys, case, command):
     spec, word = BAD_SPLIT_JSON[case]
     split = _split_dir(tmp_path, spec)
-    args = ["-o", tmp_path / "repo"] if command == "triton-repo" else []
-    assert cli(command, split, *args) == 2
+    if command == "verify":
+        assert cli("verify", relu_model(tmp_path / "ref.onnx"), split) == 2
+    else:
+        args = ["-o", tmp_path / "repo"] if command == "triton-repo" else []
+        assert cli(command, split, *args) == 2
     line = one_error_line(capsys)
     assert "split.json" in line and word in line
     assert not (tmp_path / "repo").exists()

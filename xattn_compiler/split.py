@@ -1290,20 +1290,14 @@ def _refuse_overwrite(targets: list[Path], protect: list[str | os.PathLike]) -> 
 
 def load_split(directory: str | os.PathLike) -> SplitResult:
     """A split written by :meth:`SplitResult.save` (or ``split-kv``), models loaded."""
-    directory = Path(directory)
-    meta_path = directory / SPLIT_FILE
-    if not meta_path.is_file():
-        raise InputError(f"{directory}: not a split-kv directory (no {SPLIT_FILE})")
-    try:
-        meta = json.loads(meta_path.read_text())
-        decoder_name, projector_name = meta["decoder"], meta.get("projector")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{meta_path}: not a valid {SPLIT_FILE} ({exc})") from exc
-    projector = xio.load(directory / projector_name) if projector_name else None
-    decoder = xio.load(directory / decoder_name)
-    report = {k: meta.get(k) for k in ("mode", "cut", "folded")}
-    return SplitResult(projector, decoder, list(meta.get("kv", [])),
-                       list(meta.get("static_inputs", [])), report)
+    from .validate import read_split_spec
+
+    spec = read_split_spec(directory)  # checked: parts inside the directory, fields typed
+    projector = xio.load(spec.projector) if spec.projector is not None else None
+    decoder = xio.load(spec.decoder)
+    report = {k: spec.table.get(k) for k in ("mode", "cut", "folded")}
+    return SplitResult(projector, decoder, list(spec.table.get("kv", [])),
+                       list(spec.static_inputs), report)
 
 
 # --- verification ---------------------------------------------------------------------------------
