@@ -215,10 +215,11 @@ def _hidden_sliced_shapes(graph: gs.Graph):
 
 def _quiet_onnxruntime() -> None:
     # graphsurgeon's folder runs ONNX Runtime, whose optimizer logs a warning per node it
-    # cannot simplify in the folded subgraphs: noise to a user, not a finding.
+    # cannot simplify in the folded subgraphs, and an error line for a subgraph it cannot
+    # run (the folder then leaves it unfolded): noise to a user, not a finding.
     import onnxruntime
 
-    onnxruntime.set_default_logger_severity(3)
+    onnxruntime.set_default_logger_severity(4)
 
 
 def remove_identities(graph: gs.Graph) -> int:

@@ -314,6 +314,18 @@ def test_onnx_runtime_failure_prints_exactly_one_line(tmp_path, capfd):
     assert "reshape" in line.lower()
 
 
+def test_constant_folding_that_onnx_runtime_cannot_run_prints_nothing_of_its_own(tmp_path, capfd):
+    # A 4 TiB constant: ORT's allocation fails, the folder keeps the node, the run goes on.
+    shape = helper.make_tensor("s", TensorProto.INT64, [2], [2**20, 2**20])
+    nodes = [helper.make_node("ConstantOfShape", ["s"], ["big"], name="cos"),
+             helper.make_node("ReduceSum", ["big"], ["r"], name="rs", keepdims=0),
+             helper.make_node("Add", ["x", "r"], ["y"], name="add")]
+    path = save_model(tmp_path / "m.onnx", nodes, [value("x")], [value("y")], [shape])
+    assert cli("optimize", path, "-o", tmp_path / "o.onnx", "-q") == 0
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+
+
 # --- plugin specs ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["deep.json", "deep.toml", "/dev/zero", "fifo.json", "dir.json",

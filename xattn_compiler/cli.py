@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
+    _quiet_libraries(args.verbose)
     try:
         return args.handler(args)
     except CheckFailed as exc:
@@ -395,6 +396,21 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+def _quiet_libraries(verbose: int) -> None:
+    """Keep the libraries' own log lines off our streams: ONNX Runtime's coloured error lines
+    (stderr) and onnx-graphsurgeon's warnings (stdout, where they corrupt ``--json``) would
+    repeat, unescaped, what our one-line error already says. ``-vv`` lets them through."""
+    import onnx_graphsurgeon as gs
+
+    gs.logger.G_LOGGER.severity = (gs.logger.G_LOGGER.WARNING if verbose >= 2
+                                   else gs.logger.G_LOGGER.CRITICAL)
+    try:
+        import onnxruntime
+    except ImportError:  # verification says how to install it when it is needed
+        return
+    onnxruntime.set_default_logger_severity(2 if verbose >= 2 else 4)
 
 
 class _PrintableFormatter(logging.Formatter):
