@@ -890,3 +890,20 @@ def test_verify_with_runs_a_runner_on_every_input_set():
     assert not result.ok and result.reason == "the decoder fails: boom"
     with pytest.raises(InputError, match="rtol"):
         verify_with(m, run, rtol=float("nan"))
+
+
+def test_a_scalar_input_runs_as_a_scalar():
+    # Inputs went through np.ascontiguousarray, which makes a 0-d array 1-d: Shape(x) of a scalar
+    # x came out [1] instead of [], so folding that Shape to an empty constant looked wrong.
+    reference = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float x) => (int64[0] s) { s = Shape(x) }
+    """)
+    candidate = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float x) => (int64[0] s) {
+            s = Constant<value = int64[0] {}>()
+        }
+    """)
+    assert run_model(reference, {"x": np.array(3.0, np.float32)})["s"].shape == (0,)
+    assert verify(reference, candidate).ok

@@ -189,3 +189,9 @@ def test_a_weight_computed_from_a_lazily_loaded_one_is_saved_with_its_bytes(tmp_
     written = load(result.save(tmp_path / "out.onnx"))
     assert "Transpose" not in {n.op_type for n in written.graph.node}
     assert verify(model, written, inputs={"x": np.ones((2, 64), np.float32)}).ok
+
+
+def test_new_constant_keeps_a_scalar_a_scalar():
+    # np.ascontiguousarray turned 0-d values into shape [1]: a scale a pass computed changed rank.
+    constant = weights.new_constant("scale", np.array(0.125, np.float32))
+    assert constant.values.shape == ()

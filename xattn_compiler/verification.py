@@ -339,7 +339,9 @@ def _session_source(model: ModelLike, stack: contextlib.ExitStack) -> str | byte
 
 
 def _run(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    arrays = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
+    # np.asarray, not np.ascontiguousarray: the latter makes a 0-d input 1-d (a scalar input
+    # then ran as shape [1], and a correct fold of Shape(scalar) looked like a mismatch).
+    arrays = {name: np.asarray(value, order="C") for name, value in inputs.items()}
     try:
         # OrtValues (not session.run) because ORT's numpy bridge rejects bfloat16 and float8.
         feeds = {name: _to_ort_value(array) for name, array in arrays.items()}

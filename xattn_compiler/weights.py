@@ -209,7 +209,7 @@ def new_constant(name: str, values: np.ndarray):
     import onnx_graphsurgeon as gs
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
-    values = np.ascontiguousarray(values)
+    values = np.asarray(values, order="C")  # ascontiguousarray would make a scalar 1-d
     if not _COLLECTING or values.nbytes < DETACH_TENSOR_BYTES:
         return gs.Constant(name, values)
     tensor = numpy_helper.from_array(values, name)
