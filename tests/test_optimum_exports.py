@@ -101,6 +101,25 @@ def test_optimum_split_kv_after_specialisation_verifies(family, value, tmp_path)
     assert cli("verify", specialised, out) == 0
 
 
+@pytest.mark.parametrize("value", ["false", "true"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_optimum_default_split_finds_the_static_inputs_after_specialisation(family, value,
+                                                                         tmp_path):
+    # The no-cache branch also returns its cross K/V (present.N.encoder.key, the head-split
+    # projection): the encoder states still feed only K/V, so the default picks them.
+    specialised = tmp_path / "decoder.onnx"
+    assert cli("optimize", decoder(family), "-o", specialised,
+               "--specialize", f"use_cache_branch={value}") == 0
+    out = tmp_path / "split"
+    assert cli("split-kv", specialised, "-o", out, "--verify") == 0
+    split = json.loads((out / "split.json").read_text())
+    expected = ([TRUTH[family]["cross_kv_source"]] if value == "false" else
+                [f"past_key_values.{i}.encoder.{kv}"
+                 for i in range(TRUTH[family]["decoder_layers"]) for kv in ("key", "value")])
+    assert split["static_inputs"] == expected
+    assert len(split["kv"]) == TRUTH[family]["decoder_layers"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_optimum_raw_proto_keeps_branch_and_if_outputs_apart(family):
     # A model not read by xc.load (which renames in place) is separated on import, on a copy.

@@ -496,7 +496,7 @@ def _classify(blocks: list[AttentionMatch], graph: gs.Graph, times: BindingTimes
             block.kind = "cross"
     times.mark_attention_outputs(
         b.core["context"] if b.core is not None else b.output for b in blocks)
-    stops = {id(t) for b in blocks if b.kind == "cross" for t in (b.k.tensor, b.v.tensor)}
+    stops = {id(t) for b in blocks if b.kind == "cross" for o in (b.k, b.v) for t in _kv_chain(o)}
     static = _static_inputs(graph, stops)
     for block in blocks:
         deps = times.deps(block.k.tensor) | times.deps(block.v.tensor)
@@ -511,6 +511,16 @@ def _classify(blocks: list[AttentionMatch], graph: gs.Graph, times: BindingTimes
             block.kv_source_kind = "graph_input"
         else:
             block.kv_source_kind = "internal"
+
+
+def _kv_chain(operand: Operand) -> list[gs.Tensor]:
+    """The K or V operand and every tensor between it and its projection, the projection's
+    output included: the same K/V in other layouts. A decoder that returns its cross K/V
+    (optimum's ``present.N.encoder.key``, the head-split projection) still feeds only K/V."""
+    chain = [operand.tensor]
+    for node in [*operand.nodes, *([operand.projection] if operand.projection else [])]:
+        chain.extend(node.outputs)
+    return chain
 
 
 def _static_inputs(graph: gs.Graph, stops: set[int]) -> list[str]:
