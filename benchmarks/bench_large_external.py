@@ -2,7 +2,7 @@
 
     python benchmarks/bench_large_external.py [--dim 12288] [--workdir DIR] [--out benchmarks/results]
 
-Builds an attention block (Q/K/V/O projections of ``dim x dim`` float32, 4 x 604 MB at the
+Builds a cross-attention block (Q/K/V/O projections of ``dim x dim`` float32, 4 x 604 MB at the
 default 12288) whose weights are streamed into one external data file: only the first rows of
 each weight are written, the rest is left as holes of the sparse file (zeros), so building
 takes seconds and little disk. Then, each in its own process:
@@ -10,7 +10,10 @@ takes seconds and little disk. Then, each in its own process:
 1. ``xattn-compiler optimize MODEL -o OUT --verify`` (the weights stay in their files while
    the passes run; the output is written beside OUT, loaded back from disk and compared with
    the input by ONNX Runtime before it replaces anything);
-2. a fresh ONNX Runtime session on OUT, whose outputs are compared with the input's.
+2. a fresh ONNX Runtime session on OUT, whose outputs are compared with the input's;
+3. ``xattn-compiler verify MODEL OUT``;
+4. ``xattn-compiler split-kv MODEL -o DIR --verify`` (the K/V projections of ``e`` move to the
+   projector; both parts are checked as written), then ``verify MODEL DIR``.
 
 Reports wall time and peak RSS of each step (``ru_maxrss`` of the child) and writes
 ``large_external.md`` and ``large_external.json``.
@@ -36,8 +39,10 @@ ROWS = 64
 ALIGN = 65536
 
 
-def write_model(folder: Path, dim: int, heads: int, seq: int = 8, seed: int = 0) -> Path:
-    """Write ``folder/model.onnx`` (an attention block, opset 18) and ``model.onnx.data``.
+def write_model(folder: Path, dim: int, heads: int, seq: int = 8, context: int = 12,
+                seed: int = 0) -> Path:
+    """Write ``folder/model.onnx`` (a cross-attention block: queries from ``x``, keys and
+    values from the encoder states ``e``; opset 18) and ``model.onnx.data``.
 
     The four ``dim x dim`` weights go to the data file at 64 KiB aligned offsets; only their
     first :data:`ROWS` rows are written, so the file is sparse. Shape constants and the scale
@@ -62,8 +67,8 @@ def write_model(folder: Path, dim: int, heads: int, seq: int = 8, seed: int = 0)
     scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [head_dim ** -0.5])
     node = helper.make_node
     nodes = [
-        node("MatMul", ["x", "Wq"], ["q"]), node("MatMul", ["x", "Wk"], ["k"]),
-        node("MatMul", ["x", "Wv"], ["v"]),
+        node("MatMul", ["x", "Wq"], ["q"]), node("MatMul", ["e", "Wk"], ["k"]),
+        node("MatMul", ["e", "Wv"], ["v"]),
         node("Reshape", ["q", "split_shape"], ["q4"]), node("Reshape", ["k", "split_shape"], ["k4"]),
         node("Reshape", ["v", "split_shape"], ["v4"]),
         node("Transpose", ["q4"], ["q_BHSD"], perm=[0, 2, 1, 3]),
@@ -79,7 +84,8 @@ def write_model(folder: Path, dim: int, heads: int, seq: int = 8, seed: int = 0)
     ]
     graph = helper.make_graph(
         nodes, "large_attention",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, dim])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, dim]),
+         helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, context, dim])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, dim])],
         weights + [split, merge, scale])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -114,9 +120,11 @@ def _timed(argv: list[str]) -> dict:
 
 _COMPARE = """
 import sys, numpy as np, onnxruntime as ort
-source, out = sys.argv[1], sys.argv[2]
-x = np.random.default_rng(1).standard_normal((1, 8, int(sys.argv[3]))).astype(np.float32)
-run = lambda p: ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+source, out, dim = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = np.random.default_rng(1)
+feeds = {"x": rng.standard_normal((1, 8, dim)).astype(np.float32),
+         "e": rng.standard_normal((1, 12, dim)).astype(np.float32)}
+run = lambda p: ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 expected = run(source)
 got = run(out)
 err = float(np.abs(got - expected).max())
@@ -144,23 +152,31 @@ def main() -> int:
         written = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
         out_data = out.with_name(out.name + ".data")
         check = _timed([sys.executable, "-c", _COMPARE, str(source), str(out), str(args.dim)])
+        verify = _timed([*cli, "verify", str(source), str(out)])
+        split_dir = tmp / "split"
+        split = _timed([*cli, "split-kv", str(source), "-o", str(split_dir), "--verify"])
+        verify_split = _timed([*cli, "verify", str(source), str(split_dir)])
         result = {
             "dim": args.dim, "heads": args.heads,
             "weights_bytes": data.stat().st_size, "build_seconds": round(build_seconds, 1),
             "optimize": optimize, "written": written,
             "output_data_bytes": out_data.stat().st_size if out_data.exists() else None,
-            "fresh_ort_check": check,
+            "fresh_ort_check": check, "verify": verify, "split_kv": split,
+            "verify_split": verify_split,
         }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "large_external.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "large_external.md").write_text(_markdown(result))
     print(_markdown(result))
-    return 0 if optimize["exit"] == 0 and check["exit"] == 0 else 1
+    steps = (optimize, check, verify, split, verify_split)
+    return 0 if all(step["exit"] == 0 for step in steps) else 1
 
 
 def _markdown(r: dict) -> str:
     gib = r["weights_bytes"] / 2**30
-    rows = [("optimize --verify (from disk)", r["optimize"]), ("fresh ORT check", r["fresh_ort_check"])]
+    rows = [("optimize --verify (from disk)", r["optimize"]), ("fresh ORT check", r["fresh_ort_check"]),
+            ("verify MODEL OUT", r["verify"]), ("split-kv --verify (from disk)", r["split_kv"]),
+            ("verify MODEL SPLIT_DIR", r["verify_split"])]
     lines = [f"# A {gib:.2f} GiB model with external data (dim {r['dim']}, {r['heads']} heads)", "",
              "| step | exit | seconds | peak RSS (MiB) |", "|---|---|---|---|"]
     lines += [f"| {name} | {s['exit']} | {s['seconds']} | {s['peak_rss_mib']} |" for name, s in rows]

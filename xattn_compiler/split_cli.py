@@ -50,7 +50,9 @@ def run_split_kv(args: argparse.Namespace) -> int:
     model_path, output = Path(args.model), Path(args.output)
     if output.exists() and output.resolve() == model_path.resolve():
         raise OutputError(f"{output}: refusing to write over the input model")
-    model = load(model_path)
+    # Weights in external data files stay there (stubs), as in optimize: a 3 GB model is not
+    # read into memory to be split.
+    model = load(model_path, lazy_weights=True)
     names = None
     if args.static_inputs is not None:
         names = [name.strip() for name in args.static_inputs.split(",") if name.strip()]
