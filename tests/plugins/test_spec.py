@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,38 @@ def test_unreadable_and_malformed_files_are_input_errors(tmp_path):
     other.write_text("op: P")
     with pytest.raises(PluginSpecError, match="toml or .json"):
         load_spec(other)
+
+
+# --- specs recorded in a model's metadata are untrusted input -------------------------------------
+
+def _plugin_model(path: Path, recorded: str) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 2, 8]) for n in "xy"]
+    graph = helper.make_graph([helper.make_node("fMHA_V2", ["x"], ["y"], name="plug",
+                                                domain="trt.plugins")], "g", value[:1], value[1:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("trt.plugins", 1)])
+    model.metadata_props.add(key="xattn_compiler.plugin_specs", value=recorded)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("recorded, word", [("{not json", "not valid JSON"),
+                                             ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                                             ("5", "expected a list")])
+def test_hostile_recorded_specs_are_exit_2_naming_the_metadata(tmp_path, capsys, recorded, word):
+    from xattn_compiler.cli import main
+
+    model = _plugin_model(tmp_path / "m.onnx", recorded)
+    assert main(["verify", str(model), str(model)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "xattn_compiler.plugin_specs" in err and word in err
+
+
+def test_a_fifo_or_device_is_not_read_as_a_spec(tmp_path):
+    os.mkfifo(tmp_path / "spec.json")
+    for path in (tmp_path / "spec.json", Path("/dev/zero")):
+        with pytest.raises(PluginSpecError, match="not a regular file"):
+            load_spec(path)

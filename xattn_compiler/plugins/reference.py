@@ -32,7 +32,7 @@ from onnx.reference.op_run import OpRun
 from xattn_compiler.errors import InputError
 
 from .presets import LEGACY_PRESETS
-from .spec import LAYOUTS, PluginSpec, spec_from_dict
+from .spec import LAYOUTS, PluginSpec, specs_from_json
 
 #: Model metadata key under which the ``trt-plugin`` target stores the specs it used (JSON list).
 METADATA_KEY = "xattn_compiler.plugin_specs"
@@ -140,8 +140,7 @@ def recorded_specs(model: onnx.ModelProto) -> list[PluginSpec]:
     """The specs a ``trt-plugin`` rewrite recorded in ``model``'s metadata."""
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
-            return [spec_from_dict(table, source=f"model metadata '{METADATA_KEY}'")
-                    for table in json.loads(prop.value)]
+            return specs_from_json(prop.value, f"model metadata '{METADATA_KEY}'")
     return []
 
 

@@ -215,6 +215,21 @@ def _read_bounded(path: Path) -> bytes:
     return text
 
 
+def specs_from_json(text: str, source: str) -> list[PluginSpec]:
+    """The specs of a JSON list of spec tables (what a model's metadata records); text from a
+    model is untrusted, so every failure is a :class:`PluginSpecError` naming ``source``."""
+    try:
+        tables = json.loads(text)
+    except ValueError as exc:
+        raise PluginSpecError(source, "-", f"not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise PluginSpecError(source, "-", "nested too deeply to be a list of plugin specs") from exc
+    if not isinstance(tables, list):
+        raise PluginSpecError(source, "-", f"expected a list of spec tables, got "
+                              f"{type(tables).__name__}")
+    return [spec_from_dict(table, source=source) for table in tables]
+
+
 def spec_from_dict(table: Any, source: str = "<plugin spec>") -> PluginSpec:
     """A :class:`PluginSpec` from a parsed TOML/JSON table; errors name ``source`` and the field."""
     if not isinstance(table, Mapping):
@@ -360,4 +375,4 @@ def _constraints(table: Any, source: str) -> Constraints:
 
 
 __all__ = ["ATTRIBUTE_SOURCES", "DEFAULT_DOMAIN", "LAYOUTS", "Constraints", "PluginSpec",
-           "PluginSpecError", "load_spec", "spec_from_dict"]
+           "PluginSpecError", "load_spec", "spec_from_dict", "specs_from_json"]
