@@ -250,6 +250,16 @@ def test_inspect_escapes_terminal_control_characters_in_names(tmp_path, capsys):
     assert "\x1b" not in out and "\\x1b" in out
 
 
+def test_log_lines_escape_terminal_control_characters(tmp_path, capsys):
+    # An opset-11 model gets a warning that quotes its path.
+    path = tmp_path / f"m{ESC_NAME}.onnx"
+    save_model(path, [helper.make_node("Relu", ["x"], ["y"], name="r")], [value("x")],
+               [value("y")], opset=11)
+    assert cli("inspect", path) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "\x1b" not in err and "\x07" not in err and "\\x1b]0;" in err
+
+
 def test_error_naming_a_tensor_with_escapes_and_newlines_is_one_escaped_line(tmp_path, capsys):
     name = "ghost\n\x1b[31mforged line"
     path = save_model(tmp_path / "m.onnx", [helper.make_node("Add", ["x", name], ["y"],
