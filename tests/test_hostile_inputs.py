@@ -395,6 +395,16 @@ def test_out_of_memory_is_exit_2_not_a_bug_report(monkeypatch, capsys):
     assert "out of memory" in one_error_line(capsys)
 
 
+def test_a_file_error_the_command_did_not_expect_is_exit_2_naming_the_file(monkeypatch, capsys):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/srv/models/locked.onnx")
+
+    monkeypatch.setattr("xattn_compiler.cli.default_registry", denied)
+    assert cli("passes") == 2
+    line = one_error_line(capsys)
+    assert "/srv/models/locked.onnx: Permission denied" in line and "bug" not in line
+
+
 def test_a_bundled_model_still_runs_through_every_check(tmp_path):
     shutil.copy(example_path(), tmp_path / "m.onnx")
     assert cli("inspect", tmp_path / "m.onnx") == 0

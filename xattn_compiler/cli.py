@@ -62,11 +62,22 @@ def main(argv: list[str] | None = None) -> int:
         # `inspect --json | head`: the reader left; that is not an error of ours.
         sys.stderr.close()
         return EXIT_OK
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
+    except OSError as exc:
+        if exc.filename is None:
+            return _internal_error(args, exc)
+        # A file we could not read or write (permissions, a full disk): the user's to fix.
         _traceback_if_debugging(args, exc)
-        _error(f"{args.command}: internal error {type(exc).__name__}: {exc} -- this is a bug in "
-               "xattn-compiler; rerun with XATTN_DEBUG=1 for the traceback and report it")
-        return EXIT_INTERNAL
+        _error(f"{exc.filename}: {exc.strerror or exc}")
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
+        return _internal_error(args, exc)
+
+
+def _internal_error(args: argparse.Namespace, exc: BaseException) -> int:
+    _traceback_if_debugging(args, exc)
+    _error(f"{args.command}: internal error {type(exc).__name__}: {exc} -- this is a bug in "
+           "xattn-compiler; rerun with XATTN_DEBUG=1 for the traceback and report it")
+    return EXIT_INTERNAL
 
 
 def _traceback_if_debugging(args: argparse.Namespace, exc: BaseException) -> None:
