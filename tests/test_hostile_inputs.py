@@ -91,6 +91,19 @@ def test_out_of_range_attribute_is_exit_2_naming_node_and_attribute(tmp_path, ca
     assert f"'{node_name}'" in line and word in line and "m.onnx" in line
 
 
+@pytest.mark.parametrize("op, axes, word", [("Unsqueeze", [2**40], "out of range"),
+                                             ("Unsqueeze", [4], "rank-2 input 'x'"),
+                                             ("Squeeze", [1, 1], "repeats"),
+                                             ("ReduceSum", [-3], "rank-2 input 'x'")])
+def test_constant_axes_input_out_of_range_is_exit_2(tmp_path, capsys, op, axes, word):
+    axes_tensor = helper.make_tensor("axes", TensorProto.INT64, [len(axes)], axes)
+    path = save_model(tmp_path / "m.onnx", [helper.make_node(op, ["x", "axes"], ["y"], name="n")],
+                      [value("x")], [value("y", None)], [axes_tensor])
+    assert cli("inspect", path) == 2
+    line = one_error_line(capsys)
+    assert "node 'n'" in line and "axes input 'axes'" in line and word in line
+
+
 def test_in_range_axes_load(tmp_path, capsys):
     nodes = [helper.make_node("Softmax", ["x"], ["a"], name="s", axis=-2),
              helper.make_node("Transpose", ["a"], ["b"], name="t", perm=[1, 0]),

@@ -39,6 +39,9 @@ _AXIS_RANGE = {"Flatten": (0, 1), "OneHot": (1, 1)}  # (extra below, extra above
 _AXES_OPS = {"Squeeze", "Unsqueeze", "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin",
              "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
              "ReduceSumSquare", "Slice"}
+#: Ops that take their axes as input 1 in newer opsets (13 for Squeeze, 18 for most Reduce).
+_AXES_INPUT_OPS = _AXES_OPS - {"Slice"}
+_INT_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32})
 _DTYPE_ATTRS = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype",
                 "RandomUniform": "dtype", "RandomNormalLike": "dtype",
                 "RandomUniformLike": "dtype", "Multinomial": "dtype", "Bernoulli": "dtype"}
@@ -63,20 +66,26 @@ def check_values(model: onnx.ModelProto) -> None:
         for node in graph.node:
             if node.domain in _DEFAULT_DOMAINS:
                 _check_sizes(node, where)
-    _check_graph_ranges(_inferred(model).graph, {}, "")
+    _check_graph_ranges(_inferred(model).graph, _Scope({}, {}), "")
 
 
-def _check_graph_ranges(graph: onnx.GraphProto, outer: dict[str, int], where: str) -> None:
-    # Ranks are scoped: sibling branches of an If may reuse a name for different tensors.
-    ranks = {**outer, **_local_ranks(graph)}
+def _check_graph_ranges(graph: onnx.GraphProto, outer: _Scope, where: str) -> None:
+    # Scoped: sibling branches of an If may reuse a name for different tensors.
+    scope = _Scope({**outer.ranks, **_local_ranks(graph)}, {**outer.ints, **_local_ints(graph)})
     for node in graph.node:
         if node.domain in _DEFAULT_DOMAINS:
-            _check_ranges(node, ranks, where)
+            _check_ranges(node, scope, where)
         for attr in node.attribute:
             bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else (
                 attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else [])
             for body in bodies:
-                _check_graph_ranges(body, ranks, f" in {attr.name} of '{_label(node)}'{where}")
+                _check_graph_ranges(body, scope, f" in {attr.name} of '{_label(node)}'{where}")
+
+
+@dataclass(frozen=True)
+class _Scope:
+    ranks: dict[str, int]          # known ranks by tensor name
+    ints: dict[str, list[int]]     # small constant integer tensors (axes inputs) by name
 
 
 # --- walking ---------------------------------------------------------------------------------
@@ -211,12 +220,15 @@ def _check_sizes(node: onnx.NodeProto, where: str) -> None:
         _fail(f"{here}: attribute '{dtype_attr}' = {value} is not an ONNX element type", node)
 
 
-def _check_ranges(node: onnx.NodeProto, ranks: dict[str, int], where: str) -> None:
+def _check_ranges(node: onnx.NodeProto, scope: _Scope, where: str) -> None:
     """Axis values against the rank of the input they index, where that rank is known."""
-    rank = ranks.get(node.input[0]) if node.input else None
+    here = f"node '{_label(node)}' ({node.op_type}){where}"
+    found = _axes(node, scope.ints)
+    if found is not None:
+        _check_axes(node, here, *found, rank=scope.ranks.get(node.input[0]))
+    rank = scope.ranks.get(node.input[0]) if node.input else None
     if rank is None:
         return
-    here = f"node '{_label(node)}' ({node.op_type}){where}"
     axis = _int_attr(node, "axis") if node.op_type in _AXIS_OPS else None
     if axis is not None:
         below, above = _AXIS_RANGE.get(node.op_type, (0, 0))
@@ -224,17 +236,34 @@ def _check_ranges(node: onnx.NodeProto, ranks: dict[str, int], where: str) -> No
         if not low <= axis <= high:
             _fail(f"{here}: attribute 'axis' = {axis} is out of range for its rank-{rank} input "
                   f"'{node.input[0]}' (valid: {low}..{high})", node, node.input[0])
-    axes = _ints_attr(node, "axes") if node.op_type in _AXES_OPS else None
-    if axes is not None:
-        # Unsqueeze's axes index its output, which has one more axis per entry.
-        high = rank + len(axes) if node.op_type == "Unsqueeze" else rank
-        bad = [a for a in axes if not -high <= a < high]
-        if bad:
-            _fail(f"{here}: attribute 'axes' = {axes} is out of range for its rank-{rank} input "
-                  f"'{node.input[0]}'", node, node.input[0])
     perm = _ints_attr(node, "perm") if node.op_type == "Transpose" else None
     if perm and len(perm) != rank:
         _fail(f"{here}: attribute 'perm' has {len(perm)} entries for its rank-{rank} input "
+              f"'{node.input[0]}'", node, node.input[0])
+
+
+def _axes(node: onnx.NodeProto, ints: dict[str, list[int]]) -> tuple[list[int], str] | None:
+    """The node's axes and what holds them: the attribute (older opsets) or a constant input."""
+    axes = _ints_attr(node, "axes") if node.op_type in _AXES_OPS else None
+    if axes is not None:
+        return axes, "attribute 'axes'"
+    if node.op_type in _AXES_INPUT_OPS and len(node.input) > 1 and node.input[1] in ints:
+        return ints[node.input[1]], f"axes input '{node.input[1]}'"
+    return None
+
+
+def _check_axes(node: onnx.NodeProto, here: str, axes: list[int], what: str,
+                rank: int | None) -> None:
+    if any(abs(a) >= _SANE for a in axes):
+        _fail(f"{here}: {what} = {axes} is out of range", node)
+    if len(set(axes)) != len(axes):
+        _fail(f"{here}: {what} = {axes} repeats an axis", node)
+    if rank is None:
+        return
+    # Unsqueeze's axes index its output, which has one more axis per entry.
+    high = rank + len(axes) if node.op_type == "Unsqueeze" else rank
+    if any(not -high <= a < high for a in axes):
+        _fail(f"{here}: {what} = {axes} is out of range for its rank-{rank} input "
               f"'{node.input[0]}'", node, node.input[0])
 
 
@@ -256,6 +285,20 @@ def _local_ranks(graph: onnx.GraphProto) -> dict[str, int]:
             if value is not None:
                 ranks[node.output[0]] = len(value.dims)
     return ranks
+
+
+def _local_ints(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    """Small 0-D/1-D integer constants ``graph`` defines (initializers, Constant values)."""
+    tensors = [(t.name, t) for t in graph.initializer]
+    tensors += [(node.output[0], _tensor_attr(node)) for node in graph.node
+                if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and node.output]
+    ints: dict[str, list[int]] = {}
+    for name, tensor in tensors:
+        if (tensor is not None and tensor.data_type in _INT_TYPES and len(tensor.dims) <= 1
+                and math.prod(tensor.dims) <= 64
+                and tensor.data_location != onnx.TensorProto.EXTERNAL):
+            ints[name] = [int(v) for v in onnx.numpy_helper.to_array(tensor).reshape(-1)]
+    return ints
 
 
 def _tensor_attr(node: onnx.NodeProto) -> onnx.TensorProto | None:
