@@ -2,7 +2,10 @@
 
 Exit codes (the contract in DESIGN.md): 0 success; 1 a check the user asked for failed;
 2 bad input or usage, with one line on stderr naming the file, node or tensor; 70 a bug in
-xattn-compiler itself (a pass crashed), with the pass named.
+xattn-compiler itself (a pass crashed, with the pass named, or any exception no command turned
+into one of ours), also one line: the traceback only with ``optimize --debug`` or
+``XATTN_DEBUG=1``. Everything printed passes through :func:`~xattn_compiler.text.printable`,
+so a name from a model cannot drive the terminal.
 """
 
 from __future__ import annotations
