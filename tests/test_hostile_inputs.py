@@ -227,6 +227,14 @@ def test_triton_config_link_in_an_existing_repo_is_replaced_not_followed(tmp_pat
     assert not (tmp_path / "repo" / "model" / "config.pbtxt").is_symlink()
 
 
+def test_triton_config_that_is_a_fifo_is_refused(tmp_path, capsys):
+    model = relu_model(tmp_path / "m.onnx")
+    (tmp_path / "repo" / "model").mkdir(parents=True)
+    os.mkfifo(tmp_path / "repo" / "model" / "config.pbtxt")
+    assert cli("triton-repo", model, "-o", tmp_path / "repo") == 2
+    assert "config.pbtxt" in one_error_line(capsys)
+
+
 def test_triton_model_folder_that_is_a_link_is_refused(tmp_path, capsys):
     model = relu_model(tmp_path / "m.onnx")
     elsewhere = tmp_path / "elsewhere"

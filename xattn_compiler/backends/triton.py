@@ -17,16 +17,15 @@ projector then decoder; a client that decodes step by step calls ``kv_projector`
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
+from .. import outputs
 from ..errors import InputError, OutputError
 from ..io import save
 from ..text import pbtxt_string
@@ -164,7 +163,7 @@ def write_repository(
 ) -> list[Path]:
     """Write a model repository; ``ensemble`` is ``(name, kv_names)`` for a projector+decoder
     pair (``models[0]`` the projector, ``models[1]`` the decoder). Returns the config files."""
-    out = Path(out_dir)
+    out, protect = Path(out_dir), list(protect)
     names = [m.name for m in models] + ([ensemble[0]] if ensemble else [])
     for name in names:
         check_model_name(name, "ensemble name" if ensemble and name == ensemble[0] else "model name")
@@ -181,13 +180,14 @@ def write_repository(
     for model in models:
         version = _model_dir(out, model.name) / "1"
         if model.plan is not None:
-            _copy_file(model.plan, version / PLATFORMS["plan"][1])
+            _copy_file(model.plan, version / PLATFORMS["plan"][1], protect)
         else:
             save(model.model, version / PLATFORMS["onnx"][1], protect=list(protect))
-        configs.append(_write_text(out / model.name / "config.pbtxt", texts[model.name]))
+        configs.append(_write_text(out / model.name / "config.pbtxt", texts[model.name], protect))
     if ensemble is not None:
         _model_dir(out, ensemble[0])
-        configs.append(_write_text(out / ensemble[0] / "config.pbtxt", texts[ensemble[0]]))
+        configs.append(_write_text(out / ensemble[0] / "config.pbtxt", texts[ensemble[0]],
+                                   protect))
     return configs
 
 
@@ -224,30 +224,11 @@ def split_models(directory: str | Path, plans: Mapping[str, Path] | None = None,
     return models, list(spec.kv_names)
 
 
-def _write_text(path: Path, text: str) -> Path:
-    _replace_with(path, lambda f: f.write(text.encode("utf-8")))
-    return path
+def _write_text(path: Path, text: str, protect: Iterable[str | Path]) -> Path:
+    # Atomic, never through a link planted in an existing repository (outputs' policy).
+    return outputs.write_text(path, text, list(protect))
 
 
-def _copy_file(source: Path, target: Path) -> None:
-    with open(source, "rb") as data:
-        _replace_with(target, lambda f: shutil.copyfileobj(data, f))
-
-
-def _replace_with(path: Path, write) -> None:
-    """Write a temporary file beside ``path`` and rename it over ``path``: a failure leaves
-    the old file, and a link at ``path`` is replaced, never written through."""
-    if path.exists() and not path.is_symlink() and not path.is_file():
-        raise OutputError(f"{path}: exists and is not a regular file; refusing to replace it")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-
+def _copy_file(source: Path, target: Path, protect: Iterable[str | Path]) -> None:
+    with outputs.atomic_path(target, list(protect)) as tmp:
+        shutil.copyfile(source, tmp)
