@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections import ChainMap
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,8 @@ def check_values(model: onnx.ModelProto) -> None:
 
 def _check_graph_ranges(graph: onnx.GraphProto, outer: _Scope, where: str) -> None:
     # Scoped: sibling branches of an If may reuse a name for different tensors.
-    scope = _Scope({**outer.ranks, **_local_ranks(graph)}, {**outer.ints, **_local_ints(graph)})
+    scope = _Scope(ChainMap(_local_ranks(graph), outer.ranks),
+                   ChainMap(_local_ints(graph), outer.ints))
     for node in graph.node:
         if node.domain in _DEFAULT_DOMAINS:
             _check_ranges(node, scope, where)
@@ -84,8 +86,8 @@ def _check_graph_ranges(graph: onnx.GraphProto, outer: _Scope, where: str) -> No
 
 @dataclass(frozen=True)
 class _Scope:
-    ranks: dict[str, int]          # known ranks by tensor name
-    ints: dict[str, list[int]]     # small constant integer tensors (axes inputs) by name
+    ranks: Mapping[str, int]          # known ranks by tensor name
+    ints: Mapping[str, list[int]]     # small constant integer tensors (axes inputs) by name
 
 
 # --- walking ---------------------------------------------------------------------------------
@@ -242,7 +244,7 @@ def _check_ranges(node: onnx.NodeProto, scope: _Scope, where: str) -> None:
               f"'{node.input[0]}'", node, node.input[0])
 
 
-def _axes(node: onnx.NodeProto, ints: dict[str, list[int]]) -> tuple[list[int], str] | None:
+def _axes(node: onnx.NodeProto, ints: Mapping[str, list[int]]) -> tuple[list[int], str] | None:
     """The node's axes and what holds them: the attribute (older opsets) or a constant input."""
     axes = _ints_attr(node, "axes") if node.op_type in _AXES_OPS else None
     if axes is not None:
