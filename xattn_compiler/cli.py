@@ -28,7 +28,6 @@ from .pipeline import DEFAULT_PIPELINE, QKV_LAYOUTS, TARGETS, model_summary, opt
 from .registry import default_registry
 from .split_cli import add_split_commands
 from .text import printable
-from .weights import has_stubs
 from .zoo.cli import add_zoo_commands
 
 log = logging.getLogger("xattn_compiler")
@@ -272,19 +271,10 @@ def _verify_written(model: Any, model_path: Path, written: Path, inputs: str | N
 
 
 def _reference(model: Any, model_path: Path) -> Any:
-    """The input as verify should run it: its file when every externally stored tensor was
-    left there (ONNX Runtime reads the weights from disk, no copy of them in memory), else the
-    loaded model (ONNX Runtime cannot load a file whose shape constants are external)."""
-    import onnx
+    """The input as verify should run it (see :func:`verification.as_stored`)."""
+    from .verification import as_stored
 
-    from .ir import iter_tensors
-    from .weights import stubs
-
-    if not has_stubs(model):
-        return model
-    on_disk = onnx.load_model(str(model_path), load_external_data=False)
-    external = sum(1 for t in iter_tensors(on_disk) if t.data_location == onnx.TensorProto.EXTERNAL)
-    return model_path if external == sum(1 for _ in stubs(model)) else model
+    return as_stored(model, model_path)
 
 
 def _checked(path: str) -> Any:

@@ -1288,16 +1288,33 @@ def _refuse_overwrite(targets: list[Path], protect: list[str | os.PathLike]) -> 
                     raise OutputError(f"{data}: refusing to write over the input {item}")
 
 
-def load_split(directory: str | os.PathLike) -> SplitResult:
-    """A split written by :meth:`SplitResult.save` (or ``split-kv``), models loaded."""
+def load_split(directory: str | os.PathLike, *, lazy_weights: bool = False) -> SplitResult:
+    """A split written by :meth:`SplitResult.save` (or ``split-kv``), models loaded (checked;
+    with ``lazy_weights`` external weights stay in their files, as for :func:`io.load`)."""
     from .validate import read_split_spec
 
     spec = read_split_spec(directory)  # checked: parts inside the directory, fields typed
-    projector = xio.load(spec.projector) if spec.projector is not None else None
-    decoder = xio.load(spec.decoder)
+    projector = (xio.load(spec.projector, lazy_weights=lazy_weights)
+                 if spec.projector is not None else None)
+    decoder = xio.load(spec.decoder, lazy_weights=lazy_weights)
     report = {k: spec.table.get(k) for k in ("mode", "cut", "folded")}
     return SplitResult(projector, decoder, list(spec.table.get("kv", [])),
                        list(spec.static_inputs), report)
+
+
+def _runnable_parts(candidate: SplitResult | str | os.PathLike):
+    """The split, and what ONNX Runtime opens for its projector and decoder: a directory's
+    files where they run as stored (a 2.4 GB split is not copied into memory to be run)."""
+    from . import verification as ver
+    from .validate import read_split_spec
+
+    if isinstance(candidate, SplitResult):
+        return candidate, candidate.projector, candidate.decoder
+    split = load_split(candidate, lazy_weights=True)
+    spec = read_split_spec(candidate)
+    projector = (ver.as_stored(split.projector, spec.projector)
+                 if split.projector is not None else None)
+    return split, projector, ver.as_stored(split.decoder, spec.decoder)
 
 
 # --- verification ---------------------------------------------------------------------------------
@@ -1316,24 +1333,33 @@ def verify_split(reference: onnx.ModelProto | str | os.PathLike,
     """
     from . import verification as ver
 
-    split = candidate if isinstance(candidate, SplitResult) else load_split(candidate)
+    split, projector, decoder = _runnable_parts(candidate)
     leaked = [n for n in _input_names(split.decoder) if n in set(split.static_inputs)]
+    with contextlib.ExitStack() as stack:
+        sessions = {}
 
-    def run(feeds):
-        if leaked:
-            raise ver.CandidateError(f"the decoder still takes static input '{leaked[0]}'")
-        try:
-            projected = ver.run_model(split.projector, feeds) if split.projector is not None else {}
-        except InputError as exc:
-            raise ver.CandidateError(f"the projector fails: {exc}") from exc
-        try:
-            return ver.run_model(split.decoder, {**feeds, **projected})
-        except InputError as exc:
-            raise ver.CandidateError(f"the decoder fails: {exc}") from exc
+        def part(name: str, model):
+            # Opened on first use, kept for every input set; a part that does not load fails
+            # the check (the candidate), it does not stop verification.
+            if name not in sessions:
+                sessions[name] = stack.enter_context(ver.model_runner(model))
+            return sessions[name]
 
-    # Every input set verify draws (several bindings of the dims), not one draw of its own.
-    result = ver.verify_with(reference, run, inputs=inputs, rtol=rtol, atol=atol, seed=seed,
-                             dims=dims)
+        def run(feeds):
+            if leaked:
+                raise ver.CandidateError(f"the decoder still takes static input '{leaked[0]}'")
+            try:
+                projected = part("projector", projector)(feeds) if projector is not None else {}
+            except InputError as exc:
+                raise ver.CandidateError(f"the projector fails: {exc}") from exc
+            try:
+                return part("decoder", decoder)({**feeds, **projected})
+            except InputError as exc:
+                raise ver.CandidateError(f"the decoder fails: {exc}") from exc
+
+        # Every input set verify draws (several bindings of the dims), not one draw of its own.
+        result = ver.verify_with(reference, run, inputs=inputs, rtol=rtol, atol=atol,
+                                 seed=seed, dims=dims)
     log.info("verify split against %s: %s", ver._describe(reference),
              "PASS" if result.ok else "FAIL")
     return result

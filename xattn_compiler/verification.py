@@ -36,6 +36,7 @@ import onnxruntime as ort
 
 from . import io as xio
 from .errors import InputError
+from .ir import iter_tensors
 from .verification_inputs import (  # noqa: F401  (re-exported: the inputs are part of this API)
     ANONYMOUS_DIM,
     DEFAULT_BATCH,
@@ -52,7 +53,7 @@ from .verification_inputs import (  # noqa: F401  (re-exported: the inputs are p
     load_inputs,
     random_inputs,
 )
-from .weights import has_stubs, materialize
+from .weights import has_stubs, materialize, stubs
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +279,39 @@ def run_model(model: ModelLike, inputs: Mapping[str, np.ndarray]) -> dict[str, n
             return _run(session, _select_inputs(inputs, names))
     except _OrtFailure as exc:
         raise InputError(f"model {_describe(model)}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def model_runner(model: ModelLike) -> Iterator[Runner]:
+    """One ONNX Runtime session for ``model``, kept open while inside: ``run(feeds)`` as
+    :func:`run_model`, without loading the model again for every call (a split's projector
+    and decoder run once per input set)."""
+    try:
+        with _session(model) as session:
+            names = [value.name for value in session.get_inputs()]
+
+            def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                try:
+                    return _run(session, _select_inputs(inputs, names))
+                except _OrtFailure as exc:
+                    raise InputError(f"model {_describe(model)}: {exc}") from exc
+
+            yield run
+    except _OrtFailure as exc:
+        raise InputError(f"model {_describe(model)}: {exc}") from exc
+
+
+def as_stored(model: onnx.ModelProto, path: str | os.PathLike) -> ModelLike:
+    """What ONNX Runtime should open for ``model`` loaded lazily from ``path``: the file itself
+    when every externally stored tensor was left there (ORT reads the weights from disk, no
+    copy in memory), else the loaded model (ORT cannot open a file whose shape constants are
+    stored externally, which the loader reads in)."""
+    if not has_stubs(model):
+        return model
+    on_disk = onnx.load_model(str(path), load_external_data=False)
+    external = sum(1 for t in iter_tensors(on_disk)
+                   if t.data_location == onnx.TensorProto.EXTERNAL)
+    return Path(path) if external == sum(1 for _ in stubs(model)) else model
 
 
 @contextlib.contextmanager
