@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,3 +15,14 @@ def export_cache() -> Path:
     root = Path(os.environ.get("XATTN_CACHE", Path.home() / ".cache" / "xattn-compiler"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _package_logger_restored():
+    """``cli.main`` points the package's logger at the stderr of the moment and stops it
+    propagating; a later test's ``caplog`` then saw nothing (test_io's opset warning failed
+    when run after a CLI test). Every test starts from the state the previous one found."""
+    logger = logging.getLogger("xattn_compiler")
+    state = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = state

@@ -223,16 +223,20 @@ def run_optimize(args: argparse.Namespace) -> int:
             if args.report:
                 _write_json(Path(args.report), report, protect=[model_path])
             if args.verify and not check.ok:
-                print(check.summary(), file=sys.stderr)
+                print(printable(check.summary(), multiline=True), file=sys.stderr)
                 raise CheckFailed(f"verification failed: the optimized model's outputs differ "
                                   f"from {model_path}; {output} was not written")
 
         outputs.save_checked(result.detached, output, finish, protect=[model_path])
     if not args.quiet:
         before, after = report["before"]["num_nodes"], report["after"]["num_nodes"]
-        print(f"wrote {output}: {before} -> {after} nodes "
-              f"({report['seconds']:.2f} s, pipeline '{result.pipeline.pipeline}')"
-              + (", verified from disk" if args.verify else ""), file=sys.stderr)
+        verified = ""
+        if args.verify:
+            sets = report["verify"].get("num_input_sets", 1)
+            verified = f", verified from disk on {sets} input set{'s' if sets != 1 else ''}"
+        print(printable(f"wrote {output}: {before} -> {after} nodes "
+                        f"({report['seconds']:.2f} s, pipeline '{result.pipeline.pipeline}')"
+                        + verified), file=sys.stderr)
     return EXIT_OK
 
 

@@ -1,7 +1,8 @@
 """Typed errors. Each names what it is about (file, node, tensor, pass) in one line.
 
 The CLI maps :class:`InputError` to exit code 2 and :class:`CheckFailed` to exit code 1;
-anything else is a bug in xattn-compiler and surfaces with a traceback.
+:class:`PassError` and anything unexpected is a bug in xattn-compiler: exit code 70 with one
+line (the traceback only with ``XATTN_DEBUG=1`` or ``optimize --debug``).
 """
 
 from __future__ import annotations

@@ -102,3 +102,18 @@ def test_a_profile_missing_a_dynamic_input_names_it(trt, tmp_path):
     with pytest.raises(InputError, match="context"):
         build_engine(model, profile, engine_path=tmp_path / "m.plan")
 
+
+
+def test_build_refuses_an_engine_path_that_is_a_fifo_before_building(tmp_path, capsys):
+    # The engine was written with a bare mkstemp + replace: a FIFO (or a device, as root) at
+    # --engine would have been replaced by a file after a build of minutes.
+    import os
+
+    path = tmp_path / "m.onnx"
+    xc.save(models.tiny_attention(), path)
+    fifo = tmp_path / "engine.plan"
+    os.mkfifo(fifo)
+    assert main(["build", str(path), "--engine", str(fifo)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a FIFO, not a regular file" in err[0]
+    assert fifo.is_fifo()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -24,7 +23,8 @@ from typing import Any
 
 import onnx
 
-from ..errors import InputError, OutputError
+from .. import outputs
+from ..errors import InputError
 from .profiles import InputShapes, Profile, derive_profile
 from .trtexec import fp32_layer_names
 
@@ -112,7 +112,8 @@ def build_engine(
     if precision not in PRECISIONS:
         raise InputError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
     engine_path = Path(engine_path)
-    _refuse_protected(engine_path, [*protect, *([model] if isinstance(model, (str, os.PathLike)) else [])])
+    guarded = [*protect, *([model] if isinstance(model, (str, os.PathLike)) else [])]
+    outputs.check(engine_path, guarded)  # before a build of minutes, not after it
     trt = import_tensorrt()
     started = time.perf_counter()
     logger = _make_logger(trt)
@@ -141,9 +142,10 @@ def build_engine(
     if plan is None:
         errors = "; ".join(logger.errors[-5:]) or "no error was logged"
         raise TensorRTBuildError(f"TensorRT could not build an engine from the model: {errors}")
-    _write_atomic(engine_path, bytes(plan))
+    outputs.write_bytes(engine_path, bytes(plan), guarded)
     if cache is not None and timing_cache is not None:
-        _write_atomic(Path(timing_cache), bytes(config.get_timing_cache().serialize()))
+        outputs.write_bytes(Path(timing_cache), bytes(config.get_timing_cache().serialize()),
+                            guarded)
     summary = inspect_engine(trt, logger, bytes(plan))
     return BuildResult(engine_path, time.perf_counter() - started, precision, profiles,
                        fp32_layers, summary, Path(timing_cache) if timing_cache else None)
@@ -325,24 +327,3 @@ def summarize_layers(info: dict[str, Any]) -> dict[str, Any]:
             attention.append(name)
     return {"layers": len(layers), "layer_types": dict(types.most_common()),
             "attention_layers": attention, "bindings": list(info.get("Bindings", []))}
-
-
-# --- files -----------------------------------------------------------------------------------
-
-def _refuse_protected(path: Path, protect: Iterable[Any]) -> None:
-    for guarded in protect:
-        if isinstance(guarded, (str, os.PathLike)) and Path(guarded).exists() \
-                and path.exists() and path.resolve() == Path(guarded).resolve():
-            raise OutputError(f"{path}: refusing to write over the input model")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
