@@ -46,6 +46,7 @@ def add_split_commands(subparsers: Any, common_parent_parser: argparse.ArgumentP
 def run_split_kv(args: argparse.Namespace) -> int:
     """Split ``args.model`` into ``args.output``; 0 on success."""
     from .split import PROJECTOR_FILE, split_static_kv, verify_split
+    from .verification import as_stored
 
     model_path, output = Path(args.model), Path(args.output)
     if output.exists() and output.resolve() == model_path.resolve():
@@ -60,7 +61,7 @@ def run_split_kv(args: argparse.Namespace) -> int:
 
     def verify_saved(staged: Path) -> None:
         # The files as written, read back from disk: what a user will run.
-        check = verify_split(model, staged, inputs=args.inputs)
+        check = verify_split(as_stored(model, model_path), staged, inputs=args.inputs)
         if not check.ok:
             print(printable(check.summary(), multiline=True), file=sys.stderr)
             raise CheckFailed(f"verification failed: projector then decoder differ from "
