@@ -1291,7 +1291,7 @@ def _refuse_overwrite(targets: list[Path], protect: list[str | os.PathLike]) -> 
 def load_split(directory: str | os.PathLike, *, lazy_weights: bool = False) -> SplitResult:
     """A split written by :meth:`SplitResult.save` (or ``split-kv``), models loaded (checked;
     with ``lazy_weights`` external weights stay in their files, as for :func:`io.load`)."""
-    from .validate import read_split_spec
+    from .split_spec import read_split_spec
 
     spec = read_split_spec(directory)  # checked: parts inside the directory, fields typed
     projector = (xio.load(spec.projector, lazy_weights=lazy_weights)
@@ -1306,7 +1306,7 @@ def _runnable_parts(candidate: SplitResult | str | os.PathLike):
     """The split, and what ONNX Runtime opens for its projector and decoder: a directory's
     files where they run as stored (a 2.4 GB split is not copied into memory to be run)."""
     from . import verification as ver
-    from .validate import read_split_spec
+    from .split_spec import read_split_spec
 
     if isinstance(candidate, SplitResult):
         return candidate, candidate.projector, candidate.decoder

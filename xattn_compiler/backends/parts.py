@@ -16,7 +16,7 @@ import onnx
 
 from ..errors import InputError
 from ..io import load
-from ..validate import read_split_spec
+from ..split_spec import read_split_spec
 from .profiles import InputShapes, Profile, Range, derive_profile, input_dims, parse_override
 
 

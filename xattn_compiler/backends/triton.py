@@ -208,7 +208,7 @@ def split_models(directory: str | Path, plans: Mapping[str, Path] | None = None,
                  max_batch: int | None = None) -> tuple[list[TritonModel], list[str]]:
     """The projector and decoder of a ``split-kv`` directory, and the K/V tensor names."""
     from ..io import load
-    from ..validate import read_split_spec
+    from ..split_spec import read_split_spec
 
     directory = Path(directory)
     spec = read_split_spec(directory)
