@@ -416,10 +416,16 @@ _LENGTH_PARAM = "xattn_len_"
 
 def _infer_skeleton(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
     """Inference with data propagation on ``model``'s skeleton, long lengths restored."""
-    inferred = onnx.shape_inference.infer_shapes(_skeleton(model, data_prop=True),
-                                                 strict_mode=strict, data_prop=True)
-    _restore_lengths(inferred.graph)
+    skeleton = _skeleton(model, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=strict, data_prop=True)
+    if _renamed_lengths(skeleton):  # else a walk over every dim of every value for nothing
+        _restore_lengths(inferred.graph)
     return inferred
+
+
+def _renamed_lengths(skeleton: onnx.ModelProto) -> bool:
+    return any(dim.dim_param.startswith(_LENGTH_PARAM)
+               for value in skeleton.graph.input for dim in value.type.tensor_type.shape.dim)
 
 
 def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16,
@@ -443,7 +449,8 @@ def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16,
 
     source = model.graph
     large_constants = [i for i, node in enumerate(source.node)
-                       if data_prop and _large_constant(node, stays)]
+                       if node.op_type == "Constant" and _large_constant(node, stays)
+                       ] if data_prop else []
     long_inputs = data_prop and any(_long_1d(value) for value in source.input)
     if all(stays(tensor) for tensor in source.initializer) and not large_constants \
             and not long_inputs:
