@@ -5,6 +5,7 @@ go through ``optimize -o OUT --verify`` and come out usable: a fresh ONNX Runtim
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -315,3 +316,56 @@ def _cross_feeds(dim: int) -> dict[str, np.ndarray]:
 def _run_feeds(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)[0]
+
+
+# --- a torch-written cross-attention with external data: optimize, split, verify from disk -----
+
+
+class _CrossAttention(torch.nn.Module):
+    def __init__(self, dim: int = DIM, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x, context):
+        b, s, d = x.shape
+        h = self.heads
+
+        def split(t):
+            return t.view(b, -1, h, d // h).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
+        scores = torch.softmax(q @ k.transpose(-1, -2) / (d // h) ** 0.5, dim=-1)
+        return self.o((scores @ v).transpose(1, 2).reshape(b, s, d))
+
+
+@pytest.fixture(scope="module")
+def torch_cross_export(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("torch-cross")
+    batch, length, context = torch.export.Dim("batch"), torch.export.Dim("length"), \
+        torch.export.Dim("context")
+    program = torch.onnx.export(
+        _CrossAttention().eval(), (torch.randn(2, 8, DIM), torch.randn(2, 12, DIM)),
+        input_names=["x", "context"], dynamo=True,
+        dynamic_shapes={"x": {0: batch, 1: length}, "context": {0: batch, 1: context}})
+    program.save(str(folder / "model.onnx"), external_data=True)
+    return folder / "model.onnx"
+
+
+def test_torch_external_data_cross_attention_optimizes_splits_and_verifies_from_disk(
+        torch_cross_export, tmp_path):
+    on_disk = onnx.load_model(str(torch_cross_export), load_external_data=False)
+    assert any(256 < io.packed_nbytes(t) < 1024 for t in on_disk.graph.initializer
+               if t.external_data)
+    out, split = tmp_path / "out" / "model.onnx", tmp_path / "split"
+    assert main(["optimize", str(torch_cross_export), "-o", str(out), "--verify", "-q"]) == 0
+    assert main(["split-kv", str(torch_cross_export), "-o", str(split), "--verify", "-q"]) == 0
+    assert json.loads((split / "split.json").read_text())["static_inputs"] == ["context"]
+    # Each command again, on the files as a user finds them, in fresh sessions.
+    assert main(["verify", str(torch_cross_export), str(out), "-q"]) == 0
+    assert main(["verify", str(torch_cross_export), str(split), "-q"]) == 0
+    for written in (out, split / "kv_projector.onnx", split / "decoder.onnx"):
+        for location in _external_files(written):
+            assert (written.parent / location).is_file()
+        ort.InferenceSession(str(written), providers=["CPUExecutionProvider"])
