@@ -24,8 +24,9 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import xattn_compiler as xc  # noqa: E402
 from synthetic import decoder  # noqa: E402
+
+import xattn_compiler as xc  # noqa: E402
 
 
 def _best(repeat: int, work) -> tuple[float, object]:
