@@ -92,3 +92,45 @@ def test_no_attention_prints_an_empty_report(tmp_path, capsys):
 def test_bad_input_exits_2(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing.onnx")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_inspect_matches_after_the_clean_up_optimize_runs_and_says_so(tmp_path):
+    # A user asks inspect "will my attention be found?": it answers for the graph optimize
+    # fuses (after canonicalize and the layout clean-up, in memory), names those passes, and
+    # every block it reports is one Attention node after optimize.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from synthetic import decoder
+
+    import xattn_compiler as xc
+
+    path = tmp_path / "cluttered.onnx"
+    onnx.save(decoder(2, clutter=True), path)
+    before = path.read_bytes()
+    report = inspect_json(path)
+    assert {"canonicalize", "remove-layout-clutter"} <= set(report["normalized"])
+    assert not {"fuse-attention", "unroll-control-flow"} & set(report["normalized"])
+    assert report["num_nodes"] == len(onnx.load(path).graph.node)  # the file's, not the cleaned
+    fused = xc.optimize(xc.load(path)).model
+    assert sum(n.op_type == "Attention" for n in fused.graph.node) == len(report["attention"]) == 4
+    assert path.read_bytes() == before
+    raw = inspect_json(path, "--raw")
+    assert raw["normalized"] == [] and raw["summary"] == report["summary"]
+
+
+def test_inspect_counts_a_loop_body_block_once(export_cache):
+    # Unrolling is not part of inspect's clean-up: a block in a Loop body is one block of the
+    # model (its subgraph says where), as the model's config counts it; optimize unrolls and
+    # fuses one block per iteration. Normalising with unrolling reported 3 self + 3 cross.
+    import pytest
+
+    pytest.importorskip("torch")
+    from tests.models import small_zoo_export
+
+    exported = small_zoo_export("loop-cross-attention", export_cache)
+    report = inspect_json(exported.path)
+    truth = exported.manifest["attention"]
+    assert report["summary"] == {"self": truth["self"], "cross": truth["cross"]}
+    assert all(block["subgraph"] for block in report["attention"])

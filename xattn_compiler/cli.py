@@ -132,6 +132,9 @@ def _add_inspect(commands: Any, common: argparse.ArgumentParser) -> None:
     cmd.add_argument("--json", action="store_true", help="print one JSON object (DESIGN.md)")
     cmd.add_argument("--explain", action="store_true",
                      help="also show each Softmax that looked like attention and why it did not match")
+    cmd.add_argument("--raw", action="store_true",
+                     help="match the file as written, without the clean-up passes optimize runs "
+                          "before fusing (default: after them, so inspect finds what optimize will)")
     cmd.set_defaults(handler=run_inspect)
 
 
@@ -139,7 +142,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect_model, render_table
 
     path = Path(args.model)
-    report = inspect_model(load(path), name=str(path), explain=args.explain)
+    report = inspect_model(load(path), name=str(path), explain=args.explain,
+                           normalize=not args.raw)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
