@@ -95,6 +95,9 @@ class AttentionMatch:
     static_inputs: list[str] = field(default_factory=list)
     escapes: list[str] = field(default_factory=list)
     shape_uses: list[str] = field(default_factory=list)
+    #: K/V tensors of the block that are also results of the model (a KV cache's present K/V,
+    #: maybe in another layout): a fused node reads them or what they feed, so they stay.
+    kv_outputs: list[str] = field(default_factory=list)
     layout: str = "BHSD"
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,7 +112,7 @@ class AttentionMatch:
             "op": self.op, "num_kv_heads": self.num_kv_heads, "scale": self.scale,
             "mask": self.mask, "layout": self.layout, "output": self.output.name,
             "q": self.q.to_dict(), "k": self.k.to_dict(), "v": self.v.to_dict(),
-            "escapes": list(self.escapes),
+            "escapes": list(self.escapes), "kv_outputs": list(self.kv_outputs),
         }
 
 
@@ -244,7 +247,7 @@ def _unfused_block(core: Match, body: gs.Graph, path: str, ctx: Context) -> Atte
         core=core, num_kv_heads=_num_heads(core["k_t"], k, kv=True),
         layout="BHSD" if q_shape is not None and len(q_shape) == 4 else "(BH)SD",
     )
-    block.escapes, block.shape_uses = _escapes(block)
+    block.escapes, block.shape_uses, block.kv_outputs = _escapes(block)
     return block
 
 
@@ -466,24 +469,52 @@ def _mask(core: Match) -> dict[str, Any] | None:
     return {"kind": kind, "tensors": adds + conds}
 
 
-def _escapes(block: AttentionMatch) -> tuple[list[str], list[str]]:
-    """Intermediate tensors read outside the block (data) and by Shape ops (shape only)."""
+def _escapes(block: AttentionMatch) -> tuple[list[str], list[str], list[str]]:
+    """Intermediate tensors read outside the block (data), by Shape ops (shape only), and the
+    K/V tensors that only leave as graph outputs (:func:`_kv_output_readers`): those are inputs
+    of the fused core (a KV cache's present K/V is the Concat feeding it), so they stay and the
+    block can still be fused."""
     inside = {id(n) for n in block.nodes}
-    escapes, shape_uses = [], []
+    kv_chain = {id(t) for operand in (block.k, block.v) for t in _kv_chain(operand)}
+    escapes, shape_uses, kv_outputs = [], [], []
     for node in block.nodes:
         for tensor in node.outputs:
             if tensor is block.output:
                 continue
+            outside = [c for c in tensor.outputs if id(c) not in inside]
+            shape_uses.extend(tensor.name for c in outside if c.op == "Shape")
+            data = [c for c in outside if c.op != "Shape"]
+            if id(tensor) in kv_chain and _kv_output_readers(data, block.graph):
+                if data or is_graph_output(tensor, block.graph):
+                    kv_outputs.append(tensor.name)
+                continue
             if is_graph_output(tensor, block.graph):
                 escapes.append(f"'{tensor.name}' is a graph output")
-            for consumer in tensor.outputs:
-                if id(consumer) in inside:
-                    continue
-                if consumer.op == "Shape":
-                    shape_uses.append(tensor.name)
-                else:
-                    escapes.append(f"'{tensor.name}' is read by {consumer.op} '{_label(consumer)}'")
-    return escapes, sorted(set(shape_uses))
+            escapes.extend(f"'{tensor.name}' is read by {c.op} '{_label(c)}'" for c in data)
+    return escapes, sorted(set(shape_uses)), kv_outputs
+
+
+#: Ops that only lay a present K/V out for the model's outputs (another head order, a cast).
+_PRESENT_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Identity", "Cast", "Squeeze",
+                                 "Unsqueeze", "Shape"})
+
+
+def _kv_output_readers(readers: list[gs.Node], graph: gs.Graph, depth: int = 4) -> bool:
+    """Whether ``readers`` (outside a block) only lay a K/V tensor out for graph outputs: a
+    decoder returns its present K/V, directly or through a Transpose/Reshape (optimum's first
+    step returns the head split K while K^T is transposed from it apart). Any other reader
+    uses the value inside the model, and such a block is left alone."""
+    for reader in readers:
+        if reader.op not in _PRESENT_LAYOUT_OPS or depth == 0:
+            return False
+        if reader.op == "Shape":
+            continue
+        for out in reader.outputs:
+            if not out.outputs and not is_graph_output(out, graph):
+                return False  # dead: not a present output, and nothing to keep it for
+            if not _kv_output_readers(list(out.outputs), graph, depth - 1):
+                return False
+    return True
 
 
 # --- classification ---------------------------------------------------------------------------

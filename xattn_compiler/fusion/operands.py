@@ -431,6 +431,17 @@ def standard_merge(block: AttentionMatch, plan: CorePlan) -> gs.Node | None:
     return reshape
 
 
+def _existing_transpose(source: gs.Tensor, perm: list[int], graph: gs.Graph) -> gs.Tensor | None:
+    """The output of a Transpose of ``source`` by ``perm`` in ``graph`` (not in a body that
+    reads ``source`` from outside: its output is not visible here)."""
+    for reader in source.outputs:
+        if reader.op == "Transpose" and reader.inputs[0] is source \
+                and transpose_perm(reader) == list(perm) \
+                and any(node is reader for node in graph.nodes):
+            return reader.outputs[0]
+    return None
+
+
 class Editor:
     """New nodes for one graph, with fresh deterministic names; remembers what it added."""
 
@@ -509,6 +520,11 @@ class Editor:
                 source = maker.inputs[0]
                 if is_identity_perm(perm):
                     return source
+                # A decoder returning its K (a cache's present key) often transposes the head
+                # split once for the output and once for K^T: the op reads the first one.
+                same = _existing_transpose(source, perm, self.graph)
+                if same is not None:
+                    return same
                 return self.node("Transpose", [source], "key", dtype=k_t.dtype, perm=perm)
         return self.node("Transpose", [k_t], "key", dtype=k_t.dtype, perm=swap)
 
