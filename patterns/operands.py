@@ -9,6 +9,10 @@ computed), Transpose, Squeeze/Unsqueeze, Cast, Identity, Expand (GQA's repeat_kv
 Split/Slice/Gather (fused QKV or KV), and Concat with a cached past (a KV cache). The walk
 takes as many as it can, so an exporter that reorders or adds such ops still matches.
 
+The walk's end is the operand's ``source`` (the projection's input when there is one). Whether
+Q and K are one sequence is decided by data provenance (``xattn_compiler/provenance.py``),
+which walks on from where this walk stops (RoPE, per-head norms) to the projection's input.
+
 Captures are prefixed by the operand (``q_src``, ``k_w``, ``v_scale``) so one block's three
 walks bind distinct names.
 """

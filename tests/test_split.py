@@ -471,7 +471,8 @@ def _zoo_names(tag: str | None = None, exclude: str | None = None) -> list[str]:
     from xattn_compiler.zoo import all_models
 
     return [m.name for m in all_models() if "small" in m.sizes
-            and (tag is None or tag in m.tags) and (exclude is None or exclude not in m.tags)]
+            and (tag is None or tag in m.tags) and (exclude is None or exclude not in m.tags)
+            and "self-attention-only" not in m.tags]
 
 
 @pytest.fixture(scope="module")

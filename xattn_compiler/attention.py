@@ -43,6 +43,7 @@ from xattn_compiler.patterns import (
 from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval
 from .ir import import_with_shapes, is_graph_output, iter_graphs
 from .pattern import Context, Failure, Match, match
+from .provenance import Provenance
 
 log = logging.getLogger(__name__)
 
@@ -520,13 +521,16 @@ def _kv_output_readers(readers: list[gs.Node], graph: gs.Graph, depth: int = 4) 
 # --- classification ---------------------------------------------------------------------------
 
 def _classify(blocks: list[AttentionMatch], graph: gs.Graph, times: BindingTimes) -> None:
+    outputs = [b.core["context"] if b.core is not None else b.output for b in blocks]
+    provenance = Provenance(graph, times, outputs)
     for block in blocks:
-        if block.q.source is block.k.source:
+        # Self by data provenance (provenance.py): rotary tables and per-head norms between
+        # the projections and the core do not make Q and K two sequences.
+        if provenance.same_sequence(block.q, block.k):
             block.kind = "self"
         elif not block.fused or block.kind != "self":
             block.kind = "cross"
-    times.mark_attention_outputs(
-        b.core["context"] if b.core is not None else b.output for b in blocks)
+    times.mark_attention_outputs(outputs)
     stops = {id(t) for b in blocks if b.kind == "cross" for o in (b.k, b.v) for t in _kv_chain(o)}
     static = _static_inputs(graph, stops)
     for block in blocks:

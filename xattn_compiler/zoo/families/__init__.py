@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 #: Family modules in this package, in listing order.
 FAMILY_MODULES = (
     "whisper", "t5", "bart", "unet", "torch_nn", "torch_transformer", "detr", "constant_context", "control_flow",
+    "llama", "wan",
 )
 
 

@@ -1,0 +1,203 @@
+"""Rotary-position (RoPE) decoders from transformers: Llama, and Mllama's text model.
+
+Both apply rotary embeddings to Q and K after the head split (``q * cos + rotate_half(q) *
+sin``, cos/sin computed from the position ids), so Q and K of a self-attention reach the core
+through different tensors while deriving from the same activation: the case that tells a
+matcher classifying self/cross by data provenance from one that compares tensors.
+
+* ``llama-decoder-*``: ``LlamaForCausalLM``, 2 layers of grouped-query self-attention (4 query
+  heads, 2 K/V heads). Input ``input_ids`` [batch, seq], output ``logits``. No cross-attention.
+* ``mllama-text-*``: ``MllamaForCausalLM`` (Llama 3.2 Vision's language model), 3 layers of
+  which layer 1 is a gated cross-attention layer (eager attention; the SDPA export is wrong, see
+  ``KNOWN_BAD_EXPORTS``). Inputs ``input_ids`` and
+  ``cross_attention_states`` [batch, img_len, hidden] (the projected vision features). Its
+  cross-attention has no rotary embedding and RMS-normalises Q and K per head (``q_norm``,
+  ``k_norm``); K/V come from ``cross_attention_states`` alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from ..spec import Attention, Built, ZooModel
+
+SEED = 0
+#: Tiny Llama: 2 layers, hidden 64, 4 heads of 16, 2 K/V heads (GQA).
+LLAMA_SMALL: dict[str, Any] = {
+    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+}
+#: Tiny Mllama text model: 3 layers, layer 1 cross-attention, hidden 64, 4 heads, 2 K/V heads.
+MLLAMA_SMALL: dict[str, Any] = {
+    **LLAMA_SMALL, "num_hidden_layers": 3, "cross_attention_layers": [1],
+}
+#: Sample (batch, seq, img_len): all different so a mixed-up dim shows.
+SAMPLE_SHAPES = {"small": (2, 5, 12)}
+DYNAMIC_DIMS = {"input_ids": {0: "batch", 1: "seq"},
+                "cross_attention_states": {0: "batch", 1: "img_len"}}
+
+
+@functools.cache
+def _wrapper_classes() -> dict[str | None, type]:
+    """Modules ``forward(input_ids[, <extra input>]) -> logits`` by the extra input's name;
+    lazy because they need torch. The parameter names become the graph input names."""
+    from torch import nn
+
+    class CausalLMLogits(nn.Module):
+        """Calls a transformers causal LM without a cache and returns only the logits."""
+
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.logits(input_ids)
+
+        def logits(self, input_ids, **extra):
+            return self.model(input_ids=input_ids, use_cache=False, return_dict=True,
+                              **extra).logits
+
+    class WithPositionIds(CausalLMLogits):
+        def forward(self, input_ids, position_ids):
+            return self.logits(input_ids, position_ids=position_ids)
+
+    class WithCrossAttentionStates(CausalLMLogits):
+        def forward(self, input_ids, cross_attention_states):
+            return self.logits(input_ids, cross_attention_states=cross_attention_states)
+
+    return {None: CausalLMLogits, "position_ids": WithPositionIds,
+            "cross_attention_states": WithCrossAttentionStates}
+
+
+def _head_truth(fields: dict[str, Any], self_count: int, cross_count: int) -> Attention:
+    heads = fields["num_attention_heads"]
+    return Attention(self=self_count, cross=cross_count, num_heads=heads,
+                     head_dim=fields["hidden_size"] // heads)
+
+
+def build_llama(size: str, attn_implementation: str, position_ids: bool = False) -> Built:
+    """``LlamaForCausalLM`` at ``size`` with the given attention implementation; with
+    ``position_ids`` the positions are a graph input (as optimum exports decoders)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..export import randomize_parameters
+
+    config = LlamaConfig(**LLAMA_SMALL, attn_implementation=attn_implementation)
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(config)
+    randomize_parameters(model, SEED)
+    batch, seq, _ = SAMPLE_SHAPES[size]
+    generator = torch.Generator().manual_seed(SEED)
+    inputs = {"input_ids": torch.randint(0, LLAMA_SMALL["vocab_size"], (batch, seq),
+                                         generator=generator)}
+    dims = {"input_ids": dict(DYNAMIC_DIMS["input_ids"])}
+    if position_ids:  # a left-padded batch: row 1 starts later
+        inputs["position_ids"] = (torch.arange(seq) - torch.tensor([[0], [2]])).clamp(min=0)
+        dims["position_ids"] = dict(DYNAMIC_DIMS["input_ids"])
+    wrapper = _wrapper_classes()["position_ids" if position_ids else None]
+    return Built(
+        module=wrapper(model).eval(), inputs=inputs, output_names=["logits"],
+        attention=_head_truth(LLAMA_SMALL, LLAMA_SMALL["num_hidden_layers"], 0),
+        static_inputs=[], dynamic_dims=dims, kv_source_kind="internal",
+        config={**LLAMA_SMALL, "attn_implementation": attn_implementation,
+                "position_ids_input": position_ids, "class": "transformers LlamaForCausalLM"},
+    )
+
+
+def build_mllama_text(size: str, attn_implementation: str) -> Built:
+    """``MllamaForCausalLM`` (the text model with its cross-attention layers) at ``size``."""
+    import torch
+    from transformers import MllamaTextConfig
+    from transformers.models.mllama.modeling_mllama import MllamaForCausalLM
+
+    from ..export import randomize_parameters
+
+    config = MllamaTextConfig(**MLLAMA_SMALL, attn_implementation=attn_implementation)
+    torch.manual_seed(SEED)
+    model = MllamaForCausalLM(config)
+    randomize_parameters(model, SEED)
+    _open_cross_attention_gates(model)
+    batch, seq, img_len = SAMPLE_SHAPES[size]
+    generator = torch.Generator().manual_seed(SEED)
+    inputs = {
+        "input_ids": torch.randint(0, MLLAMA_SMALL["vocab_size"], (batch, seq),
+                                   generator=generator),
+        "cross_attention_states": torch.randn(batch, img_len, MLLAMA_SMALL["hidden_size"],
+                                              generator=generator),
+    }
+    layers, cross = MLLAMA_SMALL["num_hidden_layers"], len(MLLAMA_SMALL["cross_attention_layers"])
+    return Built(
+        module=_wrapper_classes()["cross_attention_states"](model).eval(), inputs=inputs,
+        output_names=["logits"], attention=_head_truth(MLLAMA_SMALL, layers - cross, cross),
+        static_inputs=["cross_attention_states"],
+        dynamic_dims={name: dict(axes) for name, axes in DYNAMIC_DIMS.items()},
+        config={**MLLAMA_SMALL, "attn_implementation": attn_implementation,
+                "class": "transformers MllamaForCausalLM (MllamaTextConfig)"},
+    )
+
+
+def _open_cross_attention_gates(model: Any) -> None:
+    """Set the tanh gates of the cross-attention layers to 1.
+
+    Mllama initialises them to 0 (a pretrained text model that ignores images until trained);
+    the random 1-D draw puts them near 1 already, but a gate of exactly 0 would make a wrong
+    cross-attention rewrite invisible to verification, so make them plainly open.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                param.fill_(1.0)
+
+
+def _llama_eager(size: str) -> Built:
+    return build_llama(size, "eager")
+
+
+def _llama_sdpa(size: str) -> Built:
+    return build_llama(size, "sdpa")
+
+
+def _llama_position_ids(size: str) -> Built:
+    return build_llama(size, "sdpa", position_ids=True)
+
+
+def _mllama_eager(size: str) -> Built:
+    return build_mllama_text(size, "eager")
+
+
+def _mllama_sdpa(size: str) -> Built:
+    return build_mllama_text(size, "sdpa")
+
+
+_REQUIRES = ("torch", "transformers")
+#: "self-attention-only": nothing for split-kv to split (tests that split every zoo model skip it).
+_SELF_ONLY = ("decoder", "rope", "gqa", "self-attention-only")
+MODELS = (
+    ZooModel("llama-decoder-eager", "llama",
+             "Llama causal LM (RoPE, GQA), eager attention: self-attention only",
+             _llama_eager, requires=_REQUIRES, tags=_SELF_ONLY),
+    ZooModel("llama-decoder-sdpa", "llama",
+             "Llama causal LM (RoPE, GQA), SDPA attention: self-attention only",
+             _llama_sdpa, requires=_REQUIRES, tags=_SELF_ONLY),
+    ZooModel("llama-decoder-position-ids", "llama",
+             "Llama causal LM (RoPE, GQA), SDPA attention, position_ids a graph input",
+             _llama_position_ids, requires=_REQUIRES, tags=_SELF_ONLY),
+    ZooModel("mllama-text-eager", "llama",
+             "Mllama text model: RoPE self-attention and a gated cross-attention layer on "
+             "cross_attention_states, eager attention",
+             _mllama_eager, requires=_REQUIRES, tags=("decoder", "rope", "gqa", "multimodal")),
+)
+
+#: Variants left out of MODELS, with why. ``mllama-text-sdpa`` exports, but torch.onnx (2.13)
+#: annotates a Slice of the cross-attention K (on its sequence axis, ended at the text length)
+#: as ``[batch, 2, seq, 16]``; it is ``[batch, 2, img_len, 16]`` when seq > img_len, and ONNX
+#: Runtime's memory planner, trusting the annotation, then fails with "Shape mismatch
+#: attempting to re-use buffer" (the file runs when every value_info is dropped).
+KNOWN_BAD_EXPORTS = {
+    "mllama-text-sdpa": (_mllama_sdpa, "Shape mismatch attempting to re-use buffer"),
+}
