@@ -10,12 +10,18 @@ from .control_flow import InlineConstantIf, SpecializeInputs, UnrollControlFlow,
 from .fuse_attention import FuseAttention
 from .guard_precision import GuardPrecision
 from .layout_clutter import RemoveLayoutClutter
+from .normalize_div import DivToMul
+from .normalize_einsum import EinsumToMatMul
+from .normalize_spellings import NormalizeSpellings
 from .reshapes import SimplifyReshapes
 from .split_static_kv import SplitStaticKV
 from .transposes import CancelTransposes, CanonicalKeyTranspose, SinkTransposes
 
 BUILTIN_PASSES = (
     Canonicalize,
+    NormalizeSpellings,
+    EinsumToMatMul,
+    DivToMul,
     RemoveLayoutClutter,
     CancelTransposes,
     SinkTransposes,
@@ -32,5 +38,5 @@ BUILTIN_PASSES = (
 )
 
 __all__ = ["BUILTIN_PASSES", "CancelTransposes", "Canonicalize", "CanonicalKeyTranspose",
-           "CollapseBatchedHeads", "FuseAttention", "GuardPrecision", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV",
+           "CollapseBatchedHeads", "DivToMul", "EinsumToMatMul", "FuseAttention", "GuardPrecision", "NormalizeSpellings", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV",
            "InlineConstantIf", "SpecializeInputs", "UnrollControlFlow", "UnrollLoops"]

@@ -46,7 +46,8 @@ def test_optimize_the_bundled_example_verifies_and_reports(tmp_path, capsys):
     assert count_nodes(optimized) <= count_nodes(onnx.load(example_path()))
     data = json.loads(report.read_text())
     assert [entry["name"] for entry in data["passes"]] == [
-        "canonicalize", "unroll-control-flow", "remove-layout-clutter", "fuse-attention"]
+        "canonicalize", "normalize-spellings", "unroll-control-flow", "remove-layout-clutter",
+        "fuse-attention"]
     for entry in data["passes"]:
         assert {"name", "changed", "nodes_before", "nodes_after", "seconds", "details"} <= set(entry)
     assert data["verify"]["ok"] is True

@@ -27,7 +27,8 @@ from .weights import (
 )
 
 #: The built-in passes in the order the default pipeline runs them.
-DEFAULT_PIPELINE = "canonicalize,unroll-control-flow,remove-layout-clutter,fuse-attention"
+DEFAULT_PIPELINE = ("canonicalize,normalize-spellings,unroll-control-flow,remove-layout-clutter,"
+                    "fuse-attention")
 #: Fusion targets (``fuse-attention{target=...}``); the first is the default.
 TARGETS = ("onnx-attention", "canonical", "trt-plugin", "ort-mha")
 #: Q/K/V layouts of ``onnx-attention`` (``fuse-attention{qkv-layout=...}``); the first is the default.
@@ -61,7 +62,7 @@ def default_pipeline(
     fuse = f"fuse-attention{{target={target}"
     fuse += f" plugin-spec={plugin_spec}" if plugin_spec else ""
     fuse += f" qkv-layout={qkv_layout}}}" if qkv_layout else "}"
-    passes = ["canonicalize", unroll, "remove-layout-clutter", fuse]
+    passes = ["canonicalize", "normalize-spellings", unroll, "remove-layout-clutter", fuse]
     if guard_precision:
         passes.append("guard-precision")
     return ",".join(passes)

@@ -1,0 +1,282 @@
+"""``einsum-to-matmul``: a two-operand Einsum that is a batched matmul becomes one.
+
+Labels are sorted by where they occur: exactly one *contracted* label ``k`` is in both operands
+but not in the output; the last output label of the left operand alone is the row ``i``, the
+last of the right operand alone the column ``j``; every other output label is *outer* (batch
+labels of both operands, and more labels of one operand, which MatMul's broadcasting
+multiplies out against a unit axis of the other). Then::
+
+    Einsum(a, b, "<a>,<b>-><out>") -> T_out(MatMul(U_a(T_a(a)), U_b(T_b(b))))
+
+    T_a   = Transpose of a to [outer labels of a..., i, k]
+    T_b   = Transpose of b to [outer labels of b..., k, j]
+    U_a   = Unsqueeze of a unit axis where each outer label of b alone goes (U_b likewise);
+            leading unit axes are left to MatMul's broadcasting
+    T_out = Transpose from [outer..., i, j] to <out>
+
+Each Transpose or Unsqueeze that would be the identity is left out. The outer labels are tried
+in the output's order and with either operand's own labels first, with the operands on either
+side; the form with the fewest nodes wins (the first of them on ties: deterministic). The
+attention spellings need one Transpose or none::
+
+    'b i d, b j d -> b i j'     MatMul(a, T_{0,2,1}(b))          Q.K^T (LDM, lucidrains)
+    'bhid,bhjd->bhij'           MatMul(a, T_{0,1,3,2}(b))        Q.K^T on [B, H, S, D]
+    'b i j, b j d -> b i d'     MatMul(a, b)                     P.V
+    'bhqk,bkhd->bqhd'           T(MatMul(a, T(b)))               P.V straight into the head merge
+    'bsd,de->bse'               MatMul(a, b)                     a projection
+    'bsd,ed->bse'               MatMul(a, T_{1,0}(b))            a projection by a [out, in] weight
+    '...id,...jd->...ij'        MatMul(a, T(b))                  leading ellipsis: batch dims
+    'bhid,bjd->bhij'            MatMul(a, U(T(b)))               K shared by the heads (MQA)
+    'bhsd,hde->bhse'            MatMul(a, b)                     per-head weights
+
+A leading ``...`` in both operands and the output is more batch dims (MatMul broadcasts them
+the way Einsum does); it needs the operands' ranks from shape inference. The output keeps its
+name and its producer now is the last new node. A Transpose of a constant operand (a weight)
+is folded by ``cancel-transposes`` (in ``remove-layout-clutter``), not here.
+
+Left alone, each counted in ``einsums_skipped`` with its reason in the details: other than two
+operands; a label repeated in one operand (a diagonal) or in the output; a label summed out of
+one operand alone; no contracted label (an outer product) or more than one; no row or no
+column label (a matrix-vector product); an ellipsis not leading every term, or over an operand
+of unknown rank; an element type MatMul does not take.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from xattn_compiler.rewrite import is_identity_perm
+
+from ._normalize import DEFAULT_DOMAINS, ModelEdit, NormalizingPass, Scope, elem_type, rank
+
+log = logging.getLogger(__name__)
+
+#: Stands for ``...`` in a parsed term (not a label: labels are letters).
+_ELLIPSIS = "*"
+_MATMUL_TYPES = frozenset({
+    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
+})
+
+
+class Refused(Exception):
+    """An equation that is no batched matmul; the message says why."""
+
+
+@dataclass(frozen=True)
+class Operand:
+    """How one operand becomes a MatMul input: a perm (None: as it is), then new unit axes
+    (negative positions, None: none)."""
+
+    perm: tuple[int, ...] | None
+    unsqueeze: tuple[int, ...] | None
+
+    @property
+    def nodes(self) -> int:
+        return (self.perm is not None) + (self.unsqueeze is not None)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """``T_out(MatMul(left, right))``; ``swap`` when the second Einsum operand goes left."""
+
+    swap: bool
+    left: Operand
+    right: Operand
+    out_perm: tuple[int, ...] | None
+
+    @property
+    def nodes(self) -> int:
+        return self.left.nodes + self.right.nodes + (self.out_perm is not None)
+
+
+# --- the equation ------------------------------------------------------------------------------
+
+def parse_equation(equation: str) -> tuple[list[str], str]:
+    """The operand terms and the output term, spaces dropped, ``...`` as ``*``; the implicit
+    output (no ``->``) is the labels used once, in alphabetical order, after any ellipsis."""
+    text = "".join(equation.split()).replace("...", _ELLIPSIS)
+    lhs, arrow, out = text.partition("->")
+    terms = lhs.split(",")
+    for term in [*terms, out]:
+        if any(not (c.isascii() and c.isalpha()) and c != _ELLIPSIS for c in term):
+            raise Refused(f"cannot read the equation {equation!r}")
+    if not arrow:
+        labels = "".join(terms).replace(_ELLIPSIS, "")
+        once = sorted(c for c in set(labels) if labels.count(c) == 1)
+        out = (_ELLIPSIS if any(_ELLIPSIS in t for t in terms) else "") + "".join(once)
+    return terms, out
+
+
+def plan_einsum(equation: str, ranks: tuple[int | None, int | None]) -> Plan:
+    """The cheapest MatMul form of a two-operand ``equation`` on operands of ``ranks``;
+    raises :class:`Refused` when it has none."""
+    terms, out = parse_equation(equation)
+    if len(terms) != 2:
+        raise Refused(f"{len(terms)} operands, not 2")
+    ellipsis = _check_ellipsis(terms, out, ranks)
+    a, b, out = (t.replace(_ELLIPSIS, "") for t in (*terms, out))
+    _check_labels(a, b, out, ranks if not ellipsis else (None, None))
+    plans = [*_plans(a, b, out, ellipsis, swap=False), *_plans(b, a, out, ellipsis[::-1], swap=True)]
+    return min(plans, key=lambda plan: plan.nodes)  # the first of the cheapest: deterministic
+
+
+def _check_ellipsis(terms: list[str], out: str, ranks) -> tuple[int, int]:
+    """The number of dims each operand's ``...`` stands for ((0, 0) without one)."""
+    used = [_ELLIPSIS in term for term in (*terms, out)]
+    if not any(used):
+        return 0, 0
+    if not all(term.startswith(_ELLIPSIS) for term in (*terms, out)):
+        raise Refused("an ellipsis not leading every term")
+    if any(r is None for r in ranks):
+        raise Refused("an ellipsis over an operand of unknown rank")
+    counts = tuple(r - (len(t) - 1) for r, t in zip(ranks, terms, strict=True))
+    if min(counts) < 0:
+        raise Refused("an operand has fewer dims than its labels")
+    return counts
+
+
+def _check_labels(a: str, b: str, out: str, ranks) -> None:
+    for term, known in ((a, ranks[0]), (b, ranks[1])):
+        if known is not None and known != len(term):
+            raise Refused(f"'{term}' labels {len(term)} dims of a rank-{known} operand")
+        repeated = sorted(c for c in set(term) if term.count(c) > 1)
+        if repeated:
+            raise Refused(f"label '{repeated[0]}' repeated in one operand (a diagonal)")
+    if len(set(out)) != len(out):
+        raise Refused("a label repeated in the output")
+    if set(out) - set(a) - set(b):
+        raise Refused(f"output label '{sorted(set(out) - set(a) - set(b))[0]}' in no operand")
+    alone = sorted((set(a) ^ set(b)) - set(out))
+    if alone:
+        raise Refused(f"label '{alone[0]}' summed out of one operand alone")
+    contracted = (set(a) & set(b)) - set(out)
+    if len(contracted) != 1:
+        raise Refused(f"{len(contracted)} contracted labels, not 1")
+    if not set(a) - set(b) or not set(b) - set(a):
+        raise Refused("no free label on one side (a matrix-vector product)")
+
+
+def _plans(a: str, b: str, out: str, ellipsis: tuple[int, int], swap: bool) -> list[Plan]:
+    """``a`` on the left of the MatMul, ``b`` on the right, for a few orders of the outer
+    labels: the output's, and each side's own labels first (what spares an Unsqueeze)."""
+    (k,) = (set(a) & set(b)) - set(out)
+    i = [c for c in out if c in a and c not in b][-1]
+    j = [c for c in out if c in b and c not in a][-1]
+    outer = [c for c in out if c not in (i, j)]
+    orders = [outer, sorted(outer, key=lambda c: c in b), sorted(outer, key=lambda c: c in a)]
+    return [_plan(a, b, out, order, (i, j, k), ellipsis, swap) for order in orders]
+
+
+def _plan(a: str, b: str, out: str, outer: list[str], ijk: tuple[str, str, str],
+          ellipsis: tuple[int, int], swap: bool) -> Plan:
+    i, j, k = ijk
+    left = _operand(a, [*outer, i, k], ellipsis[0])
+    right = _operand(b, [*outer, k, j], ellipsis[1])
+    return Plan(swap, left, right, _perm([*outer, i, j], list(out), max(ellipsis)))
+
+
+def _operand(term: str, layout: list[str], dots: int) -> Operand:
+    """``term`` laid out as ``layout``, a unit axis where a label of the other operand goes
+    (MatMul broadcasts it). Leading unit axes are implicit, unless an ellipsis is before them."""
+    missing = [p for p, c in enumerate(layout) if c not in term]
+    implicit = not dots and missing == list(range(len(missing)))
+    unsqueeze = None if not missing or implicit else tuple(p - len(layout) for p in missing)
+    return Operand(_perm(term, [c for c in layout if c in term], dots), unsqueeze)
+
+
+def _perm(have: str | list[str], want: list[str], leading: int) -> tuple[int, ...] | None:
+    """The Transpose perm from labels ``have`` to ``want`` after ``leading`` untouched dims,
+    or None for the identity."""
+    have = list(have)
+    perm = [*range(leading), *(leading + have.index(c) for c in want)]
+    return None if is_identity_perm(perm) else tuple(perm)
+
+
+# --- the pass ----------------------------------------------------------------------------------
+
+class EinsumToMatMul(NormalizingPass):
+    """Einsum(a, b) -> [Transpose] MatMul [Transpose] where it is a batched matmul."""
+
+    name = "einsum-to-matmul"
+    description = "a two-operand Einsum that is a batched matmul as (Transpose) MatMul (Transpose)"
+    candidate_ops = frozenset({"Einsum"})
+    rewritten_key = "einsums_rewritten"
+    skipped_key = "einsums_skipped"
+
+    def rewrite(self, graph: onnx.GraphProto, scope: Scope, edit: ModelEdit, path: str) -> int:
+        nodes: list[onnx.NodeProto] = []
+        done = 0
+        for node in graph.node:
+            if node.op_type != "Einsum" or node.domain not in DEFAULT_DOMAINS:
+                nodes.append(node)
+                continue
+            try:
+                plan = _plan_node(node, scope, edit)
+            except Refused as reason:
+                self.skip(node, path, str(reason))
+                nodes.append(node)
+                continue
+            nodes.extend(_matmul_nodes(node, plan, edit, graph))
+            done += 1
+        if done:  # the new nodes stand where the Einsum stood: the order stays topological
+            del graph.node[:]
+            graph.node.extend(nodes)
+        return done
+
+
+def _plan_node(node: onnx.NodeProto, scope: Scope, edit: ModelEdit) -> Plan:
+    if len(node.input) != 2 or len(node.output) != 1:
+        raise Refused(f"{len(node.input)} operands, not 2")
+    equation = next((a.s for a in node.attribute if a.name == "equation"), None)
+    if equation is None:
+        raise Refused("no equation")
+    types = [edit.value_type(name, scope) for name in (*node.input, node.output[0])]
+    dtype = next((t for t in map(elem_type, types) if t), None)
+    if dtype not in _MATMUL_TYPES:
+        name = onnx.TensorProto.DataType.Name(dtype) if dtype else "unknown"
+        raise Refused(f"element type {name} (MatMul does not take it)")
+    return plan_einsum(equation.decode(), (rank(types[0]), rank(types[1])))
+
+
+def _matmul_nodes(node: onnx.NodeProto, plan: Plan, edit: ModelEdit,
+                  graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes that compute ``node``'s output as ``plan`` says, in order (Unsqueeze axes
+    become initializers of ``graph``)."""
+    made: list[onnx.NodeProto] = []
+    base = node.name or node.output[0]
+
+    def add(op: str, suffix: str, inputs: list[str], output: str | None = None, **attrs):
+        output = output or edit.fresh(f"{base}/{suffix}")
+        made.append(onnx.helper.make_node(op, inputs, [output], edit.fresh(f"{base}/{suffix}"),
+                                          **attrs))
+        return output
+
+    a, b = node.input[::-1] if plan.swap else node.input
+    operands = []
+    for x, how, side in ((a, plan.left, "left"), (b, plan.right, "right")):
+        if how.perm is not None:
+            x = add("Transpose", f"{side}_transpose", [x], perm=list(how.perm))
+        if how.unsqueeze is not None and edit.opset >= 13:
+            axes = edit.fresh(f"{base}/{side}_axes")
+            graph.initializer.append(numpy_helper.from_array(np.array(how.unsqueeze, np.int64),
+                                                             axes))
+            x = add("Unsqueeze", f"{side}_unsqueeze", [x, axes])
+        elif how.unsqueeze is not None:
+            x = add("Unsqueeze", f"{side}_unsqueeze", [x], axes=list(how.unsqueeze))
+        operands.append(x)
+    if plan.out_perm is None:
+        add("MatMul", "matmul", operands, node.output[0])
+    else:
+        product = add("MatMul", "matmul", operands)
+        add("Transpose", "transpose_out", [product], node.output[0], perm=list(plan.out_perm))
+    return made
+
+
+__all__ = ["EinsumToMatMul", "Plan", "Refused", "parse_equation", "plan_einsum"]
