@@ -49,8 +49,7 @@ class Scope:
         constants.update((t.name, t) for t in graph.initializer if t.name not in constants)
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
-                value = next((a.t for a in node.attribute if a.name == "value"), None)
-                constants.update((name, value) for name in node.output)
+                constants.update((name, _constant_value(node)) for name in node.output)
             elif outer is not None:  # a body's own value hides an outer constant of that name
                 constants.update((name, None) for name in node.output)
         self._graph, self._outer = graph, outer
@@ -62,6 +61,8 @@ class Scope:
         if self._types is None:
             graph = self._graph
             local = {v.name: v.type for v in (*graph.input, *graph.value_info, *graph.output)}
+            for tensor in graph.initializer:
+                local.setdefault(tensor.name, _initializer_type(tensor))
             self._types = ChainMap(local, *(self._outer.types.maps if self._outer else ()))
         return self._types
 
@@ -104,17 +105,19 @@ class ModelEdit:
         return name
 
     def value_type(self, name: str, scope: Scope) -> onnx.TypeProto | None:
-        """The recorded type of ``name``, else the one shape inference gives (run once)."""
+        """The recorded type of ``name`` when it has a shape, else the one shape inference
+        gives (run once per edit, only for a step that needs it)."""
         recorded = scope.types.get(name)
-        if recorded is not None and _known(recorded):
+        if recorded is not None and rank(recorded) is not None and elem_type(recorded):
             return recorded
         if self._inferred is None:
             inferred = infer_shapes(self.model)
-            self._inferred = {v.name: v.type for graph in iter_graph_protos(inferred.graph)
-                              for v in (*graph.input, *graph.value_info, *graph.output)}
+            self._inferred = {}
             for graph in iter_graph_protos(inferred.graph):
-                for t in graph.initializer:
-                    self._inferred.setdefault(t.name, _initializer_type(t))
+                self._inferred.update(
+                    (v.name, v.type) for v in (*graph.input, *graph.value_info, *graph.output))
+                for tensor in graph.initializer:
+                    self._inferred.setdefault(tensor.name, _initializer_type(tensor))
         return self._inferred.get(name, recorded)
 
 
@@ -146,9 +149,15 @@ def _all_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def _known(value_type: onnx.TypeProto) -> bool:
-    tensor = value_type.tensor_type
-    return value_type.HasField("tensor_type") and tensor.elem_type != 0 and tensor.HasField("shape")
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """A Constant node's value as a tensor (``value``, ``value_float``, ``value_floats``)."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return attr.t
+        if attr.name in ("value_float", "value_floats"):
+            value = attr.f if attr.name == "value_float" else list(attr.floats)
+            return numpy_helper.from_array(np.array(value, np.float32))
+    return None
 
 
 def _initializer_type(tensor: onnx.TensorProto) -> onnx.TypeProto:

@@ -237,12 +237,17 @@ def _plan_node(node: onnx.NodeProto, scope: Scope, edit: ModelEdit) -> Plan:
     equation = next((a.s for a in node.attribute if a.name == "equation"), None)
     if equation is None:
         raise Refused("no equation")
-    types = [edit.value_type(name, scope) for name in (*node.input, node.output[0])]
-    dtype = next((t for t in map(elem_type, types) if t), None)
+    equation = equation.decode()
+    names = [node.output[0], *node.input]
+    dtype = next((t for t in (elem_type(scope.types.get(n)) for n in names) if t), None) or \
+        next((t for t in (elem_type(edit.value_type(n, scope)) for n in names) if t), None)
     if dtype not in _MATMUL_TYPES:
         name = onnx.TensorProto.DataType.Name(dtype) if dtype else "unknown"
         raise Refused(f"element type {name} (MatMul does not take it)")
-    return plan_einsum(equation.decode(), (rank(types[0]), rank(types[1])))
+    ranks = tuple(rank(scope.types.get(n)) for n in node.input)
+    if "..." in equation and None in ranks:  # only an ellipsis needs the ranks
+        ranks = tuple(rank(edit.value_type(n, scope)) for n in node.input)
+    return plan_einsum(equation, ranks)
 
 
 def _matmul_nodes(node: onnx.NodeProto, plan: Plan, edit: ModelEdit,

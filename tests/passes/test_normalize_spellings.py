@@ -121,6 +121,18 @@ def test_einsum_in_float16_with_a_constant_weight():
     assert op_histogram(result.model) == {"MatMul": 1, "Transpose": 1}
 
 
+def test_einsum_with_an_ellipsis_over_unrecorded_shapes_asks_shape_inference():
+    """The operands are computed and the model records no shapes: the ranks an ellipsis
+    needs come from shape inference, run on demand."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["y"], ["b"]),
+             helper.make_node("Einsum", ["a", "b"], ["out"], equation="...id,...jd->...ij")]
+    m = model(nodes, [value("x", ["B", 2, "S", 8]), value("y", ["B", 2, "T", 8])],
+              [value("out", [None] * 4)])
+    assert not m.graph.value_info
+    result = rewritten(EinsumToMatMul(), m)
+    assert "Einsum" not in op_histogram(result.model)
+
+
 def test_einsum_inside_an_if_branch():
     branch = helper.make_graph(
         [helper.make_node("Einsum", ["a", "b"], ["r"], equation="bid,bjd->bij")], "then", [],
@@ -235,6 +247,28 @@ def test_div_by_a_constant_node_and_a_shared_divisor():
     result = rewritten(DivToMul(), m)
     assert op_histogram(result.model) == {"Mul": 2}
     assert len(result.model.graph.initializer) == 1  # one reciprocal for both
+
+
+def test_div_by_a_constant_node_holding_value_float():
+    c = helper.make_node("Constant", [], ["c"], value_float=3.0)
+    m = model([c, helper.make_node("Div", ["x", "c"], ["y"])], [value("x", ["B", 4])],
+              [value("y", ["B", 4])])
+    assert op_histogram(rewritten(DivToMul(), m).model) == {"Mul": 1}
+
+
+def test_div_by_a_body_input_that_shares_an_outer_constant_name_stays():
+    """Inside a Loop body, 'c' is the body's own input, not the outer initializer 'c'."""
+    body = helper.make_graph(
+        [helper.make_node("Div", ["x", "c"], ["q"]), helper.make_node("Identity", ["cond"], ["co"])],
+        "body", [value("i", [], INT64), value("cond", [], TensorProto.BOOL), value("c", [4])],
+        [value("co", [], TensorProto.BOOL), value("c_out", [4]), value("q", [4])])
+    body.node.append(helper.make_node("Identity", ["c"], ["c_out"]))
+    loop = helper.make_node("Loop", ["n", "", "x"], ["final", "qs"], body=body)
+    m = model([loop], [value("n", [], INT64), value("x", [4])],
+              [value("final", [4]), value("qs", [None, 4])],
+              [numpy_helper.from_array(np.array(2.0, np.float32), "c")])
+    result = DivToMul()(m)
+    assert not result.changed
 
 
 @pytest.mark.parametrize("divisor, reason", [
