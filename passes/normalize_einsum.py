@@ -29,14 +29,18 @@ attention spellings need one Transpose or none::
     'bhid,bjd->bhij'            MatMul(a, U(T(b)))               K shared by the heads (MQA)
     'bhsd,hde->bhse'            MatMul(a, b)                     per-head weights
 
-A leading ``...`` in both operands and the output is more batch dims (MatMul broadcasts them
+A one-operand Einsum that only reorders its labels (``'bhnd->bnhd'``, a head split or merge
+written as an Einsum) is one Transpose (an Identity when the order is kept).
+
+A leading ``...`` in the operands and the output is more batch dims (MatMul broadcasts them
 the way Einsum does); it needs the operands' ranks from shape inference. The output keeps its
 name and its producer now is the last new node. A Transpose of a constant operand (a weight)
 is folded by ``cancel-transposes`` (in ``remove-layout-clutter``), not here.
 
-Left alone, each counted in ``einsums_skipped`` with its reason in the details: other than two
-operands; a label repeated in one operand (a diagonal) or in the output; a label summed out of
-one operand alone; no contracted label (an outer product) or more than one; no row or no
+Left alone, each counted in ``einsums_skipped`` with its reason in the details: more than two
+operands; one operand summed over (a reduction); a label repeated in one operand (a diagonal)
+or in the output; a label summed out of one operand alone; no contracted label (an outer
+product) or more than one (``'bhnd,hde->bne'``, a head merge into a projection); no row or no
 column label (a matrix-vector product); an ellipsis not leading every term, or over an operand
 of unknown rank; an element type MatMul does not take.
 """
@@ -122,16 +126,33 @@ def plan_einsum(equation: str, ranks: tuple[int | None, int | None]) -> Plan:
         raise Refused(f"{len(terms)} operands, not 2")
     ellipsis = _check_ellipsis(terms, out, ranks)
     a, b, out = (t.replace(_ELLIPSIS, "") for t in (*terms, out))
-    _check_labels(a, b, out, ranks if not ellipsis else (None, None))
+    _check_labels(a, b, out, ranks if ellipsis == (0, 0) else (None, None))
     plans = [*_plans(a, b, out, ellipsis, swap=False), *_plans(b, a, out, ellipsis[::-1], swap=True)]
     return min(plans, key=lambda plan: plan.nodes)  # the first of the cheapest: deterministic
 
 
-def _check_ellipsis(terms: list[str], out: str, ranks) -> tuple[int, int]:
-    """The number of dims each operand's ``...`` stands for ((0, 0) without one)."""
+def plan_permutation(equation: str, rank: int | None) -> tuple[int, ...]:
+    """The Transpose perm of a one-operand ``equation`` that only reorders its labels (a head
+    split or merge written as ``'bhnd->bnhd'``); raises :class:`Refused` otherwise."""
+    terms, out = parse_equation(equation)
+    if len(terms) != 1:
+        raise Refused(f"{len(terms)} operands, not 1")
+    (dots,) = _check_ellipsis(terms, out, (rank,))
+    term, out = terms[0].replace(_ELLIPSIS, ""), out.replace(_ELLIPSIS, "")
+    if dots == 0 and rank is not None and rank != len(term):
+        raise Refused(f"'{term}' labels {len(term)} dims of a rank-{rank} operand")
+    if len(set(term)) != len(term):
+        raise Refused("a label repeated in the operand (a diagonal)")
+    if sorted(term) != sorted(out):
+        raise Refused("labels summed out of the operand (a reduction)")
+    return tuple(_perm(term, list(out), dots) or range(dots + len(term)))
+
+
+def _check_ellipsis(terms: list[str], out: str, ranks) -> tuple[int, ...]:
+    """The number of dims each operand's ``...`` stands for (0s without one)."""
     used = [_ELLIPSIS in term for term in (*terms, out)]
     if not any(used):
-        return 0, 0
+        return tuple(0 for _ in terms)
     if not all(term.startswith(_ELLIPSIS) for term in (*terms, out)):
         raise Refused("an ellipsis not leading every term")
     if any(r is None for r in ranks):
@@ -202,10 +223,12 @@ def _perm(have: str | list[str], want: list[str], leading: int) -> tuple[int, ..
 # --- the pass ----------------------------------------------------------------------------------
 
 class EinsumToMatMul(NormalizingPass):
-    """Einsum(a, b) -> [Transpose] MatMul [Transpose] where it is a batched matmul."""
+    """Einsum(a, b) -> [Transpose] MatMul [Transpose] where it is a batched matmul;
+    Einsum(a) -> Transpose(a) where it only reorders the labels."""
 
     name = "einsum-to-matmul"
-    description = "a two-operand Einsum that is a batched matmul as (Transpose) MatMul (Transpose)"
+    description = ("an Einsum that is a batched matmul as (Transpose) MatMul (Transpose), "
+                   "one that only permutes as Transpose")
     candidate_ops = frozenset({"Einsum"})
     rewritten_key = "einsums_rewritten"
     skipped_key = "einsums_skipped"
@@ -223,7 +246,10 @@ class EinsumToMatMul(NormalizingPass):
                 self.skip(node, path, str(reason))
                 nodes.append(node)
                 continue
-            nodes.extend(_matmul_nodes(node, plan, edit, graph))
+            if isinstance(plan, Plan):
+                nodes.extend(_matmul_nodes(node, plan, edit, graph))
+            else:
+                nodes.append(_transpose_node(node, plan, edit))
             done += 1
         if done:  # the new nodes stand where the Einsum stood: the order stays topological
             del graph.node[:]
@@ -231,8 +257,9 @@ class EinsumToMatMul(NormalizingPass):
         return done
 
 
-def _plan_node(node: onnx.NodeProto, scope: Scope, edit: ModelEdit) -> Plan:
-    if len(node.input) != 2 or len(node.output) != 1:
+def _plan_node(node: onnx.NodeProto, scope: Scope, edit: ModelEdit) -> Plan | tuple[int, ...]:
+    """The MatMul plan of a two-operand Einsum, the perm of a one-operand permutation."""
+    if len(node.input) not in (1, 2) or len(node.output) != 1:
         raise Refused(f"{len(node.input)} operands, not 2")
     equation = next((a.s for a in node.attribute if a.name == "equation"), None)
     if equation is None:
@@ -241,13 +268,25 @@ def _plan_node(node: onnx.NodeProto, scope: Scope, edit: ModelEdit) -> Plan:
     names = [node.output[0], *node.input]
     dtype = next((t for t in (elem_type(scope.types.get(n)) for n in names) if t), None) or \
         next((t for t in (elem_type(edit.value_type(n, scope)) for n in names) if t), None)
-    if dtype not in _MATMUL_TYPES:
+    if len(node.input) == 2 and dtype not in _MATMUL_TYPES:
         name = onnx.TensorProto.DataType.Name(dtype) if dtype else "unknown"
         raise Refused(f"element type {name} (MatMul does not take it)")
     ranks = tuple(rank(scope.types.get(n)) for n in node.input)
     if "..." in equation and None in ranks:  # only an ellipsis needs the ranks
         ranks = tuple(rank(edit.value_type(n, scope)) for n in node.input)
+    if len(node.input) == 1:
+        return plan_permutation(equation, ranks[0])
     return plan_einsum(equation, ranks)
+
+
+def _transpose_node(node: onnx.NodeProto, perm: tuple[int, ...], edit: ModelEdit
+                    ) -> onnx.NodeProto:
+    base = node.name or node.output[0]
+    if list(perm) == list(range(len(perm))):
+        return onnx.helper.make_node("Identity", [node.input[0]], [node.output[0]],
+                                     edit.fresh(f"{base}/identity"))
+    return onnx.helper.make_node("Transpose", [node.input[0]], [node.output[0]],
+                                 edit.fresh(f"{base}/transpose"), perm=list(perm))
 
 
 def _matmul_nodes(node: onnx.NodeProto, plan: Plan, edit: ModelEdit,
@@ -284,4 +323,5 @@ def _matmul_nodes(node: onnx.NodeProto, plan: Plan, edit: ModelEdit,
     return made
 
 
-__all__ = ["EinsumToMatMul", "Plan", "Refused", "parse_equation", "plan_einsum"]
+__all__ = ["EinsumToMatMul", "Plan", "Refused", "parse_equation", "plan_einsum",
+           "plan_permutation"]

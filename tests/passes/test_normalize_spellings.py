@@ -105,6 +105,28 @@ def test_einsum_becomes_matmul(equation, a_shape, b_shape, extra):
     assert [o.name for o in result.model.graph.output] == ["out"]
 
 
+@pytest.mark.parametrize("equation, shape, op", [
+    ("bhnd->bnhd", ["B", 2, "S", 8], "Transpose"),        # a head merge's transpose
+    ("b n h d -> b h n d", ["B", "S", 2, 8], "Transpose"),
+    ("...nd->...dn", ["B", 2, "S", 8], "Transpose"),
+    ("bnd->bnd", ["B", "S", 8], "Identity"),
+])
+def test_einsum_of_one_operand_that_permutes_becomes_transpose(equation, shape, op):
+    out_rank = len(shape)
+    m = model([helper.make_node("Einsum", ["a"], ["out"], name="einsum", equation=equation)],
+              [value("a", shape)], [value("out", [None] * out_rank)])
+    result = rewritten(EinsumToMatMul(), m)
+    assert op_histogram(result.model) == {op: 1}
+
+
+def test_einsum_of_one_operand_that_reduces_stays():
+    m = model([helper.make_node("Einsum", ["a"], ["out"], name="einsum", equation="bnd->bn")],
+              [value("a", ["B", "S", 8])], [value("out", [None] * 2)])
+    result = EinsumToMatMul()(m)
+    assert not result.changed
+    assert result.details["skipped"] == {"einsum": "labels summed out of the operand (a reduction)"}
+
+
 def test_einsum_at_opset_12_unsqueezes_with_the_axes_attribute():
     m = einsum_model("bhid,bjd->bhij", ["B", 2, "S", 8], ["B", "T", 8], opset=12)
     result = rewritten(EinsumToMatMul(), m)
@@ -156,6 +178,8 @@ REFUSED = [
     ("bijk,bjkl->bil", ["B", 2, 3, 4], ["B", 3, 4, 5], "2 contracted labels"),
     ("bid,bd->bi", ["B", "S", 8], ["B", 8], "no free label on one side"),
     ("i...d,j...d->...ij", [3, 2, 8], [4, 2, 8], "an ellipsis not leading"),
+    ("bhnd,hde->bne", ["B", 2, "S", 8], [2, 8, 6], "2 contracted labels"),   # merge + projection
+    ("bid,bjd->bij", ["B", "S", 8, 1], ["B", "T", 8], "'bid' labels 3 dims of a rank-4"),
 ]
 
 
