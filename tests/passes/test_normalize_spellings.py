@@ -488,3 +488,65 @@ def test_ldm_einsum_attention_through_the_cli(ldm_export, tmp_path, capsys):
                  "-q"]) == 0
     data = json.loads(report.read_text())
     assert data["after"]["ops"].get("Attention") == 1 and data["verify"]["ok"]
+
+
+# --- real exports: transformers' ProphetNet (Einsum in every attention) ---------------------------
+
+PROPHETNET = dict(vocab_size=100, hidden_size=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                  num_encoder_layers=1, num_decoder_layers=1, num_encoder_attention_heads=4,
+                  num_decoder_attention_heads=4, max_position_embeddings=64, ngram=2,
+                  num_buckets=8, relative_max_distance=16)
+
+
+def _export_prophetnet(path: Path) -> None:
+    import torch
+    from transformers import ProphetNetConfig, ProphetNetModel
+
+    torch.manual_seed(0)
+    model = ProphetNetModel(ProphetNetConfig(**PROPHETNET)).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, decoder_input_ids):
+            return self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids,
+                              use_cache=False).last_hidden_state
+
+    args = (torch.randint(0, 100, (2, 7)), torch.randint(0, 100, (2, 5)))
+    torch.onnx.export(Hidden(), args, str(path), dynamo=True, external_data=False,
+                      input_names=["input_ids", "decoder_input_ids"])
+
+
+@pytest.fixture(scope="module")
+def prophetnet_export(export_cache):
+    pytest.importorskip("transformers")
+    import torch
+    import transformers
+
+    recipe = inspect.getsource(_export_prophetnet) + repr(sorted(PROPHETNET.items()))
+    key = hashlib.sha256(f"{recipe}{torch.__version__}{transformers.__version__}"
+                         f"{onnx.__version__}".encode()).hexdigest()[:12]
+    path = export_cache / f"prophetnet-einsum-{key}.onnx"
+    if not path.exists():
+        with tempfile.TemporaryDirectory(dir=export_cache) as tmp:
+            _export_prophetnet(Path(tmp) / "m.onnx")
+            os.replace(Path(tmp) / "m.onnx", path)
+    return path
+
+
+def test_prophetnet_einsum_attention_is_found(prophetnet_export):
+    """Config truth: encoder self-attention per encoder layer; per decoder layer a main-stream
+    and an n-gram predict-stream self-attention and a cross-attention."""
+    raw = onnx.load(prophetnet_export)
+    assert op_histogram(raw)["Einsum"] >= 4 and xc.find_attention(raw) == []
+    blocks = xc.find_attention(xc.optimize(raw, "canonicalize,normalize-spellings,"
+                                                "remove-layout-clutter").model)
+    layers = PROPHETNET["num_encoder_layers"], PROPHETNET["num_decoder_layers"]
+    assert sum(b.kind == "self" for b in blocks) == layers[0] + 2 * layers[1]
+    assert sum(b.kind == "cross" for b in blocks) == layers[1]
+    assert {(b.num_heads, b.head_dim) for b in blocks} == {(4, 8)}
+    result = xc.optimize(raw)
+    assert op_histogram(result.model).get("Attention", 0) >= 2  # encoder self and cross
+    assert xc.verify(raw, result.model).ok
