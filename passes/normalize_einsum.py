@@ -47,7 +47,6 @@ of unknown rank; an element type MatMul does not take.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +56,6 @@ from onnx import numpy_helper
 from xattn_compiler.rewrite import is_identity_perm
 
 from ._normalize import DEFAULT_DOMAINS, ModelEdit, NormalizingPass, Scope, elem_type, rank
-
-log = logging.getLogger(__name__)
 
 #: Stands for ``...`` in a parsed term (not a label: labels are letters).
 _ELLIPSIS = "*"
@@ -109,7 +106,8 @@ def parse_equation(equation: str) -> tuple[list[str], str]:
     lhs, arrow, out = text.partition("->")
     terms = lhs.split(",")
     for term in [*terms, out]:
-        if any(not (c.isascii() and c.isalpha()) and c != _ELLIPSIS for c in term):
+        if term.count(_ELLIPSIS) > 1 or any(
+                not (c.isascii() and c.isalpha()) and c != _ELLIPSIS for c in term):
             raise Refused(f"cannot read the equation {equation!r}")
     if not arrow:
         labels = "".join(terms).replace(_ELLIPSIS, "")

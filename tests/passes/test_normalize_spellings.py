@@ -222,6 +222,8 @@ def test_einsum_on_integers_of_no_matmul_type_stays():
 def test_plan_refuses_what_it_cannot_read():
     with pytest.raises(Refused, match="cannot read"):
         plan_einsum("b1d,bjd->bij", (3, 3))
+    with pytest.raises(Refused, match="cannot read"):
+        plan_einsum("...i...,...i...->...", (3, 3))
 
 
 # --- div-to-mul -------------------------------------------------------------------------------
