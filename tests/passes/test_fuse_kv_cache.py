@@ -264,7 +264,7 @@ def _whisper_module(decoder):
             out = self.decoder(input_ids=input_ids, encoder_hidden_states=encoder_hidden_states,
                                cache=EncoderDecoderCache(self_cache, DynamicCache()),
                                use_cache=True, return_dict=True)
-            cache = out.past_key_values
+            cache = out.cache
             presents = [t for part in (cache.self_attention_cache, cache.cross_attention_cache)
                         for layer in part.layers for t in (layer.keys, layer.values)]
             return (functional.linear(out.last_hidden_state, self.decoder.embed_tokens.weight),
@@ -363,3 +363,123 @@ def ort_run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, inputs), strict=True))
+
+
+# transformers 5 Llama (RoPE, grouped-query K/V repeated after the cache) with a cache.
+LLAMA = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+         "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+
+
+def _llama_module(model):
+    from torch import nn
+    from transformers.cache_utils import DynamicCache
+
+    class LlamaDecodeStep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, key_0, value_0, key_1, value_1):
+            cache = DynamicCache()
+            for layer, (key, value) in enumerate(((key_0, value_0), (key_1, value_1))):
+                cache.update(key, value, layer)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                             use_cache=True, return_dict=True)
+            presents = [t for layer in out.cache.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *presents)
+
+    return LlamaDecodeStep().eval()
+
+
+def llama_feeds(seq: int, past: int, seed: int = 0) -> dict:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    kv_heads = LLAMA["num_key_value_heads"]
+    head_dim = LLAMA["hidden_size"] // LLAMA["num_attention_heads"]
+    feeds = {"input_ids": torch.randint(0, LLAMA["vocab_size"], (2, seq), generator=generator),
+             "attention_mask": torch.ones(2, past + seq, dtype=torch.int64)}
+    feeds["attention_mask"][1, 0] = 0  # a left-padded row
+    for layer in range(LAYERS):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{layer}.{kind}"] = torch.randn(2, kv_heads, past, head_dim,
+                                                                   generator=generator)
+    return feeds
+
+
+def build_llama_with_past(size: str, attn_implementation: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from xattn_compiler.zoo.export import randomize_parameters
+    from xattn_compiler.zoo.spec import Attention, Built
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA, attn_implementation=attn_implementation))
+    randomize_parameters(model, 0)
+    dims = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"}}
+    dims.update({f"past_key_values.{layer}.{kind}": {0: "batch", 2: "past_len"}
+                 for layer in range(LAYERS) for kind in ("key", "value")})
+    outputs = ["logits"] + [f"present.{layer}.{kind}" for layer in range(LAYERS)
+                            for kind in ("key", "value")]
+    heads = LLAMA["num_attention_heads"]
+    return Built(module=_llama_module(model), inputs=llama_feeds(3, PAST), output_names=outputs,
+                 attention=Attention(self=LAYERS, cross=0, num_heads=heads,
+                                     head_dim=LLAMA["hidden_size"] // heads),
+                 static_inputs=[], dynamic_dims=dims, kv_source_kind="internal",
+                 config={**LLAMA, "attn_implementation": attn_implementation,
+                         "class": "transformers.LlamaForCausalLM + DynamicCache"})
+
+
+def _llama_eager(size: str):
+    return build_llama_with_past(size, "eager")
+
+
+def _llama_sdpa(size: str):
+    return build_llama_with_past(size, "sdpa")
+
+
+@pytest.fixture(scope="module", params=["eager", "sdpa"])
+def llama_with_past(request, export_cache):
+    pytest.importorskip("transformers")
+    from xattn_compiler.zoo.cache import cached_export
+    from xattn_compiler.zoo.spec import ZooModel
+
+    build = {"eager": _llama_eager, "sdpa": _llama_sdpa}[request.param]
+    model = ZooModel(f"llama-decoder-with-past-{request.param}", "llama",
+                     "Llama decoder (RoPE, GQA) with a KV cache", build,
+                     requires=("torch", "transformers"))
+    return cached_export(model, "small", export_cache)
+
+
+@pytest.mark.parametrize("target", ["onnx-attention", "ort-mha"])
+def test_llama_with_past_fuses_every_block(llama_with_past, target):
+    """GQA: the cache holds 2 K/V heads, repeated to 4 after the Concat; ONNX Attention reads
+    the presents themselves with ``kv_num_heads=2``."""
+    model = xc.load(llama_with_past.path)
+    result = xc.optimize(model, f"canonicalize,remove-layout-clutter,fuse-attention{{target={target}}}")
+    nodes = _fused_nodes(result.model)
+    assert len(nodes) == LAYERS and all(len(n.output) == 1 for n in nodes)
+    if target == "onnx-attention":
+        assert {name for n in nodes for name in n.input[1:3]} == {
+            f"present.{layer}.{kind}" for layer in range(LAYERS) for kind in ("key", "value")}
+    assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
+    inputs, references = llama_with_past.sample()
+    # The export's step (3 new tokens on 4 cached) and a one-token decode step on 6 cached.
+    decode = {name: value.numpy() for name, value in llama_feeds(1, 6, seed=1).items()}
+    assert_equivalent(model, result.model, [inputs, decode])
+    got = ort_run(result.model, inputs)
+    for name, expected in references.items():
+        np.testing.assert_allclose(got[name], expected, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_lint_trt_suggests_fusing_a_cached_block():
+    """lint-trt kept quiet about cached blocks while fuse-attention could not fuse them."""
+    from xattn_compiler.backends.lint_trt import lint_trt
+
+    messages = [f.message for f in lint_trt(cache_block(), "10.14").findings
+                if f.code == "attention-fusion"]
+    assert any("ONNX Attention maps to IAttention" in m for m in messages)
+    fused = FuseAttention().run(cache_block()).model
+    assert not [f for f in lint_trt(fused, "10.14").findings if f.code == "attention-fusion"]

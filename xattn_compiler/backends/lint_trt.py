@@ -328,8 +328,8 @@ def _unfused_attention(block, version: tuple[int, int], precision: str | None) -
         return Finding(severity, "attention-fusion", f"{block.id} ({block.kind}): {message}",
                        node=node, op=op, subgraph=block.subgraph, fix=fix)
 
-    cache = bool(block.q.past or block.k.past or block.v.past)
-    if version >= trt_ops.SUPPORTED["Attention"].since and not cache and not block.escapes:
+    # A KV cache's Concat stays outside: the fused node reads the concatenated K/V.
+    if version >= trt_ops.SUPPORTED["Attention"].since and not block.escapes:
         yield finding(INFO, "unfused MatMul-Softmax-MatMul; ONNX Attention maps to IAttention",
                       "fuse-attention{target=onnx-attention}")
     dtype = _type_name(getattr(block.output, "dtype", None))
