@@ -318,17 +318,22 @@ def _whisper_sdpa(size: str):
     return build_whisper_with_past(size, "sdpa")
 
 
-@pytest.fixture(scope="module", params=["eager", "sdpa"])
-def whisper_with_past(request, export_cache):
+def _cached_with_past(name: str, family: str, description: str, build, export_cache):
+    """A with-cache export built by ``build`` (not a zoo entry), cached as the zoo's are."""
     pytest.importorskip("transformers")
     from xattn_compiler.zoo.cache import cached_export
     from xattn_compiler.zoo.spec import ZooModel
 
-    build = {"eager": _whisper_eager, "sdpa": _whisper_sdpa}[request.param]
-    model = ZooModel(f"whisper-decoder-with-past-{request.param}", "whisper",
-                     "Whisper decoder with a KV cache (past_key_values in, presents out)",
-                     build, requires=("torch", "transformers"))
+    model = ZooModel(name, family, description, build, requires=("torch", "transformers"))
     return cached_export(model, "small", export_cache)
+
+
+@pytest.fixture(scope="module", params=["eager", "sdpa"])
+def whisper_with_past(request, export_cache):
+    build = {"eager": _whisper_eager, "sdpa": _whisper_sdpa}[request.param]
+    return _cached_with_past(f"whisper-decoder-with-past-{request.param}", "whisper",
+                             "Whisper decoder with a KV cache (past_key_values in, presents out)",
+                             build, export_cache)
 
 
 def test_whisper_with_past_fuses_every_block(whisper_with_past):
@@ -442,15 +447,9 @@ def _llama_sdpa(size: str):
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
 def llama_with_past(request, export_cache):
-    pytest.importorskip("transformers")
-    from xattn_compiler.zoo.cache import cached_export
-    from xattn_compiler.zoo.spec import ZooModel
-
     build = {"eager": _llama_eager, "sdpa": _llama_sdpa}[request.param]
-    model = ZooModel(f"llama-decoder-with-past-{request.param}", "llama",
-                     "Llama decoder (RoPE, GQA) with a KV cache", build,
-                     requires=("torch", "transformers"))
-    return cached_export(model, "small", export_cache)
+    return _cached_with_past(f"llama-decoder-with-past-{request.param}", "llama",
+                             "Llama decoder (RoPE, GQA) with a KV cache", build, export_cache)
 
 
 @pytest.mark.parametrize("target", ["onnx-attention", "ort-mha"])
