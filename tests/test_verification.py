@@ -907,3 +907,26 @@ def test_a_scalar_input_runs_as_a_scalar():
     """)
     assert run_model(reference, {"x": np.array(3.0, np.float32)})["s"].shape == (0,)
     assert verify(reference, candidate).ok
+
+
+def test_a_kv_cache_mask_spans_past_and_new_tokens():
+    # A decoder with a cache only runs when the mask covers past + new tokens; drawn at
+    # unrelated sizes, the reference failed on every set and `optimize --verify` exited 2 on
+    # a real Llama-with-cache export.
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[batch, seq, 4] x, int64[batch, total] attention_mask,
+           float[batch, past_len, 4] past) => (float[batch, seq_plus, 4] present,
+                                               float[batch, total_plus] weighted) {
+            present = Concat<axis = 1>(past, x)
+            summed = ReduceSum<keepdims = 0>(present, axes)
+            mask = Cast<to = 1>(attention_mask)
+            weighted = Mul(summed, mask)
+            axes = Constant<value = int64[1] {2}>()
+        }
+    """)
+    result = verify(model, model)
+    assert result.ok, result.summary()
+    for input_set in result.input_sets:
+        dims = input_set.dims
+        assert dims["total"] == dims["past_len"] + dims["seq"]

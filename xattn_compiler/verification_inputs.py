@@ -179,6 +179,7 @@ def _spread_sizes(names: list[str], batch: int, values: tuple[int, ...]) -> dict
 def _finish(binding: Binding, expressions: dict[str, ast.expr], pinned: dict[str, int]
             ) -> Binding:
     sizes = {**binding.dims, **{n: v for n, v in pinned.items() if n in binding.dims}}
+    _tie_total_length(sizes, pinned)
     problem = None
     for text, tree in expressions.items():
         try:
@@ -187,6 +188,19 @@ def _finish(binding: Binding, expressions: dict[str, ast.expr], pinned: dict[str
             problem = str(exc)
     return Binding(binding.name, sizes, binding.values, binding.flag, binding.anonymous,
                    binding.replaces, problem)
+
+
+def _tie_total_length(sizes: dict[str, int], pinned: Mapping[str, int]) -> None:
+    """A KV-cache decoder's mask spans the cache and the new tokens: exporters name that dim
+    ``total_sequence_length`` (``total``, ...) beside ``past_sequence_length`` and
+    ``sequence_length``, and the model only runs when total = past + new. With exactly one
+    dim of each kind (and total not pinned), total gets that sum; otherwise nothing is tied
+    (a mask of any other length made the reference fail on every set)."""
+    totals = [n for n in sizes if "total" in n.lower()]
+    pasts = [n for n in sizes if "past" in n.lower() and n not in totals]
+    news = [n for n in sizes if not _is_batch(n) and not _is_context(n)]
+    if len(totals) == len(pasts) == len(news) == 1 and totals[0] not in pinned:
+        sizes[totals[0]] = sizes[pasts[0]] + sizes[news[0]]
 
 
 def _is_batch(name: str) -> bool:
