@@ -225,7 +225,7 @@ def run_optimize(args: argparse.Namespace) -> int:
                 check = _verify_written(model, model_path, written, args.inputs, specialize)
                 report["verify"] = check.to_dict()
             if args.report:
-                _write_json(Path(args.report), report, protect=[model_path])
+                outputs.write_json(Path(args.report), report, protect=[model_path])
             if args.verify and not check.ok:
                 print(printable(check.summary(), multiline=True), file=sys.stderr)
                 raise CheckFailed(f"verification failed: the optimized model's outputs differ "
@@ -400,10 +400,6 @@ class ProgressLine(Listener):
             sys.stderr.write(f"\r[{index + 1}/{total}] {record.spec}: {state}, "
                              f"{record.nodes_before} -> {record.nodes_after} nodes, "
                              f"{record.seconds:.2f} s\n")
-
-
-def _write_json(path: Path, data: dict[str, Any], protect: list[Path]) -> None:
-    outputs.write_json(path, data, protect=protect)
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:

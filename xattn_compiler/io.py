@@ -14,14 +14,13 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from . import outputs
 from .errors import GraphStructureError, ModelLoadError, OutputError
-from .ir import iter_tensors, tensor_nbytes
+from .ir import iter_tensors, packed_nbytes, tensor_nbytes  # noqa: F401  (packed_nbytes: public here too)
 from .structure import check_structure
 from .validate import check_values
 from .weights import DETACH_TENSOR_BYTES, FileRange, WeightStore, has_stubs, is_stub, source_of
@@ -217,30 +216,6 @@ def _read_inline(tensor: onnx.TensorProto, path: Path, file: Path, offset: int,
     tensor.raw_data = data
     del tensor.external_data[:]
     tensor.data_location = onnx.TensorProto.DEFAULT
-
-
-#: Bits per element of the packed sub-byte types (numpy gives them a whole byte).
-_SUBBYTE_BITS = {
-    getattr(onnx.TensorProto, name): bits
-    for name, bits in (("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2))
-    if hasattr(onnx.TensorProto, name)
-}
-
-
-def packed_nbytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes of the tensor's raw data from its dims and type; None for types without a
-    fixed size (strings) or that this onnx package does not know."""
-    count = 1
-    for dim in tensor.dims:
-        count *= dim
-    bits = _SUBBYTE_BITS.get(tensor.data_type)
-    if bits is not None:
-        return (count * bits + 7) // 8
-    try:
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except (KeyError, TypeError, ValueError):
-        return None
-    return count * itemsize if tensor.data_type != onnx.TensorProto.STRING else None
 
 
 def _type_text(tensor: onnx.TensorProto) -> str:
@@ -498,7 +473,3 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from iter_tensors(model)
-
-
-# split.py reads the input's data files through this name.
-_external_locations = outputs._external_locations

@@ -408,6 +408,30 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return count * _ITEMSIZE[kind]
 
 
+#: Bits per element of the packed sub-byte types this onnx package knows.
+SUB_BYTE_BITS = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2))
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def packed_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of the tensor's raw data from its dims and type; None for types without a
+    fixed size (strings) or that this onnx package does not know."""
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    bits = SUB_BYTE_BITS.get(tensor.data_type)
+    if bits is not None:
+        return (count * bits + 7) // 8
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    return count * itemsize if tensor.data_type != onnx.TensorProto.STRING else None
+
+
 #: 1-D tensors longer than this are given a symbolic length while data propagation runs.
 #: Shape values (the data it propagates) have one entry per dim, so they are never this long.
 LONG_1D = 1 << 12

@@ -60,6 +60,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import io as xio
+from . import outputs
 from .analysis import SHAPE_ONLY_OPS
 from .attention import AttentionMatch, analyze_attention
 from .errors import InputError, OutputError, PassError
@@ -133,7 +134,10 @@ class SplitResult:
         if self.projector is not None:
             files.insert(0, (PROJECTOR_FILE, self.projector))
         targets = [directory / name for name, _ in files] + [directory / SPLIT_FILE]
-        _refuse_overwrite(targets, guarded)
+        guard = outputs.Guard(guarded)
+        for target in targets:  # refused before anything is written (a model and its data)
+            outputs.check(target, guard)
+            outputs.check(target.with_name(target.name + ".data"), guard)
         existed = directory.exists()
         try:
             with staged(directory, guarded) as stage:
@@ -1272,21 +1276,6 @@ def _log_summary(result: SplitResult) -> None:
 
 
 # --- files ------------------------------------------------------------------------------------------
-
-def _refuse_overwrite(targets: list[Path], protect: list[str | os.PathLike]) -> None:
-    """Refuse before writing anything if a target is a protected file or its external data."""
-    guarded = []
-    for item in protect:
-        path = Path(item)
-        guarded += [path, path.with_name(path.name + ".data")]
-        guarded += [path.parent / loc for loc in xio._external_locations(path)]
-    for target in targets:
-        for data in (target, target.with_name(target.name + ".data")):
-            for item in guarded:
-                if data.resolve() == item.resolve() or (
-                        data.exists() and item.exists() and data.samefile(item)):
-                    raise OutputError(f"{data}: refusing to write over the input {item}")
-
 
 def load_split(directory: str | os.PathLike, *, lazy_weights: bool = False) -> SplitResult:
     """A split written by :meth:`SplitResult.save` (or ``split-kv``), models loaded (checked;

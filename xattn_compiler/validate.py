@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import onnx
 
 from .errors import GraphStructureError
+from .ir import SUB_BYTE_BITS, packed_nbytes
+from .structure import _label
 
 #: Ops whose ``axis`` attribute indexes an axis of input 0 (of rank r): valid is -r..r-1, but
 #: Flatten's axis may also be r, and OneHot's indexes its output, one axis more (-r-1..r).
@@ -48,10 +50,6 @@ _TYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.Te
 #: Packed 6-bit types: their storage is not checked here.
 _UNCHECKED = frozenset(getattr(onnx.TensorProto, name) for name in ("FLOAT6E2M3", "FLOAT6E3M2")
                        if hasattr(onnx.TensorProto, name))
-_SUB_BYTE_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in (
-    ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
-    if hasattr(onnx.TensorProto, name)}
-
 
 def check_values(model: onnx.ModelProto) -> None:
     """Raise :class:`GraphStructureError` naming the node and attribute, or the tensor, whose
@@ -111,10 +109,6 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, str]]:
                     yield tensor, f"attribute '{attr.name}' of node '{_label(node)}'"
 
 
-def _label(node: onnx.NodeProto) -> str:
-    return node.name or f"{node.op_type} -> {', '.join(node.output)}"
-
-
 def _fail(message: str, node: onnx.NodeProto | None = None, tensor: str | None = None):
     raise GraphStructureError(message, node=node.name if node is not None else None,
                               tensor=tensor)
@@ -146,7 +140,7 @@ def _check_tensor(tensor: onnx.TensorProto, owner: str, where: str) -> None:
         return  # its bytes are elsewhere: external data is checked when it is read
     count = math.prod(tensor.dims)
     if tensor.HasField("raw_data"):
-        expected = _raw_length(tensor.data_type, count)
+        expected = packed_nbytes(tensor)
         if expected is not None and len(tensor.raw_data) != expected:
             _fail(f"{owner}{where}: raw_data holds {len(tensor.raw_data)} bytes, but dims "
                   f"{list(tensor.dims)} of {onnx.TensorProto.DataType.Name(tensor.data_type)} "
@@ -161,17 +155,8 @@ def _check_tensor(tensor: onnx.TensorProto, owner: str, where: str) -> None:
               tensor=tensor.name)
 
 
-def _raw_length(data_type: int, count: int) -> int | None:
-    if data_type == onnx.TensorProto.STRING:
-        return None  # strings never live in raw_data; the checker rejects that
-    bits = _SUB_BYTE_BITS.get(data_type)
-    if bits is not None:
-        return math.ceil(count * bits / 8)
-    return count * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
-
-
 def _typed_length(data_type: int, count: int) -> int:
-    bits = _SUB_BYTE_BITS.get(data_type)
+    bits = SUB_BYTE_BITS.get(data_type)
     if bits is not None:
         return math.ceil(count * bits / 8)  # packed, one byte per int32_data entry
     return count * _PER_ELEMENT.get(data_type, 1)
