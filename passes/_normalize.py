@@ -27,6 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from xattn_compiler.io import default_opset
+from xattn_compiler.ir import _may_own_bodies as may_own_bodies
 from xattn_compiler.ir import infer_shapes, iter_graph_protos, iter_nodes
 from xattn_compiler.passmanager import Pass, PassResult
 
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 _EXTERNAL = onnx.TensorProto.EXTERNAL
-#: Standard ops that own bodies (ops of other domains may too).
-_BODY_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 
 class Scope:
@@ -125,7 +124,7 @@ def _walk(graph: onnx.GraphProto, path: str, scope: Scope
           ) -> Iterator[tuple[str, onnx.GraphProto, Scope]]:
     yield path, graph, scope
     for node in graph.node:
-        if node.op_type not in _BODY_OPS and node.domain in DEFAULT_DOMAINS:
+        if not may_own_bodies(node.op_type, node.domain):
             continue
         for attr in node.attribute:
             bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else (

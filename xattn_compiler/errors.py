@@ -8,6 +8,13 @@ line (the traceback only with ``XATTN_DEBUG=1`` or ``optimize --debug``).
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries such as ONNX Runtime write pages),
+    or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def one_line(text: object) -> str:
     """``text`` with every run of whitespace (newlines included) collapsed to one space."""
     return " ".join(str(text).split())

@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from . import outputs
-from .errors import GraphStructureError, ModelLoadError, OutputError
+from .errors import GraphStructureError, ModelLoadError, OutputError, first_line
 from .ir import iter_tensors, packed_nbytes, tensor_nbytes  # noqa: F401  (packed_nbytes: public here too)
 from .structure import check_structure
 from .validate import check_values
@@ -246,8 +246,7 @@ def _run_checker(model: onnx.ModelProto, path: Path) -> None:
                     onnx.checker.check_tensor(tensor)
             onnx.checker.check_model(checker_view(model, _VIEW_THRESHOLD))
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(path, f"invalid model: {first}") from exc
+        raise ModelLoadError(path, f"invalid model: {first_line(exc)}") from exc
 
 
 def checker_view(model: onnx.ModelProto, threshold: int = 2**20) -> onnx.ModelProto:

@@ -63,7 +63,7 @@ from . import io as xio
 from . import outputs
 from .analysis import SHAPE_ONLY_OPS
 from .attention import AttentionMatch, analyze_attention
-from .errors import InputError, OutputError, PassError
+from .errors import InputError, OutputError, PassError, first_line
 from .ir import constant_value, export_model, import_graph, infer_shapes, producer
 from .outputs import staged
 
@@ -167,8 +167,8 @@ def _check_written(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PassError("split-kv", f"{path.name} as written fails onnx.checker: {first}") from exc
+        raise PassError("split-kv", f"{path.name} as written fails onnx.checker: "
+                                    f"{first_line(exc)}") from exc
 
 
 # --- the public entry points -------------------------------------------------------------------

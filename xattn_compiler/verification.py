@@ -35,7 +35,7 @@ import onnx
 import onnxruntime as ort
 
 from . import io as xio
-from .errors import InputError
+from .errors import InputError, first_line
 from .ir import iter_tensors
 from .verification_inputs import (  # noqa: F401  (re-exported: the inputs are part of this API)
     ANONYMOUS_DIM,
@@ -331,7 +331,7 @@ def _session(model: ModelLike) -> Iterator[ort.InferenceSession]:
         try:
             session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises several unrelated pybind exception types
-            raise _OrtFailure(_first_line(exc)) from exc
+            raise _OrtFailure(first_line(exc)) from exc
         yield session
 
 
@@ -381,7 +381,7 @@ def _run(session: ort.InferenceSession, inputs: Mapping[str, np.ndarray]) -> dic
         feeds = {name: _to_ort_value(array) for name, array in arrays.items()}
         values = session.run_with_ort_values(None, feeds)
     except Exception as exc:  # ORT raises several unrelated pybind exception types
-        raise _OrtFailure(_first_line(exc)) from exc
+        raise _OrtFailure(first_line(exc)) from exc
     names = [output.name for output in session.get_outputs()]
     return {name: _from_ort_value(name, value) for name, value in zip(names, values, strict=True)}
 
@@ -407,11 +407,6 @@ def _from_ort_value(name: str, value: ort.OrtValue) -> np.ndarray:
         return np.empty(shape, dtype)
     raw = ctypes.string_at(value.data_ptr(), size)
     return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _describe(model: ModelLike) -> str:

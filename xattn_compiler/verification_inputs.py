@@ -46,7 +46,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16/float8 with numpy)
 import numpy as np
 import onnx
 
-from .errors import InputError, ModelLoadError
+from .errors import InputError, ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -498,12 +498,7 @@ def _model_proto(model: ModelLike) -> onnx.ModelProto:
     try:
         return onnx.load_model(str(path), load_external_data=False)
     except Exception as exc:  # protobuf and onnx raise assorted types for a corrupt file
-        raise ModelLoadError(path, f"not a valid ONNX model ({_first_line(exc)})") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise ModelLoadError(path, f"not a valid ONNX model ({first_line(exc)})") from exc
 
 
 # --- given inputs -------------------------------------------------------------------------
@@ -585,7 +580,7 @@ def load_inputs(path: str | os.PathLike, model: ModelLike | None = None) -> dict
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise InputError(f"{path}: not an .npz archive of named arrays "
-                         f"({_first_line(exc)})") from exc
+                         f"({first_line(exc)})") from exc
     with archive:
         members = _members(archive, declared)
         total = sum(info.file_size for info in members.values())
@@ -626,7 +621,7 @@ def _read_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo,
         raise
     except (ValueError, OSError, EOFError, KeyError, RuntimeError, NotImplementedError,
             zipfile.BadZipFile, zlib.error) as exc:
-        raise InputError(f"{where}: cannot read ({_first_line(exc)})") from exc
+        raise InputError(f"{where}: cannot read ({first_line(exc)})") from exc
     if value is not None:
         array = _conforming(array, value, where)
     return array
