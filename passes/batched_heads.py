@@ -42,6 +42,7 @@ import onnx_graphsurgeon as gs
 
 from xattn_compiler.attention import AttentionMatch, find_attention
 from xattn_compiler.ir import is_graph_output, producer
+from xattn_compiler.patterns import steps
 from xattn_compiler.rewrite import GraphPass, transpose_perm
 
 from .reshapes import (
@@ -437,67 +438,47 @@ class Chain:
 
 
 def _plan_chain(core, heads, graph: gs.Graph) -> Chain | str:
-    """The steps from the scores MatMul to the context MatMul, or why they cannot go 4-D."""
-    inside = {id(node) for node in core.nodes}
-    context_node = core["context.node"]
-    tensor, batched, steps = core["scores.node"].outputs[0], True, []
-    for _ in range(len(core.nodes) + 1):
-        node, guards = _next_in_chain(tensor, inside, graph)
-        if node is None:
-            return f"the scores chain at '{tensor.name}' is read outside the block"
-        if node is context_node:
-            if node.inputs[0] is not tensor or not batched:
-                return "the probabilities reach the context MatMul unbatched"
-            return Chain(steps)
-        step = _plan_step(node, tensor, guards, batched, heads)
+    """The match's typed steps from the scores MatMul to the context MatMul, each kept or
+    dropped, or why they cannot go 4-D."""
+    branch = steps.branching(core.steps, core.nodes)
+    if branch is not None:
+        return f"the scores chain at '{branch.name}' branches"
+    batched, planned = True, []
+    for typed in core.steps:
+        step = _plan_step(typed, batched, heads)
         if isinstance(step, str):
             return step
         if step.action == "drop":
             batched = not batched
         elif batched:
-            step.reshaped_outputs = [node.outputs[0], *(g.outputs[0] for g in guards)]
-        steps.append(step)
-        tensor = node.outputs[0]
-    return "the scores chain does not reach the context MatMul"
+            guard = [typed.isnan.outputs[0]] if isinstance(typed, steps.Guard) else []
+            step.reshaped_outputs = [typed.output, *guard]
+        planned.append(step)
+    if not batched:
+        return "the probabilities reach the context MatMul unbatched"
+    return Chain(planned)
 
 
-def _next_in_chain(tensor: gs.Tensor, inside: set[int], graph: gs.Graph):
-    """The one block node reading ``tensor`` (besides IsNaN guards), and those guards."""
-    if is_graph_output(tensor, graph) or any(id(c) not in inside for c in tensor.outputs):
-        return None, []
-    guards = [c for c in tensor.outputs if c.op == "IsNaN"]
-    main = [c for c in tensor.outputs if c.op != "IsNaN"]
-    if len(main) != 1:
-        return None, []
-    for guard in guards:
-        out = guard.outputs[0]
-        if is_graph_output(out, graph) or [c for c in out.outputs] != [main[0]]:
-            return None, []
-    return main[0], guards
-
-
-def _plan_step(node: gs.Node, tensor: gs.Tensor, guards: list[gs.Node], batched: bool,
-               heads) -> Step | str:
-    """What happens to chain node ``node`` reading ``tensor`` (``batched``: it is 3-D now)."""
-    if node.op == "Reshape":
-        facts = split_facts(node) if batched else merge_facts(node)
+def _plan_step(typed: steps.Step, batched: bool, heads) -> Step | str:
+    """What happens to one typed step of the chain (``batched``: its data is 3-D now)."""
+    node = typed.node
+    if isinstance(typed, steps.Layout):
+        facts = (split_facts(node) if batched else merge_facts(node)) if node.op == "Reshape" \
+            else None
         same = facts is not None and same_dim(facts[1] if batched else facts[2], heads)
-        return Step(node, "drop") if same else f"Reshape '{node.name}' in the scores chain " \
+        return Step(node, "drop") if same else f"{node.op} '{node.name}' in the scores chain " \
             "does not (un)batch the same heads"
-    if node.op == "Softmax":
-        axis = node.attrs.get("axis", -1)
-        ok = axis == -1 or axis == (rank(tensor) or 0) - 1
+    if isinstance(typed, steps.Softmax):
+        ok = typed.axis == -1 or typed.axis == (rank(typed.data) or 0) - 1
         return Step(node, "keep") if ok else f"Softmax '{node.name}' is not over the last axis"
-    if node.op in ("Cast", "Identity", "Dropout"):
-        return Step(node, "keep")
-    if node.op not in ("Add", "Sub", "Mul", "Div", "Where"):
-        return f"{node.op} '{node.name}' in the scores chain"
-    guarded = {id(g.outputs[0]) for g in guards}
     step = Step(node, "keep")
+    if not batched:
+        return step
+    sides = {id(t) for t in typed.side_inputs}
     for index, side in enumerate(node.inputs):
-        if side is tensor or id(side) in guarded or not batched:
+        if id(side) not in sides or side is typed.data:
             continue
-        kind = _side_input(side, tensor)
+        kind = _side_input(side, typed.data)
         if kind is None:
             return f"{node.op} '{node.name}' reads '{side.name}', which does not fit [B,H,Sq,Sk]"
         if kind == "reshape":

@@ -13,30 +13,33 @@ The walk's end is the operand's ``source`` (the projection's input when there is
 Q and K are one sequence is decided by data provenance (``xattn_compiler/provenance.py``),
 which walks on from where this walk stops (RoPE, per-head norms) to the projection's input.
 
-Captures are prefixed by the operand (``q_src``, ``k_w``, ``v_scale``) so one block's three
-walks bind distinct names.
+Captures are prefixed by the operand (``q_src``, ``k_w``, ``v_past``) so one block's three
+walks bind distinct names. Each layout step says what it is (``meaning=``, :mod:`.steps`); the
+scales among them are what a fused op's ``scale`` can take over.
 """
 
 from __future__ import annotations
 
 from xattn_compiler.pattern import REST, Any, Chain, Const, Op, Or, Pattern, Scalar
 
+from .steps import Cast, Identity, Layout, Scale
+
 
 def layout_steps(p: str) -> tuple[Pattern, ...]:
     return (
-        Op("Transpose", REST),
-        Op("Reshape", REST, Any()),
-        Op(("Squeeze", "Unsqueeze"), REST, ...),
-        Op("Cast", REST),
-        Op("Identity", REST),
-        Op("Expand", REST, Any()),
-        Op("Tile", REST, Any()),
-        Op("Mul", REST, Scalar(f"{p}_scale*"), commutative=True),
-        Op("Div", REST, Scalar(f"{p}_div*")),
-        Op("Split", REST, ..., output=None),
-        Op("Slice", REST, ...),
-        Op("Gather", REST, Scalar()),
-        Op("Concat", Any(f"{p}_past*"), REST, check=_concat_on_sequence),
+        Op("Transpose", REST, meaning=Layout),
+        Op("Reshape", REST, Any(), meaning=Layout),
+        Op(("Squeeze", "Unsqueeze"), REST, ..., meaning=Layout),
+        Op("Cast", REST, meaning=Cast),
+        Op("Identity", REST, meaning=Identity),
+        Op("Expand", REST, Any(), meaning=Layout),
+        Op("Tile", REST, Any(), meaning=Layout),
+        Op("Mul", REST, Scalar(), commutative=True, meaning=Scale),
+        Op("Div", REST, Scalar(), meaning=Scale),
+        Op("Split", REST, ..., output=None, meaning=Layout),
+        Op("Slice", REST, ..., meaning=Layout),
+        Op("Gather", REST, Scalar(), meaning=Layout),
+        Op("Concat", Any(f"{p}_past*"), REST, check=_concat_on_sequence, meaning=Layout),
     )
 
 

@@ -15,24 +15,27 @@ from __future__ import annotations
 
 from xattn_compiler.pattern import REST, Any, Chain, Op, Or, Scalar
 
+from . import steps as step
+
 #: Elementwise steps between the score MatMul and Softmax.
 SCORE_STEPS = (
-    Op("Cast", REST),
-    Op("Reshape", REST, Any()),  # batched heads [B*H,S,S] unbatched around a [B,1,S,S] mask
-    Op("Div", REST, Scalar("score_div*")),
-    Op("Mul", REST, Scalar("score_mul*"), commutative=True),
-    Op("Add", REST, Any("mask*"), commutative=True, name="mask_add*"),
-    Op("Where", Any("mask_cond*"), REST, Any("mask_fill*"), name="mask_where*"),
-    Op("Where", Any("mask_cond*"), Any("mask_fill*"), REST, name="mask_where*"),
+    Op("Cast", REST, meaning=step.Cast),
+    # batched heads [B*H,S,S] unbatched around a [B,1,S,S] mask
+    Op("Reshape", REST, Any(), meaning=step.Layout),
+    Op("Div", REST, Scalar(), meaning=step.Scale),
+    Op("Mul", REST, Scalar(), commutative=True, meaning=step.Scale),
+    Op("Add", REST, Any(), commutative=True, meaning=step.MaskAdd),
+    Op("Where", Any(), REST, Any(), meaning=step.KeepWhere),
+    Op("Where", Any(), Any(), REST, meaning=step.KeepWhere),
 )
 
 #: Steps between Softmax and the context MatMul. The Where(IsNaN) guard is HF's SDPA export
 #: zeroing fully masked rows.
 PROBS_STEPS = (
-    Op("Cast", REST),
-    Op("Where", Op("IsNaN", Any()), Any(), REST),
-    Op("Dropout", REST, ...),
-    Op("Identity", REST),
+    Op("Cast", REST, meaning=step.Cast),
+    Op("Where", Op("IsNaN", Any()), Any(), REST, meaning=step.Guard),
+    Op("Dropout", REST, ..., meaning=step.Dropout),
+    Op("Identity", REST, meaning=step.Identity),
 )
 
 SCORES_BHSS = Op("MatMul", Any("q"), Any("k_t"), name="scores")
@@ -44,14 +47,19 @@ def softmax_over_last_axis(node) -> bool:
     return axis == -1 or (rank is not None and axis == rank - 1)
 
 
-SOFTMAX = Op("Softmax", Chain(SCORE_STEPS, until=SCORES_BHSS, max_steps=6), name="softmax",
-             check=softmax_over_last_axis)
-PROBS_BHSS = Chain(PROBS_STEPS, until=SOFTMAX, max_steps=4)
+def attention_core(score_steps=SCORE_STEPS, probs_steps=PROBS_STEPS) -> Op:
+    """The core with these steps, matched upward from the context MatMul's output."""
+    softmax = Op("Softmax", Chain(score_steps, until=SCORES_BHSS, max_steps=6), name="softmax",
+                 check=softmax_over_last_axis, meaning=step.Softmax)
+    return Op("MatMul", Chain(probs_steps, until=softmax, max_steps=4), Any("v"), name="context")
+
 
 #: The whole core, matched upward from the context MatMul's output.
-ATTENTION_CORE = Op("MatMul", PROBS_BHSS, Any("v"), name="context")
+ATTENTION_CORE = attention_core()
+PROBS_BHSS = ATTENTION_CORE.inputs[0]
+SOFTMAX = PROBS_BHSS.until
 
 #: Ops that may stand between Softmax and the context MatMul (for the downward anchor walk).
 PROBS_OPS = frozenset({"Cast", "Where", "Dropout", "Identity", "IsNaN"})
 
-__all__ = ["ATTENTION_CORE", "PROBS_OPS", "SCORE_STEPS", "SOFTMAX", "Or"]
+__all__ = ["ATTENTION_CORE", "PROBS_OPS", "PROBS_STEPS", "SCORE_STEPS", "SOFTMAX", "attention_core", "Or"]

@@ -39,6 +39,7 @@ from xattn_compiler.patterns import (
     V_OPERAND,
     fused_operands,
 )
+from xattn_compiler.patterns.steps import KeepWhere, MaskAdd, Scale, core_steps
 
 from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval
 from .ir import import_with_shapes, is_graph_output, iter_graphs
@@ -59,7 +60,7 @@ class Operand:
     projection: gs.Node | None
     weight: gs.Tensor | None
     bias: gs.Tensor | None
-    scales: list[gs.Tensor]
+    scales: list[Scale]             # the Mul/Div by constants on the path, projection first
     nodes: list[gs.Node]
     past: list[gs.Tensor] = field(default_factory=list)
 
@@ -229,7 +230,7 @@ def _walk_operand(pattern, tensor: gs.Tensor, prefix: str, ctx: Context) -> Oper
     return Operand(
         tensor=tensor, source=found[f"{prefix}_src"], projection=proj,
         weight=found.get(f"{prefix}_w"), bias=found.get(f"{prefix}_b"),
-        scales=found.get(f"{prefix}_scale", []) + found.get(f"{prefix}_div", []),
+        scales=[step for step in found.steps if isinstance(step, Scale)],
         nodes=nodes, past=found.get(f"{prefix}_past", []),
     )
 
@@ -443,27 +444,21 @@ def _vector_length(tensor: gs.Tensor) -> int | None:
 
 
 def _scale(core: Match, q: Operand, k: Operand) -> float | None:
+    """The product of the scales in the scores chain and on Q's and K's paths."""
+    scores, _, _ = core_steps(core.steps)
     scale = 1.0
-    for name, invert in (("score_mul", False), ("score_div", True)):
-        for tensor in core.get(name, []):
-            value = constant_eval(tensor)
-            if value is None:
+    for step in [*scores, *q.scales, *k.scales]:
+        if isinstance(step, Scale):
+            if step.factor is None:
                 return None
-            scale = scale / float(value.reshape(-1)[0]) if invert else scale * float(value.reshape(-1)[0])
-    for operand in (q, k):
-        for tensor in operand.scales:
-            value = constant_eval(tensor)
-            if value is None:
-                return None
-            node = next((n for n in operand.nodes if tensor in n.inputs), None)
-            factor = float(value.reshape(-1)[0])
-            scale = scale / factor if node is not None and node.op == "Div" else scale * factor
+            scale *= step.factor
     return scale
 
 
 def _mask(core: Match) -> dict[str, Any] | None:
-    adds = [t.name for t in core.get("mask", [])]
-    conds = [t.name for t in core.get("mask_cond", [])]
+    scores, _, _ = core_steps(core.steps)
+    adds = [step.mask.name for step in scores if isinstance(step, MaskAdd)]
+    conds = [step.cond.name for step in scores if isinstance(step, KeepWhere)]
     if not adds and not conds:
         return None
     kind = "add" if adds and not conds else "where" if conds and not adds else "add+where"

@@ -24,6 +24,11 @@ The building blocks:
   in any order and number, and a chain states that without listing each order.
 - Capture names ending in ``*`` collect every binding in a list (several masks); a plain name
   bound twice must bind the same tensor both times.
+- ``Op(..., meaning=T)`` says what a step is (a scale, a mask, a cast: the types in
+  ``patterns/steps.py``): the match lists such steps in data-flow order (``Match.steps``), each
+  made by ``T.read(node, data, value)`` once the match succeeds, ``data`` being the input the
+  chain flows through (the one ``REST`` stands for, else the first). Consumers build from that
+  list instead of walking the graph again.
 
 A failed match records why at the point it got furthest (the near-miss), so ``inspect
 --explain`` can say "Softmax 'attn/Softmax_3': expected MatMul(probs, V) below, found Mul".
@@ -51,6 +56,8 @@ class State:
 
     bindings: tuple[tuple[str, AnyType], ...] = ()
     nodes: tuple[gs.Node, ...] = ()
+    #: (meaning, node, data tensor) of each step with a meaning, upstream first.
+    steps: tuple[tuple[AnyType, gs.Node, gs.Tensor], ...] = ()
 
     def get(self, name: str) -> AnyType:
         for key, value in reversed(self.bindings):
@@ -65,10 +72,13 @@ class State:
             existing = self.get(name)
             if existing is not None:
                 return self if existing is value else None
-        return State(self.bindings + ((name, value),), self.nodes)
+        return State(self.bindings + ((name, value),), self.nodes, self.steps)
 
     def add_node(self, node: gs.Node) -> State:
-        return State(self.bindings, self.nodes + (node,))
+        return State(self.bindings, self.nodes + (node,), self.steps)
+
+    def add_step(self, meaning: AnyType, node: gs.Node, data: gs.Tensor) -> State:
+        return State(self.bindings, self.nodes, self.steps + ((meaning, node, data),))
 
     def to_dict(self) -> Bindings:
         out: Bindings = {}
@@ -108,10 +118,12 @@ class Context:
 
 @dataclass
 class Match:
-    """A successful match: captures by name and the nodes the pattern covered."""
+    """A successful match: captures by name, the nodes the pattern covered, and its steps with
+    a meaning (typed, in data-flow order)."""
 
     bindings: Bindings
     nodes: list[gs.Node]
+    steps: list[AnyType] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> AnyType:
         return self.bindings[name]
@@ -195,12 +207,15 @@ class Op(Pattern):
     def __init__(self, op: str | Sequence[str], *inputs: Pattern | type(Ellipsis),
                  name: str | None = None, attrs: dict[str, AnyType] | None = None,
                  commutative: bool = False, output: int | None = 0, domain: str | None = None,
-                 check: Callable[[gs.Node], bool] | None = None):
+                 check: Callable[[gs.Node], bool] | None = None, meaning: AnyType = None):
         self.ops = (op,) if isinstance(op, str) else tuple(op)
         self.open = bool(inputs) and inputs[-1] is Ellipsis
         self.inputs = tuple(p for p in inputs if p is not Ellipsis)
         self.name, self.attrs, self.commutative = name, attrs or {}, commutative
         self.output, self.domain, self.check = output, domain, check
+        self.meaning = meaning
+        # Which input the chain flows through: REST's place (fixed before REST is replaced).
+        self.data_index = next((i for i, p in enumerate(self.inputs) if p is REST), 0)
 
     def replace(self, old, new):
         if self is old:
@@ -273,8 +288,10 @@ class Op(Pattern):
             bound = self._bind(state, out_tensor, node)
             if bound is None:
                 ctx.fail(state, f"'{self.name}' is already bound to another tensor", out_tensor)
-            else:
-                yield bound
+                return
+            if self.meaning is not None and tensors:
+                bound = bound.add_step(self.meaning, node, tensors[self.data_index])
+            yield bound
             return
         for next_state in self.inputs[index].match(tensors[index], state, ctx):
             yield from self._match_inputs(tensors, index + 1, next_state, ctx, out_tensor, node)
@@ -370,5 +387,6 @@ def match(pattern: Pattern, tensor: gs.Tensor, ctx: Context) -> Match | None:
     """The first way ``pattern`` matches ``tensor``, or None (``ctx.best_failure`` says why)."""
     ctx.best_failure = Failure("no match attempted")
     for state in pattern.match(tensor, State(), ctx):
-        return Match(state.to_dict(), list(state.nodes))
+        steps = [meaning.read(node, data, ctx.value) for meaning, node, data in state.steps]
+        return Match(state.to_dict(), list(state.nodes), steps)
     return None

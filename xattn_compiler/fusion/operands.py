@@ -9,7 +9,8 @@ Names carry shapes (B batch, H query heads, Hkv key/value heads, Sq/Sk lengths, 
                                           Where(IsNaN(p), 0, p)
     context_BHSD = MatMul(probs, v_BHSD)
 
-:func:`plan_core` reads that into a :class:`CorePlan` without touching the graph: the scale
+:func:`plan_core` builds a :class:`CorePlan` from the match's typed steps
+(``patterns/steps.py``), without walking the graph again or changing it: the scale
 as one number, the mask as additive terms and boolean "keep" conditions, the precision of the
 Softmax, and the Mul/Div on Q or K that a fused op can take over as its ``scale``. The chain is
 affine in the scores: ``logits = a * scores + sum(f_i * m_i)`` with masked positions
@@ -40,6 +41,15 @@ from xattn_compiler.analysis import constant_eval
 from xattn_compiler.attention import AttentionMatch, _head_split
 from xattn_compiler.ir import constant_value, is_graph_output, producer
 from xattn_compiler.passes.reshapes import Names, disconnect, move_readers, onnx_dtype, same_dim
+from xattn_compiler.patterns.steps import (
+    Guard,
+    KeepWhere,
+    MaskAdd,
+    Scale,
+    Step,
+    branching,
+    core_steps,
+)
 from xattn_compiler.rewrite import compose_perms, is_identity_perm, transpose_perm
 from xattn_compiler.weights import new_constant
 
@@ -140,18 +150,11 @@ def plan_core(block: AttentionMatch) -> CorePlan | str:
     dtype = onnx_dtype(q)
     if dtype not in _FLOAT_TYPES:
         return f"Q '{q.name}' has no known float type"
-    softmax = core["softmax.node"]
     plan = CorePlan(q=q, k_t=k_t, v=v, context=context_node.outputs[0], context_node=context_node,
                     chain_scale=1.0, operand_scale=1.0, folds=[], dtype=dtype, batched=rank == 3)
-    problem = _read_chain(plan, core["scores.node"].outputs[0], softmax, set(map(id, core.nodes)))
-    if problem:
-        return problem
-    problem = _read_probs(plan, softmax.outputs[0], context_node)
-    if problem:
-        return problem
-    if plan.batched and plan.has_mask and plan.mask_rank is None:
-        return "a mask of a batched-heads core has an unknown rank (rows or heads?)"
-    problem = _read_operand_scales(plan, block)
+    scores, softmax, probs = core_steps(core.steps)
+    problem = (_read_scores(plan, scores, softmax, core.nodes) or _read_probs(plan, probs, core)
+               or _batched_mask_problem(plan) or _read_operand_scales(plan, block))
     if problem:
         return problem
     if not (plan.scale > 0 and np.isfinite(plan.scale)):
@@ -159,51 +162,28 @@ def plan_core(block: AttentionMatch) -> CorePlan | str:
     return plan
 
 
-def _scalar(tensor: gs.Tensor) -> float | None:
-    value = constant_eval(tensor)
-    if value is None or value.size != 1:
-        return None
-    return float(value.reshape(-1)[0])
-
-
-def _read_chain(plan: CorePlan, tensor: gs.Tensor, softmax: gs.Node, inside: set[int]) -> str | None:
-    """Walk scores -> Softmax, turning each step into scale, mask terms or keep conditions."""
-    for _ in range(16):
-        if tensor is softmax.inputs[0]:
-            plan.softmax_dtype = onnx_dtype(tensor) or plan.dtype
-            return _check_fills(plan)
-        readers = [n for n in tensor.outputs if id(n) in inside and n.op != "IsNaN"]
-        if len(readers) != 1:
-            return f"the scores chain at '{tensor.name}' branches"
-        node = readers[0]
-        plan.chain_ops.append(node.op)
-        data = next(i for i, t in enumerate(node.inputs) if t is tensor)
-        other = node.inputs[1 - data] if len(node.inputs) == 2 else None
-        if node.op == "Cast":
-            pass
-        elif node.op in ("Mul", "Div"):
-            factor = _scalar(other) if other is not None else None
-            if factor is None or (node.op == "Div" and data != 0) or factor == 0:
-                return f"{node.op} '{node.name}' does not scale the scores by a constant"
-            factor = 1.0 / factor if node.op == "Div" else factor
+def _read_scores(plan: CorePlan, scores: list[Step], softmax: Step, nodes: list[gs.Node]
+                 ) -> str | None:
+    """The steps from the score MatMul to Softmax as scale, mask terms and keep conditions."""
+    branch = branching([*scores, softmax], nodes)
+    if branch is not None:
+        return f"the scores chain at '{branch.name}' branches"
+    for step in scores:
+        plan.chain_ops.append(step.node.op)
+        problem = step.problem()
+        if problem:
+            return problem
+        if isinstance(step, Scale):
+            factor = step.factor
             plan.chain_scale *= factor
             plan.terms = [(m, f * factor) for m, f in plan.terms]
             for keep in plan.keeps:
                 keep.fill *= factor
-        elif node.op == "Add":
-            plan.terms.append((other, 1.0))
-        elif node.op == "Where" and data in (1, 2):
-            fill = _scalar(node.inputs[3 - data])
-            if fill is None:
-                return f"Where '{node.name}' fills masked scores with a value that is not constant"
-            plan.keeps.append(KeepCondition(node.inputs[0], negate=data == 2, fill=fill))
-        else:
-            return f"{node.op} '{node.name}' in the scores chain"
-        tensor = node.outputs[0]
-    return "the scores chain is too long"
-
-
-def _check_fills(plan: CorePlan) -> str | None:
+        elif isinstance(step, MaskAdd):
+            plan.terms.append((step.mask, 1.0))
+        elif isinstance(step, KeepWhere):
+            plan.keeps.append(KeepCondition(step.cond, negate=step.negate, fill=step.fill_value))
+    plan.softmax_dtype = onnx_dtype(softmax.data) or plan.dtype
     for keep in plan.keeps:
         if not keep.fill <= MASK_FILL_LIMIT:
             return (f"a Where on '{keep.cond.name}' leaves masked scores at {keep.fill:g}, not a "
@@ -211,31 +191,26 @@ def _check_fills(plan: CorePlan) -> str | None:
     return None
 
 
-def _read_probs(plan: CorePlan, tensor: gs.Tensor, context_node: gs.Node) -> str | None:
+def _read_probs(plan: CorePlan, probs: list[Step], core) -> str | None:
     """Softmax -> context MatMul: casts back, inference Dropout, Identity, the IsNaN guard."""
-    for _ in range(8):
-        if context_node.inputs[0] is tensor:
-            if onnx_dtype(tensor) not in (None, plan.dtype) and onnx_dtype(plan.v) not in (None, onnx_dtype(tensor)):
-                return f"the probabilities '{tensor.name}' and V differ in type"
-            return None
-        readers = [n for n in tensor.outputs if n.op != "IsNaN"]
-        if len(readers) != 1:
-            return f"the probabilities '{tensor.name}' are read twice"
-        node = readers[0]
-        if node.op == "Where" and node.inputs[2] is tensor and node.inputs[0].inputs \
-                and node.inputs[0].inputs[0].op == "IsNaN":
-            fill = _scalar(node.inputs[1])
-            if fill != 0.0:
-                return f"Where '{node.name}' replaces NaN probabilities by {fill}, not 0"
-            plan.guarded = True
-        elif node.op == "Dropout":
-            training = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-            if training is not None and _scalar(training) not in (0.0,):
-                return f"Dropout '{node.name}' may run in training mode"
-        elif node.op not in ("Cast", "Identity"):
-            return f"{node.op} '{node.name}' between Softmax and the context MatMul"
-        tensor = node.outputs[0]
-    return "the probabilities chain is too long"
+    branch = branching(probs, core.nodes)
+    if branch is not None:
+        return f"the probabilities '{branch.name}' are read twice"
+    for step in probs:
+        problem = step.problem()
+        if problem:
+            return problem
+        plan.guarded |= isinstance(step, Guard)
+    tensor = plan.context_node.inputs[0]
+    if onnx_dtype(tensor) not in (None, plan.dtype) and onnx_dtype(plan.v) not in (None, onnx_dtype(tensor)):
+        return f"the probabilities '{tensor.name}' and V differ in type"
+    return None
+
+
+def _batched_mask_problem(plan: CorePlan) -> str | None:
+    if plan.batched and plan.has_mask and plan.mask_rank is None:
+        return "a mask of a batched-heads core has an unknown rank (rows or heads?)"
+    return None
 
 
 def _read_operand_scales(plan: CorePlan, block: AttentionMatch) -> str | None:
@@ -243,20 +218,17 @@ def _read_operand_scales(plan: CorePlan, block: AttentionMatch) -> str | None:
     inside = {id(n) for n in block.nodes}
     seen: set[int] = set()
     for operand in (block.q, block.k):
-        for tensor in operand.scales:
-            node = next((n for n in operand.nodes if any(t is tensor for t in n.inputs)
-                         and n.op in ("Mul", "Div")), None)
-            factor = _scalar(tensor)
-            if node is None or factor is None or factor == 0:
-                return f"the scale '{tensor.name}' on the {operand.tensor.name} path is not a constant"
-            if id(node) in seen:
+        for step in operand.scales:
+            factor = step.factor
+            if not factor:
+                return (f"the scale '{step.constant.name}' on the {operand.tensor.name} path is "
+                        "not a constant")
+            if id(step.node) in seen:
                 continue
-            seen.add(id(node))
-            factor = 1.0 / factor if node.op == "Div" else factor
+            seen.add(id(step.node))
             plan.operand_scale *= factor
-            data = node.inputs[0] if node.inputs[1] is tensor else node.inputs[1]
-            if _foldable(node, data, tensor, inside, block.graph):
-                plan.folds.append(ScaleFold(node, data, factor))
+            if _foldable(step.node, step.data, step.constant, inside, block.graph):
+                plan.folds.append(ScaleFold(step.node, step.data, factor))
     return None
 
 

@@ -35,6 +35,7 @@ import onnx_graphsurgeon as gs
 
 from xattn_compiler.analysis import constant_eval
 from xattn_compiler.attention import AttentionMatch, Operand, reshape_target
+from xattn_compiler.patterns.steps import MaskAdd, Scale, core_steps
 from xattn_compiler.plugins.presets import LEGACY_PRESETS
 from xattn_compiler.plugins.reference import record_specs, recorded_specs
 from xattn_compiler.plugins.spec import PluginSpec, load_spec
@@ -163,18 +164,13 @@ def _mask_problem(spec: PluginSpec, block: AttentionMatch) -> str | None:
 
 
 def _masks_after_scale(block: AttentionMatch) -> bool:
-    """Whether every mask Add sits between the last scale and Softmax (walking up from it)."""
-    masks = {id(t) for t in block.core.get("mask", [])}
-    tensor, scaled, found = block.core["softmax.node"].inputs[0], False, 0
-    while tensor.inputs and tensor.inputs[0] is not block.core["scores.node"]:
-        node = tensor.inputs[0]
-        is_mask_add = node.op == "Add" and any(id(t) in masks for t in node.inputs)
-        if is_mask_add and scaled:
+    """Whether no scale of the scores chain comes after a mask Add."""
+    masked = False
+    for step in core_steps(block.core.steps)[0]:
+        if isinstance(step, Scale) and masked:
             return False
-        found += is_mask_add
-        scaled = scaled or node.op in ("Mul", "Div")
-        tensor = next((t for t in node.inputs if id(t) not in masks and t.inputs), node.inputs[0])
-    return found == len(masks)
+        masked = masked or isinstance(step, MaskAdd)
+    return True
 
 
 def _packing_problem(spec: PluginSpec, block: AttentionMatch) -> str | None:
@@ -298,7 +294,8 @@ class _Writer:
 
     def _mask(self) -> gs.Tensor:
         """The block's additive masks summed into one (T5 adds a position bias and a mask)."""
-        masks = list(self.block.core["mask"])
+        masks = [step.mask for step in core_steps(self.block.core.steps)[0]
+                 if isinstance(step, MaskAdd)]
         total = masks[0]
         for index, extra in enumerate(masks[1:]):
             total = self._op("Add", [total, extra], f"mask_sum{index}")
@@ -376,13 +373,10 @@ def _static(shape, axis: int) -> int | None:
 def _scale_of(operand: Operand) -> float | None:
     """The product of the scalar Mul/Div factors on the operand's path (1.0 when none)."""
     scale = 1.0
-    for tensor in operand.scales:
-        value = constant_eval(tensor)
-        if value is None:
+    for step in operand.scales:
+        if step.factor is None:
             return None
-        node = next((n for n in operand.nodes if any(t is tensor for t in n.inputs)), None)
-        factor = float(value.reshape(-1)[0])
-        scale = scale / factor if node is not None and node.op == "Div" else scale * factor
+        scale *= step.factor
     return scale
 
 
