@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from xattn_compiler.attention import AttentionMatch, find_attention
 from xattn_compiler.ir import export_model, import_with_shapes, infer_shapes, iter_graphs
 from xattn_compiler.passmanager import Pass, PassResult
+from xattn_compiler.patterns.steps import Cast, core_steps
 
 from .reshapes import Names, onnx_dtype, set_input
 
@@ -84,7 +85,7 @@ def _cast_core(block: AttentionMatch) -> int:
         return 0
     half = onnx_dtype(scores.outputs[0])
     names = Names.of(block.graph)
-    inside = {id(n) for n in core.nodes}
+    chain, _, _ = core_steps(core.steps)
 
     def cast(tensor: gs.Tensor, to: int, hint: str) -> gs.Tensor:
         out = gs.Variable(names.fresh(f"{hint}_fp32" if to == _FLOAT else f"{hint}_half"),
@@ -97,18 +98,16 @@ def _cast_core(block: AttentionMatch) -> int:
         set_input(scores, index, cast(scores.inputs[index], _FLOAT, scores.inputs[index].name))
     # Every node from the score MatMul to Softmax now computes in float32: its other float
     # inputs (masks, scale constants, Where fills) follow, and a Cast inside goes to float32.
-    tensor = scores.outputs[0]
-    while tensor is not softmax.inputs[0]:
-        node = next(n for n in tensor.outputs if id(n) in inside and n.op != "IsNaN")
-        if node.op == "Cast":
+    for step in chain:
+        node = step.node
+        if isinstance(step, Cast):
             node.attrs["to"] = _FLOAT
         for index, other in enumerate(node.inputs):
-            if other is not tensor and onnx_dtype(other) in _HALF:
+            if other is not step.data and onnx_dtype(other) in _HALF:
                 set_input(node, index, cast(other, _FLOAT, other.name))
-        tensor = node.outputs[0]
     probs = softmax.outputs[0]
     probs_were_half = onnx_dtype(probs) in _HALF
-    for t in _chain_tensors(scores, softmax, inside):
+    for t in [scores.outputs[0], *(step.output for step in chain), probs]:
         t.dtype = np.float32
     if not probs_were_half:
         return 1  # the Softmax ran in float32 already: its readers expect float32
@@ -119,15 +118,6 @@ def _cast_core(block: AttentionMatch) -> int:
             if t is probs:
                 set_input(reader, index, back)
     return 1
-
-
-def _chain_tensors(scores: gs.Node, softmax: gs.Node, inside: set[int]):
-    tensor = scores.outputs[0]
-    yield tensor
-    while tensor is not softmax.outputs[0]:
-        node = next(n for n in tensor.outputs if id(n) in inside and n.op != "IsNaN")
-        tensor = node.outputs[0]
-        yield tensor
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

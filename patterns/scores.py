@@ -2,7 +2,8 @@
 
     context_BHSD = MatMul(probs_BHSS, v_BHSD)
     probs_BHSS   = [Cast | Where(IsNaN(p), 0, p) | Dropout | Identity]* (Softmax(s, axis=-1))
-    s            = [Cast | Reshape | Div(., c) | Mul(., c) | Add(., mask) | Where(cond, ., fill)]* (scores)
+    s            = [Cast | Reshape | Div(., c) | Mul(., c) | Add(., mask) | Where(cond, ., fill)
+                    | Max(., mask value)]* (scores)
     scores_BHSS  = MatMul(q_BHSD, k_BHDS)
 
 Shapes in names use B batch, H heads, S sequence, D head dim; the 3-D batched-heads form
@@ -27,6 +28,9 @@ SCORE_STEPS = (
     Op("Add", REST, Any(), commutative=True, meaning=step.MaskAdd),
     Op("Where", Any(), REST, Any(), meaning=step.KeepWhere),
     Op("Where", Any(), Any(), REST, meaning=step.KeepWhere),
+    # LLaMA/OPT in transformers 4.2x: torch.max(scores + mask, finfo.min) keeps -inf out of
+    # masked scores and changes nothing else.
+    Op("Max", REST, Scalar(check=step.at_mask_value), commutative=True, meaning=step.Identity),
 )
 
 #: Steps between Softmax and the context MatMul. The Where(IsNaN) guard is HF's SDPA export
@@ -47,6 +51,12 @@ def softmax_over_last_axis(node) -> bool:
     return axis == -1 or (rank is not None and axis == rank - 1)
 
 
+def _ops_in(pattern) -> set[str]:
+    if not isinstance(pattern, Op):
+        return set()
+    return set(pattern.ops).union(*(_ops_in(p) for p in pattern.inputs))
+
+
 def attention_core(score_steps=SCORE_STEPS, probs_steps=PROBS_STEPS) -> Op:
     """The core with these steps, matched upward from the context MatMul's output."""
     softmax = Op("Softmax", Chain(score_steps, until=SCORES_BHSS, max_steps=6), name="softmax",
@@ -60,6 +70,6 @@ PROBS_BHSS = ATTENTION_CORE.inputs[0]
 SOFTMAX = PROBS_BHSS.until
 
 #: Ops that may stand between Softmax and the context MatMul (for the downward anchor walk).
-PROBS_OPS = frozenset({"Cast", "Where", "Dropout", "Identity", "IsNaN"})
+PROBS_OPS = frozenset(op for probs_step in PROBS_STEPS for op in _ops_in(probs_step))
 
 __all__ = ["ATTENTION_CORE", "PROBS_OPS", "PROBS_STEPS", "SCORE_STEPS", "SOFTMAX", "attention_core", "Or"]

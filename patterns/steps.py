@@ -30,6 +30,15 @@ from xattn_compiler.ir import producer
 #: Reads a constant tensor's value (None when it is computed from shapes only).
 ValueOf = Callable[[gs.Tensor], "np.ndarray | None"]
 
+#: A fill or floor at or below this is a mask value: exp(value + score) underflows to 0 in
+#: float32 and float16 for any score a trained model produces.
+MASK_FILL_LIMIT = -1e4
+
+
+def at_mask_value(value: np.ndarray) -> bool:
+    """A ``Scalar(check=)``: the constant is a mask value (at most :data:`MASK_FILL_LIMIT`)."""
+    return float(value.reshape(-1)[0]) <= MASK_FILL_LIMIT
+
 
 def _scalar(tensor: gs.Tensor, value: ValueOf) -> float | None:
     array = value(tensor)
@@ -227,5 +236,5 @@ def branching(steps: list[Step], nodes: list[gs.Node]) -> gs.Tensor | None:
     return None
 
 
-__all__ = ["Cast", "Dropout", "Guard", "Identity", "KeepWhere", "Layout", "MaskAdd", "Scale",
-           "Softmax", "Step", "branching", "core_steps"]
+__all__ = ["MASK_FILL_LIMIT", "Cast", "Dropout", "Guard", "Identity", "KeepWhere", "Layout",
+           "MaskAdd", "Scale", "Softmax", "Step", "at_mask_value", "branching", "core_steps"]

@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 
 from xattn_compiler.attention import AttentionMatch
 from xattn_compiler.passes.reshapes import onnx_dtype
+from xattn_compiler.patterns.steps import Cast, MaskAdd
 
 from .base import FusionTarget, register_target
 from .operands import CorePlan, Editor, plan_core, static_dim
@@ -67,8 +68,8 @@ class CanonicalTarget(FusionTarget):
 
 def is_canonical(plan: CorePlan) -> bool:
     """Nothing but Casts and at most one Add between the score MatMul and Softmax."""
-    return (not plan.keeps and plan.chain_scale == 1.0
-            and set(plan.chain_ops) <= {"Cast", "Add"} and plan.chain_ops.count("Add") <= 1)
+    return (all(isinstance(step, (Cast, MaskAdd)) for step in plan.chain)
+            and sum(isinstance(step, MaskAdd) for step in plan.chain) <= 1)
 
 
 def build_core(edit: Editor, q: gs.Tensor, k_t: gs.Tensor, v: gs.Tensor, *, scale: float,

@@ -42,6 +42,7 @@ from xattn_compiler.attention import AttentionMatch, _head_split
 from xattn_compiler.ir import constant_value, is_graph_output, producer
 from xattn_compiler.passes.reshapes import Names, disconnect, move_readers, onnx_dtype, same_dim
 from xattn_compiler.patterns.steps import (
+    MASK_FILL_LIMIT,
     Guard,
     KeepWhere,
     MaskAdd,
@@ -52,10 +53,6 @@ from xattn_compiler.patterns.steps import (
 )
 from xattn_compiler.rewrite import compose_perms, is_identity_perm, transpose_perm
 from xattn_compiler.weights import new_constant
-
-#: A Where fill at or below this is a mask: exp(fill + score) underflows to 0 in float32 and
-#: float16 for any score a trained model produces.
-MASK_FILL_LIMIT = -1e4
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                 onnx.TensorProto.DOUBLE}
@@ -96,10 +93,15 @@ class CorePlan:
     dtype: int | None = None            # ONNX type of Q
     softmax_dtype: int | None = None    # the type Softmax runs in
     guarded: bool = False               # Where(IsNaN(p), 0, p) after Softmax
-    chain_ops: list[str] = field(default_factory=list)  # score-chain ops, in order
+    chain: list[Step] = field(default_factory=list)     # the score MatMul -> Softmax steps
     #: Heads folded into the batch ([B*H,S,D] operands, as some exporters leave them when
     #: remove-layout-clutter cannot collapse them): a fused op sees B*H rows of one head each.
     batched: bool = False
+
+    @property
+    def chain_ops(self) -> list[str]:
+        """The op types of the scores chain, in order."""
+        return [step.node.op for step in self.chain]
 
     @property
     def mask_rank(self) -> int | None:
@@ -168,8 +170,8 @@ def _read_scores(plan: CorePlan, scores: list[Step], softmax: Step, nodes: list[
     branch = branching([*scores, softmax], nodes)
     if branch is not None:
         return f"the scores chain at '{branch.name}' branches"
+    plan.chain = list(scores)
     for step in scores:
-        plan.chain_ops.append(step.node.op)
         problem = step.problem()
         if problem:
             return problem
