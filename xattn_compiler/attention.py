@@ -39,7 +39,7 @@ from xattn_compiler.patterns import (
     V_OPERAND,
     fused_operands,
 )
-from xattn_compiler.patterns.steps import KeepWhere, MaskAdd, Scale, core_steps
+from xattn_compiler.patterns.steps import KeepWhere, MaskAdd, Scale, Step, core_steps
 
 from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval
 from .ir import import_with_shapes, is_graph_output, iter_graphs
@@ -60,9 +60,14 @@ class Operand:
     projection: gs.Node | None
     weight: gs.Tensor | None
     bias: gs.Tensor | None
-    scales: list[Scale]             # the Mul/Div by constants on the path, projection first
+    steps: list[Step]               # the typed layout steps, projection side first
     nodes: list[gs.Node]
     past: list[gs.Tensor] = field(default_factory=list)
+
+    @property
+    def scales(self) -> list[Scale]:
+        """The Mul/Div by constants on the path, projection side first."""
+        return [step for step in self.steps if isinstance(step, Scale)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"tensor": self.tensor.name, "source": self.source.name,
@@ -230,7 +235,7 @@ def _walk_operand(pattern, tensor: gs.Tensor, prefix: str, ctx: Context) -> Oper
     return Operand(
         tensor=tensor, source=found[f"{prefix}_src"], projection=proj,
         weight=found.get(f"{prefix}_w"), bias=found.get(f"{prefix}_b"),
-        scales=[step for step in found.steps if isinstance(step, Scale)],
+        steps=found.steps,
         nodes=nodes, past=found.get(f"{prefix}_past", []),
     )
 
@@ -334,7 +339,8 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
     constant ``[..., H, D]`` (a later one, such as a flatten-and-back of ``[B, H, S, D]``,
     would give S for H); where its input's feature dim is known, ``H * D`` must equal it.
     """
-    for node in _chain_from_projection(operand):
+    for step in operand.steps:
+        node = step.node
         if node.op != "Reshape":
             continue
         target = reshape_target(node)
@@ -350,25 +356,6 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
             return None
         return heads, dim
     return None
-
-
-def _chain_from_projection(operand: Operand) -> list[gs.Node]:
-    """The operand's data path, projection side first (shape computations left out)."""
-    inside = {id(n) for n in operand.nodes}
-    chain: list[gs.Node] = []
-    tensor = operand.tensor
-    while True:
-        node = tensor.inputs[0] if tensor.inputs else None
-        if node is None or id(node) not in inside or any(n is node for n in chain):
-            break
-        chain.append(node)
-        data = [t for t in node.inputs if t.inputs and id(t.inputs[0]) in inside]
-        if not data:
-            data = [t for t in node.inputs if constant_eval(t) is None]
-        if not data:
-            break
-        tensor = data[0]
-    return chain[::-1]
 
 
 def reshape_target(node: gs.Node) -> list[int | None] | None:

@@ -418,15 +418,8 @@ def _bias(operand: Operand) -> np.ndarray | None:
 def _chain_layout(operand: Operand) -> tuple[list[int], list[int]] | None:
     """``([N, H], perm)``: the head split's last two dims and the composed Transpose after it,
     for a path from the projection made only of plain layout ops; None otherwise."""
-    inside = {id(n) for n in operand.nodes}
-    chain, tensor = [], operand.tensor
-    while tensor.inputs and id(tensor.inputs[0]) in inside:
-        node = tensor.inputs[0]
-        chain.append(node)
-        data = [t for t in node.inputs if constant_eval(t) is None] or node.inputs[:1]
-        tensor = data[0]
     split, perm = None, [0, 1, 2, 3]
-    for node in reversed(chain):
+    for node in (step.node for step in operand.steps):
         if node.op not in _PLAIN_LAYOUT_OPS:
             return None
         if node.op == "Reshape":
