@@ -42,7 +42,7 @@ from xattn_compiler.patterns import (
 from xattn_compiler.patterns.steps import KeepWhere, MaskAdd, Scale, Step, core_steps
 
 from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval
-from .ir import import_with_shapes, is_graph_output, iter_graphs
+from .ir import import_with_shapes, is_graph_output, iter_graphs, producer
 from .pattern import Context, Failure, Match, match
 from .provenance import Provenance
 
@@ -245,6 +245,8 @@ def _unfused_block(core: Match, body: gs.Graph, path: str, ctx: Context) -> Atte
     k = _walk_operand(K_OPERAND, core["k_t"], "k", ctx)
     v = _walk_operand(V_OPERAND, core["v"], "v", ctx)
     merge_nodes, output = _merge_heads(core["context"], body)
+    inside = {id(n) for n in core.nodes + q.nodes + k.nodes + v.nodes + merge_nodes}
+    q, k, v = (_stop_at_shared_split(operand, inside) for operand in (q, k, v))
     nodes = _unique(core.nodes + q.nodes + k.nodes + v.nodes + merge_nodes)
     q_shape = core["q"].shape
     block = AttentionMatch(
@@ -256,6 +258,36 @@ def _unfused_block(core: Match, body: gs.Graph, path: str, ctx: Context) -> Atte
     )
     block.escapes, block.shape_uses, block.kv_outputs = _escapes(block)
     return block
+
+
+#: Steps that take one part of a fused projection (QKV, KV, or streams chunked apart).
+_SPLIT_STEPS = frozenset({"Split", "Slice", "Gather"})
+
+
+def _stop_at_shared_split(operand: Operand, inside: set[int]) -> Operand:
+    """``operand`` walked only up to a Split/Slice/Gather whose other parts are read outside
+    the block: that projection is shared with computation the block does not hold (GPT-NeoX's
+    Q and K leave the fused QKV Split for rotary ops; ProphetNet's main stream chunks Q/K/V
+    that its predict streams read too), so the part taken is the operand's source."""
+    path, tensor = [], operand.tensor
+    walked = {id(n) for n in operand.nodes}
+    while (node := producer(tensor)) is not None and id(node) in walked:
+        if node.op in _SPLIT_STEPS and _read_outside(node, inside):
+            kept = {id(n) for n in path}
+            return Operand(tensor=operand.tensor, source=tensor, projection=None, weight=None,
+                           bias=None, nodes=path,
+                           scales=[t for t in operand.scales
+                                   if any(t in n.inputs for n in path)],
+                           past=[t for t in operand.past
+                                 if any(id(c) in kept for c in t.outputs)])
+        path.append(node)
+        tensor = node.inputs[1] if node.op == "Concat" else node.inputs[0]
+    return operand
+
+
+def _read_outside(node: gs.Node, inside: set[int]) -> bool:
+    return any(id(reader) not in inside and reader.op not in SHAPE_ONLY_OPS
+               for out in node.outputs for reader in out.outputs)
 
 
 def _fused_block(node: gs.Node, info: dict[str, Any], body: gs.Graph, path: str,
