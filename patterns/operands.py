@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from xattn_compiler.pattern import REST, Any, Chain, Const, Op, Or, Pattern, Scalar
 
-from .steps import Cast, Identity, Layout, Scale
+from .steps import Cast, Identity, Layout, Part, Scale
 
 
 def layout_steps(p: str) -> tuple[Pattern, ...]:
@@ -36,9 +36,9 @@ def layout_steps(p: str) -> tuple[Pattern, ...]:
         Op("Tile", REST, Any(), meaning=Layout),
         Op("Mul", REST, Scalar(), commutative=True, meaning=Scale),
         Op("Div", REST, Scalar(), meaning=Scale),
-        Op("Split", REST, ..., output=None, meaning=Layout),
-        Op("Slice", REST, ..., meaning=Layout),
-        Op("Gather", REST, Scalar(), meaning=Layout),
+        Op("Split", REST, ..., output=None, meaning=Part),
+        Op("Slice", REST, ..., meaning=Part),
+        Op("Gather", REST, Scalar(), meaning=Part),
         Op("Concat", Any(f"{p}_past*"), REST, check=_concat_on_sequence, meaning=Layout),
     )
 

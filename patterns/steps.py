@@ -162,6 +162,13 @@ class Layout(Step):
 
 
 @dataclass(eq=False)
+class Part(Layout):
+    """Takes one part of a fused projection (QKV, KV, streams chunked apart): Split, Slice,
+    Gather. Where the other parts are read outside the block, the part is the operand's
+    source."""
+
+
+@dataclass(eq=False)
 class Identity(Step):
     """Leaves every value a fused op computes as it is: ``Identity``, or ``max(x, c)`` with
     ``c`` at a mask value (it only raises scores that are masked already)."""
@@ -237,4 +244,4 @@ def branching(steps: list[Step], nodes: list[gs.Node]) -> gs.Tensor | None:
 
 
 __all__ = ["MASK_FILL_LIMIT", "Cast", "Dropout", "Guard", "Identity", "KeepWhere", "Layout",
-           "MaskAdd", "Scale", "Softmax", "Step", "at_mask_value", "branching", "core_steps"]
+           "MaskAdd", "Part", "Scale", "Softmax", "Step", "at_mask_value", "branching", "core_steps"]

@@ -39,10 +39,10 @@ from xattn_compiler.patterns import (
     V_OPERAND,
     fused_operands,
 )
-from xattn_compiler.patterns.steps import KeepWhere, MaskAdd, Scale, Step, core_steps
+from xattn_compiler.patterns.steps import KeepWhere, MaskAdd, Part, Scale, Step, core_steps
 
 from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval
-from .ir import import_with_shapes, is_graph_output, iter_graphs, producer
+from .ir import import_with_shapes, is_graph_output, iter_graphs
 from .pattern import Context, Failure, Match, match
 from .provenance import Provenance
 
@@ -260,28 +260,22 @@ def _unfused_block(core: Match, body: gs.Graph, path: str, ctx: Context) -> Atte
     return block
 
 
-#: Steps that take one part of a fused projection (QKV, KV, or streams chunked apart).
-_SPLIT_STEPS = frozenset({"Split", "Slice", "Gather"})
-
-
 def _stop_at_shared_split(operand: Operand, inside: set[int]) -> Operand:
     """``operand`` walked only up to a Split/Slice/Gather whose other parts are read outside
     the block: that projection is shared with computation the block does not hold (GPT-NeoX's
     Q and K leave the fused QKV Split for rotary ops; ProphetNet's main stream chunks Q/K/V
     that its predict streams read too), so the part taken is the operand's source."""
-    path, tensor = [], operand.tensor
-    walked = {id(n) for n in operand.nodes}
-    while (node := producer(tensor)) is not None and id(node) in walked:
-        if node.op in _SPLIT_STEPS and _read_outside(node, inside):
-            kept = {id(n) for n in path}
-            return Operand(tensor=operand.tensor, source=tensor, projection=None, weight=None,
-                           bias=None, nodes=path,
-                           scales=[t for t in operand.scales
-                                   if any(t in n.inputs for n in path)],
+    for index in range(len(operand.steps) - 1, -1, -1):
+        step = operand.steps[index]
+        if isinstance(step, Part) and _read_outside(step.node, inside):
+            kept = operand.steps[index + 1:]
+            nodes = [s.node for s in kept]
+            ids = {id(n) for n in nodes}
+            return Operand(tensor=operand.tensor,
+                           source=kept[0].data if kept else operand.tensor,
+                           projection=None, weight=None, bias=None, steps=kept, nodes=nodes,
                            past=[t for t in operand.past
-                                 if any(id(c) in kept for c in t.outputs)])
-        path.append(node)
-        tensor = node.inputs[1] if node.op == "Concat" else node.inputs[0]
+                                 if any(id(c) in ids for c in t.outputs)])
     return operand
 
 
