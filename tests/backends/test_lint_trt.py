@@ -91,9 +91,18 @@ def test_a_custom_domain_op_is_a_plugin_lookup():
     assert "--plugin-lib" in finding.fix
 
 
-def test_the_removed_stable_diffusion_plugins_are_named_as_such():
-    [finding] = findings(unary("fMHCA", domain="trt.plugins"))
-    assert finding.code == "plugin" and "8.6" in finding.message
+@pytest.mark.parametrize("op", ["fMHCA", "fMHA_V2"])
+@pytest.mark.parametrize("version", ["8.6", "10.14", "11.5"])
+def test_the_legacy_stable_diffusion_plugins_block_from_tensorrt_8_6(op, version):
+    [finding] = findings(unary(op, domain="trt.plugins"), version)
+    assert (finding.severity, finding.code) == ("blocker", "plugin")
+    assert "legacy" in finding.message and "8.5" in finding.message
+    assert "--plugin-spec" in finding.fix and "onnx-attention" in finding.fix
+
+
+def test_the_legacy_plugins_are_only_a_plugin_lookup_on_tensorrt_8_5():
+    [finding] = findings(unary("fMHA_V2", domain="trt.plugins"), "8.5")
+    assert (finding.severity, finding.code) == ("warning", "plugin")
 
 
 def test_an_unknown_default_domain_op_is_a_plugin_lookup_not_a_blocker():

@@ -38,9 +38,6 @@ _CORE_OPS = {"MatMul", "Softmax", "Add", "Where", "Mul", "Div"}
 _HALF = {"fp16", "bf16", "int8"}
 # Clutter remove-layout-clutter takes out of a core (Cast round trips included); anything else
 # inside a core (IsNaN guards of fully masked rows, for one) goes when the block is fused.
-# The Stable Diffusion demo's fused attention plugins, removed from TensorRT in 8.6.
-_REMOVED_PLUGINS = {"fMHCA", "fMHA_V2"}
-_PLUGINS_REMOVED_IN = (8, 6)
 _LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity"}
 
 
@@ -221,8 +218,10 @@ def _custom_domain(node: gs.Node, finding, version: tuple[int, int]) -> Finding:
                if "Attention" in node.op else "none: export without ONNX Runtime's fusions")
         return finding(BLOCKER, "unsupported-op", f"{node.domain}.{node.op} is an ONNX Runtime "
                        "contrib op; TensorRT's parser does not know it", fix)
-    if node.op in _REMOVED_PLUGINS:
-        if version >= _PLUGINS_REMOVED_IN:
+    from ..plugins.presets import LEGACY_OPS, REMOVED_IN
+
+    if node.op in LEGACY_OPS:   # the Stable Diffusion demo's plugins, TensorRT 8.5 only
+        if version >= REMOVED_IN:
             return finding(BLOCKER, "plugin", f"legacy plugin {node.op} exists only for "
                            "TensorRT 8.5: it was removed in 8.6 and TensorRT "
                            f"{trt_ops.format_version(version)} has no creator for it",
