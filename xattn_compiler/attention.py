@@ -245,15 +245,18 @@ def _unfused_block(core: Match, body: gs.Graph, path: str, ctx: Context) -> Atte
     k = _walk_operand(K_OPERAND, core["k_t"], "k", ctx)
     v = _walk_operand(V_OPERAND, core["v"], "v", ctx)
     merge_nodes, output = _merge_heads(core["context"], body)
+    # Heads are read off the whole walk: the head split may lie beyond a shared Split.
+    heads, head_dim = _num_heads(core["q"], q), _head_dim(core["q"], q)
+    kv_heads = _num_heads(core["k_t"], k, kv=True)
     inside = {id(n) for n in core.nodes + q.nodes + k.nodes + v.nodes + merge_nodes}
     q, k, v = (_stop_at_shared_split(operand, inside) for operand in (q, k, v))
     nodes = _unique(core.nodes + q.nodes + k.nodes + v.nodes + merge_nodes)
     q_shape = core["q"].shape
     block = AttentionMatch(
-        id="", kind="self", num_heads=_num_heads(core["q"], q), head_dim=_head_dim(core["q"], q),
+        id="", kind="self", num_heads=heads, head_dim=head_dim,
         scale=_scale(core, q, k), q=q, k=k, v=v, mask=_mask(core), fused=False,
         op="MatMul-Softmax-MatMul", subgraph=path, graph=body, nodes=nodes, output=output,
-        core=core, num_kv_heads=_num_heads(core["k_t"], k, kv=True),
+        core=core, num_kv_heads=kv_heads,
         layout="BHSD" if q_shape is not None and len(q_shape) == 4 else "(BH)SD",
     )
     block.escapes, block.shape_uses, block.kv_outputs = _escapes(block)

@@ -166,13 +166,19 @@ def _add_optimize(commands: Any, common: argparse.ArgumentParser) -> None:
     cmd.add_argument("--target", choices=TARGETS, default=None,
                      help="what each attention block becomes (default: onnx-attention, the ONNX "
                           "Attention op TensorRT 10.14+ parses; canonical: a clean "
-                          "MatMul-Softmax-MatMul for older TensorRT; trt-plugin; ort-mha)")
+                          "MatMul-Softmax-MatMul for older TensorRT; trt-plugin: a declared "
+                          "plugin spec, or the legacy TensorRT 8.5 presets; ort-mha)")
     cmd.add_argument("--specialize", action="append", default=[], metavar="NAME=VALUE",
                      help="fix a graph input to a value and inline/unroll what it decides "
                           "(e.g. use_cache_branch=false); repeatable")
     cmd.add_argument("--plugin-spec", metavar="SPEC", default=None,
-                     help="--target trt-plugin: a TOML/JSON plugin spec (default: the legacy "
-                          "fMHCA/fMHA_V2 presets)")
+                     help="--target trt-plugin: a TOML/JSON plugin spec (an IPluginV3 plugin you "
+                          "build); without one the LEGACY fMHCA/fMHA_V2 presets, which exist "
+                          "only for TensorRT 8.5 (removed in 8.6)")
+    cmd.add_argument("--decomposable", action="store_true",
+                     help="record the fused Attention nodes as decomposable: `build` and "
+                          "--emit-trtexec let TensorRT (10.14+) split them into several kernels "
+                          "when no fused kernel fits (the file stays standard ONNX)")
     cmd.add_argument("--qkv-layout", choices=QKV_LAYOUTS, default=None,
                      help="--target onnx-attention: 4d (default; Q/K/V as [B,H,S,D], what "
                           "TensorRT 10.14 parses) or 3d (the op reads the projections "
@@ -231,6 +237,10 @@ def run_optimize(args: argparse.Namespace) -> int:
                 raise CheckFailed(f"verification failed: the optimized model's outputs differ "
                                   f"from {model_path}; {output} was not written")
 
+        if args.decomposable:
+            from .backends.trtexec import mark_decomposable
+
+            report["decomposable_attentions"] = mark_decomposable(result.detached)
         outputs.save_checked(result.detached, output, finish, protect=[model_path])
     if not args.quiet:
         before, after = report["before"]["num_nodes"], report["after"]["num_nodes"]

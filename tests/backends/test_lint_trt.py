@@ -91,9 +91,18 @@ def test_a_custom_domain_op_is_a_plugin_lookup():
     assert "--plugin-lib" in finding.fix
 
 
-def test_the_removed_stable_diffusion_plugins_are_named_as_such():
-    [finding] = findings(unary("fMHCA", domain="trt.plugins"))
-    assert finding.code == "plugin" and "8.6" in finding.message
+@pytest.mark.parametrize("op", ["fMHCA", "fMHA_V2"])
+@pytest.mark.parametrize("version", ["8.6", "10.14", "11.5"])
+def test_the_legacy_stable_diffusion_plugins_block_from_tensorrt_8_6(op, version):
+    [finding] = findings(unary(op, domain="trt.plugins"), version)
+    assert (finding.severity, finding.code) == ("blocker", "plugin")
+    assert "legacy" in finding.message and "8.5" in finding.message
+    assert "--plugin-spec" in finding.fix and "onnx-attention" in finding.fix
+
+
+def test_the_legacy_plugins_are_only_a_plugin_lookup_on_tensorrt_8_5():
+    [finding] = findings(unary("fMHA_V2", domain="trt.plugins"), "8.5")
+    assert (finding.severity, finding.code) == ("warning", "plugin")
 
 
 def test_an_unknown_default_domain_op_is_a_plugin_lookup_not_a_blocker():
@@ -154,7 +163,7 @@ def attention_model(*, past: bool) -> onnx.ModelProto:
 
 
 def test_attention_without_a_cache_is_clean_from_10_14_and_blocks_before():
-    assert findings(attention_model(past=False), "10.14") == []
+    assert findings(attention_model(past=False), "10.14", precision="fp16") == []
     [old] = [f for f in findings(attention_model(past=False), "10.13") if f.node == "attn"]
     assert old.severity == "blocker" and old.fix == "fuse-attention{target=canonical}"
 
@@ -242,11 +251,18 @@ def attention_findings(model, **kwargs):
 
 
 def test_fp32_attention_will_not_fuse_until_built_in_half():
-    fp32 = [f.message for f in attention_findings(models.tiny_attention(dim=32, heads=2))
-            if f.severity == "warning"]
-    assert any("fp32 MatMuls never fuse" in m for m in fp32)
+    fp32 = [f for f in attention_findings(models.tiny_attention(dim=32, heads=2))
+            if f.severity == "warning" and "half-precision fused kernel" in f.message]
+    assert [f.fix for f in fp32] == ["build --fp16 or --bf16 (guard-precision keeps Softmax in fp32)"]
     half = attention_findings(models.tiny_attention(dim=32, heads=2), precision="fp16")
     assert not [f for f in half if "fp32" in f.message]
+
+
+def test_fp32_attention_on_tensorrt_11_points_at_the_precision_pass():
+    [warning] = [f for f in attention_findings(models.tiny_attention(dim=32, heads=2),
+                                               version="11.5")
+                 if "half-precision fused kernel" in f.message]
+    assert warning.severity == "warning" and warning.fix.startswith("optimize --precision fp16")
 
 
 def test_small_heads_and_score_side_scales_are_named():
@@ -325,7 +341,7 @@ def test_lint_trt_exits_1_on_blockers_and_0_otherwise(capsys, tmp_path):
     captured = capsys.readouterr()
     [report] = json.loads(captured.out[captured.out.index("[\n"):])
     assert report["counts"]["blocker"] == 1 and report["findings"][0]["node"] == "the_det"
-    assert "block a TensorRT 10.14 build" in captured.err
+    assert "block a TensorRT 11.5 build" in captured.err
 
 
 def test_lint_trt_rejects_a_malformed_version(capsys, tmp_path):
@@ -345,7 +361,9 @@ def test_onnx_attention_fusion_builds_from_10_14_and_not_before(name, export_cac
                                "fuse-attention{target=onnx-attention}").model
     attention = [n.name for n in fused.graph.node if n.op_type == "Attention"]
     assert lint_trt(fused, "10.14").blockers == []
-    assert not [f for f in lint_trt(fused, "10.14").findings if f.node in attention]
+    # Left on the nodes: facts (info) and, for an fp32 model, the half-precision hint.
+    assert not [f for f in lint_trt(fused, "10.14").findings if f.node in attention
+                and f.severity != "info" and f.code != "attention-precision"]
     if attention:    # top-level Attention nodes: TensorRT 10.13 cannot import them
         blocked = {f.node for f in lint_trt(fused, "10.13").blockers}
         assert set(attention) <= blocked

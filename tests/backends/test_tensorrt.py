@@ -62,6 +62,55 @@ def test_layer_summaries_find_fused_attention_in_inspector_json():
     assert names_only["attention_layers"] == ["fused_mha_0"]
 
 
+def test_layer_summaries_read_the_tensorrt_11_inspector_json():
+    """11.x: "I/O Tensors" objects instead of 10.x's "Bindings" names, and a layer tensor's
+    DataType apart from its Format (sample written from the 10.x-to-11.x migration guide)."""
+    info = {
+        "Layers": [
+            {"Name": "q_proj", "LayerType": "Gemm",
+             "Inputs": [{"Name": "x", "Format": "Row major linear FP16 format (kLINEAR)",
+                         "DataType": "Half", "Dimensions": [1, 4, 32]}]},
+            {"Name": "attn_0_attention/attention", "LayerType": "kgen",
+             "Inputs": [{"Name": "q", "Format": "Row major linear FP16 format (kLINEAR)",
+                         "DataType": "Half", "Dimensions": [1, 2, 4, 16]}]},
+        ],
+        "I/O Tensors": [
+            {"Name": "x", "IOMode": "Input", "DataType": "Half", "Dimensions": [-1, -1, 32],
+             "Location": "Device", "IsShapeInferenceIO": False,
+             "ProfileInfo": [{"MinShape": [1, 1, 32], "OptShape": [1, 4, 32],
+                              "MaxShape": [8, 64, 32],
+                              "Format": "Row major linear FP16 format (kLINEAR)"}]},
+            {"Name": "y", "IOMode": "Output", "DataType": "Half", "Dimensions": [-1, -1, 32],
+             "Location": "Device", "IsShapeInferenceIO": False, "ProfileInfo": []},
+        ]}
+    summary = summarize_layers(info)
+    assert summary["bindings"] == ["x", "y"]
+    assert [(t["name"], t["mode"], t["dtype"]) for t in summary["io_tensors"]] == \
+        [("x", "input", "Half"), ("y", "output", "Half")]
+    assert summary["io_tensors"][0]["formats"] == ["Row major linear FP16 format (kLINEAR)"]
+    assert summary["attention_layers"] == ["attn_0_attention/attention"]
+    assert summary["attention_types"] == {"attn_0_attention/attention": "Half"}
+
+
+def test_layer_summaries_read_the_10x_format_datatype_text():
+    info = {"Layers": [{"Name": "fused_mha", "LayerType": "Myelin",
+                        "Inputs": [{"Name": "q", "Format/Datatype": "Row major linear FP32",
+                                    "Dimensions": [1, 2, 4, 16]}]}],
+            "Bindings": ["q", "y"]}
+    summary = summarize_layers(info)
+    assert summary["attention_types"] == {"fused_mha": "Float"}
+    assert summary["bindings"] == ["q", "y"] and summary["io_tensors"] == []
+
+
+@pytest.mark.parametrize("kwargs", [{"precision": "fp16"}, {"fp32_softmax": True,
+                                                            "precision": "bf16"}])
+def test_build_engine_refuses_precision_flags_for_tensorrt_11_before_importing_it(kwargs,
+                                                                                  tmp_path):
+    with pytest.raises(InputError, match="optimize"):
+        build_engine(models.tiny_attention(), engine_path=tmp_path / "m.plan",
+                     trt_version=(11, 5), **kwargs)
+
+
 # --- real engines (only where TensorRT imports) -----------------------------------------------
 
 @pytest.fixture
@@ -81,9 +130,24 @@ def test_a_real_engine_builds_with_the_derived_profile(trt, tmp_path):
 
 
 def test_a_real_fp16_engine_keeps_softmax_in_fp32(trt, tmp_path):
+    from xattn_compiler.backends.tensorrt import installed_version
+
+    if installed_version(trt) >= (11, 0):
+        pytest.skip("TensorRT 11 has no precision flags (the model's types decide)")
     result = build_engine(models.tiny_attention(dim=32, heads=2), precision="fp16",
                           fp32_softmax=True, engine_path=tmp_path / "a.plan")
     assert result.fp32_layers and all("softmax" in n.lower() for n in result.fp32_layers)
+
+
+def test_a_real_build_marks_the_named_attention_decomposable(trt, tmp_path):
+    from xattn_compiler.backends.tensorrt import installed_version
+
+    if installed_version(trt) < (10, 14):
+        pytest.skip("IAttention arrived in TensorRT 10.14")
+    model = xc.optimize(models.tiny_attention(dim=32, heads=2)).model
+    names = [n.name for n in model.graph.node if n.op_type == "Attention"]
+    result = build_engine(model, engine_path=tmp_path / "d.plan", decomposable=names)
+    assert result.engine.is_file()
 
 
 def test_parser_errors_name_the_node(trt, tmp_path):

@@ -88,7 +88,8 @@ def test_the_trtexec_command_carries_shapes_precision_softmax_plugins_and_cache(
     override = "input_ids:1x1:2x16:4x32"
     plugin, cache = tmp_path / "lib plugin.so", tmp_path / "timing.cache"
     [(_, line, _)] = emitted(capsys, str(exported.path), "--engine", str(tmp_path / "w.plan"),
-                             "--fp16", "--fp32-softmax", "--profile", override,
+                             "--trt-version", "10.15", "--fp16", "--fp32-softmax",
+                             "--profile", override,
                              "--dim", "enc_len=1500:1500:1500",
                              "--plugin-lib", str(plugin), "--timing-cache", str(cache))
     options = parse_trtexec(line)
@@ -113,7 +114,8 @@ def test_the_polygraphy_command_compares_the_same_build_with_onnx_runtime(capsys
                                                                           tmp_path):
     exported = zoo_export("whisper-decoder-eager", export_cache)
     [(_, _, line)] = emitted(capsys, str(exported.path), "--engine", str(tmp_path / "w.plan"),
-                             "--bf16", "--fp32-softmax", "--plugin-lib", "/opt/p.so",
+                             "--trt-version", "10.15", "--bf16", "--fp32-softmax",
+                             "--plugin-lib", "/opt/p.so",
                              "--timing-cache", "t.cache")
     args = parse_polygraphy(line)
     profile = derive_profile(xc.load(exported.path))
@@ -144,7 +146,7 @@ def test_awkward_names_survive_the_shell():
     onnx.checker.check_model(model)
     profile = derive_profile(model, [parse_override("in put:0:1x4:2x4:3x4")])
     plan = BuildPlan(Path("dir with space/m's.onnx"), Path("e.plan"), profile, "fp16",
-                     fp32_layers=["attn:0/Softmax"])
+                     fp32_layers=["attn:0/Softmax"], trt_version=(10, 15))
     argv = trtexec_command(plan)
     assert shlex.split(shell_join(argv)) == argv
     options = parse_trtexec(shell_join(argv))
@@ -180,7 +182,7 @@ def test_a_split_model_needs_an_engine_directory(capsys, export_cache, tmp_path)
 def test_fp32_softmax_adds_no_constraints_to_an_fp32_build(capsys, export_cache, tmp_path):
     exported = zoo_export("whisper-decoder-eager", export_cache)
     [(_, line, _)] = emitted(capsys, str(exported.path), "--engine", str(tmp_path / "w.plan"),
-                             "--fp32-softmax")
+                             "--trt-version", "10.15", "--fp32-softmax")
     assert not {"precisionConstraints", "layerPrecisions"} & set(parse_trtexec(line))
 
 
@@ -193,8 +195,122 @@ def test_guard_precision_layers_are_the_ones_kept_in_fp32(capsys, export_cache, 
     assert len(listed) > len([n for n in guarded.graph.node if n.op_type == "Softmax"])
     xc.save(guarded, tmp_path / "guarded.onnx")
     [(_, line, polygraphy)] = emitted(capsys, str(tmp_path / "guarded.onnx"), "--engine",
-                                      str(tmp_path / "g.plan"), "--fp16", "--fp32-softmax")
+                                      str(tmp_path / "g.plan"), "--trt-version", "10.15",
+                                      "--fp16", "--fp32-softmax")
     layers = parse_trtexec(line)["layerPrecisions"][0].split(",")
     assert sorted(layers) == sorted(f"{name}:fp32" for name in listed)
     assert sorted(parse_polygraphy(polygraphy).layer_precisions) == \
         sorted(f"{name}:float32" for name in listed)
+
+
+# --- TensorRT 11: no precision flags; decomposable attention ---------------------------------
+
+def test_tensorrt_11_commands_carry_no_precision_flags_and_take_the_model_types(
+        capsys, export_cache, tmp_path):
+    exported = zoo_export("whisper-decoder-fp16", export_cache)
+    [(_, line, polygraphy)] = emitted(capsys, str(exported.path), "--engine",
+                                      str(tmp_path / "w.plan"))
+    options = parse_trtexec(line)
+    assert not {"fp16", "bf16", "int8", "best", "precisionConstraints",
+                "layerPrecisions"} & set(options)
+    args = parse_polygraphy(polygraphy)
+    assert not (args.fp16 or args.bf16 or args.int8) and not args.layer_precisions
+    # The engine computes in the model's fp16: the comparison uses half-precision tolerances.
+    assert (args.rtol, args.atol) == (2e-2, 2e-2)
+
+
+def test_tensorrt_10_keeps_the_precision_flags(capsys, export_cache, tmp_path):
+    exported = zoo_export("whisper-decoder-eager", export_cache)
+    [(_, line, polygraphy)] = emitted(capsys, str(exported.path), "--engine",
+                                      str(tmp_path / "w.plan"), "--trt-version", "10.14",
+                                      "--fp16")
+    assert "fp16" in parse_trtexec(line) and parse_polygraphy(polygraphy).fp16
+
+
+@pytest.mark.parametrize("flag", ["--fp16", "--bf16", "--int8", "--fp32-softmax"])
+def test_build_fp16_on_tensorrt_11_points_at_optimize_precision(flag, capsys, tmp_path):
+    from tests import models
+
+    path = tmp_path / "m.onnx"
+    xc.save(models.tiny_attention(), path)
+    for extra in ([], ["--emit-trtexec"]):
+        code = main(["build", str(path), "--engine", str(tmp_path / "m.plan"), flag, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "TensorRT 11.5" in err and "optimize" in err and "--precision" in err
+
+
+def _decomposable_model(tmp_path):
+    from tests import models
+
+    model = xc.optimize(models.tiny_attention(dim=32, heads=2)).model
+    names = [n.name for n in model.graph.node if n.op_type == "Attention"]
+    assert names
+    return model, names
+
+
+def test_decomposable_attentions_are_named_for_trtexec(capsys, tmp_path):
+    from xattn_compiler.backends.trtexec import DECOMPOSABLE_KEY
+
+    model, names = _decomposable_model(tmp_path)
+    onnx.helper.set_model_props(model, {DECOMPOSABLE_KEY: ",".join(names)})
+    path = tmp_path / "marked.onnx"
+    xc.save(model, path)
+    assert main(["build", str(path), "--engine", str(tmp_path / "m.plan"), "--emit-trtexec"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    [line] = [x for x in lines if x.startswith("trtexec")]
+    assert parse_trtexec(line)["decomposableAttentions"] == [",".join(names)]
+    assert any("Polygraphy has no option for decomposable" in x for x in lines)
+
+
+def test_build_decomposable_marks_every_attention_node_and_needs_10_14(capsys, tmp_path):
+    model, names = _decomposable_model(tmp_path)
+    path = tmp_path / "plain.onnx"
+    xc.save(model, path)
+    argv = ["build", str(path), "--engine", str(tmp_path / "m.plan"), "--emit-trtexec"]
+    assert main([*argv, "--decomposable"]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("trtexec")]
+    assert parse_trtexec(line)["decomposableAttentions"] == [",".join(names)]
+    assert main(argv) == 0   # nothing marked: no option
+    assert "decomposableAttentions" not in capsys.readouterr().out
+    assert main([*argv, "--decomposable", "--trt-version", "10.13"]) == 2
+    assert "10.14" in capsys.readouterr().err
+
+
+def test_a_decomposable_name_with_a_comma_is_refused():
+    plan = BuildPlan(Path("m.onnx"), Path("m.plan"), None, decomposable=["a,b"])
+    from xattn_compiler.errors import InputError
+
+    with pytest.raises(InputError, match="--decomposableAttentions"):
+        trtexec_command(plan)
+
+
+def test_optimize_decomposable_records_stable_names_in_a_standard_file(capsys, tmp_path):
+    """The names go in the metadata (onnx.checker and ONNX Runtime take the file as it is, and
+    --verify runs on it); two runs name the same nodes; build --emit-trtexec passes them on."""
+    import onnxruntime as ort
+
+    from tests import models
+    from xattn_compiler.backends.trtexec import DECOMPOSABLE_KEY
+
+    source = tmp_path / "m.onnx"
+    xc.save(models.tiny_attention(dim=32, heads=2), source)
+    recorded = []
+    for run in ("a", "b"):
+        out = tmp_path / f"{run}.onnx"
+        assert main(["optimize", str(source), "-o", str(out), "--decomposable", "--verify"]) == 0
+        model = onnx.load(str(out))
+        onnx.checker.check_model(model, full_check=True)
+        ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        attention = [n.name for n in model.graph.node if n.op_type == "Attention"]
+        names = {e.key: e.value for e in model.metadata_props}[DECOMPOSABLE_KEY].split(",")
+        assert names == attention and len(set(names)) == len(names) > 0
+        assert not any(a.name == "TRT_decomposable" for n in model.graph.node
+                       for a in n.attribute)
+        recorded.append(names)
+    assert recorded[0] == recorded[1]
+    capsys.readouterr()
+    assert main(["build", str(tmp_path / "a.onnx"), "--engine", str(tmp_path / "m.plan"),
+                 "--emit-trtexec"]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("trtexec")]
+    assert parse_trtexec(line)["decomposableAttentions"] == [",".join(recorded[0])]

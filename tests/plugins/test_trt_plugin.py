@@ -189,3 +189,23 @@ def test_an_fp16_block_with_an_fp32_softmax_needs_a_plugin_that_keeps_it():
     result = fuse(built.model, plugin_spec=str(SPECS / "any_attention.toml"))
     assert result.counts["blocks_fused"] == 1
     assert verify(built.model, result.model).ok
+
+
+def test_the_presets_are_marked_legacy_and_warn_when_used(caplog):
+    """fMHCA and fMHA_V2 exist only for TensorRT 8.5: every place that shows them says so."""
+    import logging
+
+    from xattn_compiler.cli import build_parser
+    from xattn_compiler.fusion import load_target
+    from xattn_compiler.plugins.presets import LEGACY_PRESETS, REMOVED_IN
+
+    assert REMOVED_IN == (8, 6)
+    assert all(spec.description.startswith("LEGACY: TensorRT 8.5 only") for spec in LEGACY_PRESETS)
+    target = load_target("trt-plugin")
+    assert "LEGACY" in target.description
+    with caplog.at_level(logging.WARNING, logger="xattn_compiler"):
+        target({})
+    assert any("LEGACY" in r.getMessage() and "8.6" in r.getMessage() for r in caplog.records)
+    optimize = build_parser()._subparsers._group_actions[0].choices["optimize"]
+    [spec_help] = [a.help for a in optimize._actions if "--plugin-spec" in a.option_strings]
+    assert "LEGACY" in spec_help and "TensorRT 8.5" in spec_help and "IPluginV3" in spec_help

@@ -4,6 +4,7 @@ Each rule takes a node and returns ``(severity, message, fix)`` triples; the res
 the "Restrictions" column of operators.md (see :mod:`.trt_ops`). A value that must be a
 build-time constant passes when it is an initializer or a Constant node's output; a value that
 is only constant once shape expressions are folded is a warning whose fix is ``canonicalize``.
+ONNX ``Attention`` has its own module, :mod:`.trt_attention_rules`.
 """
 
 from __future__ import annotations
@@ -149,40 +150,12 @@ def _recurrent(node: gs.Node) -> Iterator[Issue]:
         yield (BLOCKER, f"{node.op} layout must be 0", "none: re-export with layout=0")
 
 
-def _attention(node: gs.Node) -> Iterator[Issue]:
-    fix = "fuse-attention{target=canonical}"
-    for index, name in ((4, "past_key"), (5, "past_value"), (6, "nonpad_kv_seqlen")):
-        if _input(node, index) is not None:
-            yield (BLOCKER, f"Attention input {name} is unsupported (a KV cache does not fit "
-                   "IAttention, NVIDIA/TensorRT#4738)", fix)
-    for index, name in ((1, "present_key"), (2, "present_value"), (3, "qk_matmul_output")):
-        if index < len(node.outputs) and node.outputs[index].name:
-            yield (BLOCKER, f"Attention output {name} is unsupported (exactly one output)", fix)
-    for attr in ("softcap", "qk_matmul_output_mode"):
-        if node.attrs.get(attr):
-            yield (BLOCKER, f"Attention attribute {attr}={node.attrs[attr]} is unsupported", fix)
-    ranks = {name: len(t.shape) for name, t in zip("QKV", node.inputs[:3], strict=False)
-             if t.shape is not None}
-    if len(set(ranks.values())) > 1:
-        yield (BLOCKER, f"Attention Q, K and V must have the same rank, got {ranks}", fix)
-    elif any(rank not in (3, 4) for rank in ranks.values()):
-        yield (BLOCKER, f"Attention needs 4-D (or 3-D) Q, K, V, got ranks {ranks}", fix)
-    elif any(rank == 3 for rank in ranks.values()):
-        yield (WARNING, "3-D Q/K/V: operators.md asks for 4-D; only newer parsers reshape 3-D "
-               "inputs using q_num_heads/kv_num_heads", "fuse-attention{target=onnx-attention}")
-    mask = _input(node, 3)
-    if mask is not None and mask.shape is not None and len(mask.shape) != 4:
-        yield (WARNING, f"Attention attn_mask '{mask.name}' is {len(mask.shape)}-D; "
-               "operators.md asks for 4-D", "fuse-attention{target=onnx-attention}")
-
-
 RULES: dict[str, Callable[[gs.Node], Iterator[Issue]]] = {
     "Squeeze": _squeeze, "Unsqueeze": _squeeze, "CumSum": _cumsum, "OneHot": _onehot,
     "TopK": _topk, "ScatterND": _scatter_nd, "Dropout": _dropout, "AveragePool": _pool,
     "MaxPool": _pool, "LpPool": _pool, "LayerNormalization": _layer_norm,
     "QuantizeLinear": _zero_point, "DequantizeLinear": _zero_point, "Constant": _constant,
     "Resize": _resize, "LSTM": _recurrent, "GRU": _recurrent, "RNN": _recurrent,
-    "Attention": _attention,
     **{op: _reduce for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
                               "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum",
                               "ReduceSumSquare")},

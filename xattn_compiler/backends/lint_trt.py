@@ -22,10 +22,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..errors import InputError
 from ..ir import constant_value, import_graph, infer_shapes, iter_graphs
 from . import trt_ops
 from ._trt_rules import BLOCKER, INFO, WARNING, node_issues
 from .profiles import derive_profile, dynamic_inputs
+from .trt_attention_rules import is_onnx_attention, node_violations
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 # The operand whose type operators.md's Types column describes, when it is not input 0.
@@ -36,8 +38,6 @@ _CORE_OPS = {"MatMul", "Softmax", "Add", "Where", "Mul", "Div"}
 _HALF = {"fp16", "bf16", "int8"}
 # Clutter remove-layout-clutter takes out of a core (Cast round trips included); anything else
 # inside a core (IsNaN guards of fully masked rows, for one) goes when the block is fused.
-# The Stable Diffusion demo's fused attention plugins, removed from TensorRT in 8.6.
-_REMOVED_PLUGINS = {"fMHCA", "fMHA_V2"}
 _LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity"}
 
 
@@ -109,6 +109,11 @@ def lint_trt(
     ``profiled_inputs`` are inputs the user gives a profile for (the others get a warning).
     """
     version = trt_ops.parse_version(trt_version) if isinstance(trt_version, str) else trt_version
+    if precision not in (None, "fp32") and trt_ops.strongly_typed_only(version):
+        raise InputError(f"--precision {precision}: TensorRT {trt_ops.format_version(version)} "
+                         "has no precision flags (the model's own types decide); convert the "
+                         f"model with `xattn-compiler optimize --precision {precision}` and lint "
+                         "the result")
     inferred = infer_shapes(model)
     graph = import_graph(inferred)
     types = _tensor_types(inferred)
@@ -117,7 +122,7 @@ def lint_trt(
     doubles: list[tuple[str, gs.Node]] = []
     for path, sub in iter_graphs(graph):
         for node in sub.nodes:
-            report.findings.extend(_check_node(node, path, version, types, doubles))
+            report.findings.extend(_check_node(node, path, version, types, doubles, precision))
     if doubles:
         report.findings.append(_doubles(doubles))
     report.findings.extend(_check_profiles(model, set(profiled_inputs)))
@@ -145,17 +150,17 @@ def _check_opset(model: onnx.ModelProto, version: tuple[int, int]) -> Iterator[F
 
 
 def _check_node(node: gs.Node, path: str, version: tuple[int, int], types: dict[str, str],
-                doubles: list) -> Iterator[Finding]:
+                doubles: list, precision: str | None = None) -> Iterator[Finding]:
     label = node.name or node.op
 
     def finding(severity: str, code: str, message: str, fix: str = "") -> Finding:
         return Finding(severity, code, message, node=label, op=node.op, subgraph=path, fix=fix)
 
     if (node.domain or "") not in _DEFAULT_DOMAINS:
-        yield _custom_domain(node, finding)
+        yield _custom_domain(node, finding, version)
         return
     if node.op not in trt_ops.SUPPORTED and not onnx.defs.has(node.op):
-        yield _custom_domain(node, finding)      # not an ONNX op: the parser tries a plugin
+        yield _custom_domain(node, finding, version)   # not an ONNX op: the parser tries a plugin
         return
     if node.op in trt_ops.UNSUPPORTED or node.op not in trt_ops.SUPPORTED:
         yield finding(BLOCKER, "unsupported-op", f"TensorRT does not import {node.op}",
@@ -182,22 +187,49 @@ def _check_node(node: gs.Node, path: str, version: tuple[int, int], types: dict[
                       f"types ({', '.join(sorted(row.types))})", _dtype_fix(dtype))
     for severity, message, fix in node_issues(node):
         yield finding(severity, "restriction", message, fix)
+    if is_onnx_attention(node):
+        half_build = precision in _HALF   # 10.x only: 11 refused precision above
+        yield from _attention_node(node, path, version, None if half_build else dtype, finding)
     if node.op in ("If", "Loop", "Scan"):
         for severity, message, fix in _control_flow(node):
             yield finding(severity, "control-flow", message, fix)
 
 
-def _custom_domain(node: gs.Node, finding) -> Finding:
+def _attention_node(node: gs.Node, path: str, version: tuple[int, int], dtype: str | None,
+                    finding) -> Iterator[Finding]:
+    for violation in node_violations(node, path):
+        yield finding(violation.severity, "attention-node", f"{violation.rule}: "
+                      f"{violation.message}", violation.fix)
+    if dtype == "FLOAT":
+        yield finding(WARNING, "attention-precision", "fp32 attention core: it will not get a "
+                      "half-precision fused kernel", _half_fix(version))
+
+
+def _half_fix(version: tuple[int, int]) -> str:
+    # TensorRT 11 takes the graph's types; 10.x can still be asked for half kernels.
+    if trt_ops.strongly_typed_only(version):
+        return "optimize --precision fp16 (or bf16)"
+    return "build --fp16 or --bf16 (guard-precision keeps Softmax in fp32)"
+
+
+def _custom_domain(node: gs.Node, finding, version: tuple[int, int]) -> Finding:
     if node.domain == "com.microsoft":
         fix = ("fuse-attention{target=onnx-attention} on the unfused export"
                if "Attention" in node.op else "none: export without ONNX Runtime's fusions")
         return finding(BLOCKER, "unsupported-op", f"{node.domain}.{node.op} is an ONNX Runtime "
                        "contrib op; TensorRT's parser does not know it", fix)
-    if node.op in _REMOVED_PLUGINS:
-        return finding(WARNING, "plugin", f"plugin {node.op} left TensorRT's plugin library in "
-                       "8.6 (Myelin fuses attention instead): it must come from a library built "
-                       "from the TensorRT 8.5 plugin sources",
-                       "build --plugin-lib PATH, or fuse-attention{target=onnx-attention}")
+    from ..plugins.presets import LEGACY_OPS, REMOVED_IN
+
+    if node.op in LEGACY_OPS:   # the Stable Diffusion demo's plugins, TensorRT 8.5 only
+        if version >= REMOVED_IN:
+            return finding(BLOCKER, "plugin", f"legacy plugin {node.op} exists only for "
+                           "TensorRT 8.5: it was removed in 8.6 and TensorRT "
+                           f"{trt_ops.format_version(version)} has no creator for it",
+                           "fuse-attention{target=onnx-attention} on the unfused model, or a "
+                           "declared IPluginV3 spec (--plugin-spec)")
+        return finding(WARNING, "plugin", f"legacy plugin {node.op} (TensorRT 8.5): it must "
+                       "come from a library built from the TensorRT 8.5 plugin sources",
+                       "build --plugin-lib PATH")
     return finding(WARNING, "plugin", f"{node.domain or 'ai.onnx'}.{node.op} is resolved as a "
                    "TensorRT plugin by op name (attributes plugin_version, plugin_namespace)",
                    "build --plugin-lib PATH (unless the plugin ships with TensorRT)")
@@ -335,8 +367,8 @@ def _unfused_attention(block, version: tuple[int, int], precision: str | None) -
     dtype = _type_name(getattr(block.output, "dtype", None))
     half = precision in _HALF if precision else dtype in ("FLOAT16", "BFLOAT16")
     if not half:
-        yield finding(WARNING, "fp32 MatMuls never fuse into TensorRT's MHA kernels",
-                      "build --fp16 or --bf16 (guard-precision keeps Softmax in fp32)")
+        yield finding(WARNING, "fp32 attention core: it will not get a half-precision fused "
+                      "kernel", _half_fix(version))
     head = block.head_dim
     if head is not None and (not 16 <= head <= 256 or head % 8):
         yield finding(WARNING, f"head size {head} is outside 16..256 or not a multiple of 8: "

@@ -1,10 +1,11 @@
 """Build a TensorRT engine from an ONNX model (TensorRT >= 10 Python API, imported lazily).
 
 :func:`build_engine` parses the model with ``OnnxParser`` (every parser error is reported with
-its node), adds one optimization profile per :class:`~.profiles.Profile`, sets the precision
-flags, optionally keeps Softmax layers in fp32 (precision constraints, obeyed), loads plugin
-libraries, reads and updates a timing cache, writes the engine atomically and summarizes it
-with the engine inspector. Importing this module never imports TensorRT; calling into it
+its node), marks the named Attention nodes decomposable, adds one optimization profile per
+:class:`~.profiles.Profile`, sets the precision flags (TensorRT 10.x; 11.x has none and takes
+the model's types), optionally keeps Softmax layers in fp32 (precision constraints, obeyed;
+10.x only), loads plugin libraries, reads and updates a timing cache, writes the engine
+atomically and summarizes it with the engine inspector (the 10.x and the 11.x JSON). Importing this module never imports TensorRT; calling into it
 without TensorRT raises :class:`TensorRTMissing`, which the CLI turns into exit code 2 with
 :data:`INSTALL_HINT`.
 """
@@ -25,6 +26,7 @@ import onnx
 
 from .. import outputs
 from ..errors import InputError
+from . import trt_ops
 from .profiles import InputShapes, Profile, derive_profile
 from .trtexec import fp32_layer_names
 
@@ -100,6 +102,8 @@ def build_engine(
     optimization_level: int | None = None,
     strongly_typed: bool = False,
     protect: Iterable[str | os.PathLike] = (),
+    decomposable: Sequence[str] = (),
+    trt_version: tuple[int, int] | None = None,
 ) -> BuildResult:
     """Build ``model`` into a serialized engine at ``engine_path`` (written atomically).
 
@@ -108,21 +112,34 @@ def build_engine(
     (``OBEY_PRECISION_CONSTRAINTS``), and so is every layer guard-precision listed in the
     model's metadata. ``plugins`` are shared libraries loaded into the plugin
     registry. ``timing_cache`` is read when it exists and written back after the build.
+    ``decomposable`` names Attention nodes TensorRT may split into several kernels when no
+    fused one fits (``IAttention.decomposable``). ``trt_version`` is the version the caller
+    targets; precision flags on 11.x (asked, or installed) are refused before the build.
     """
     if precision not in PRECISIONS:
         raise InputError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    if trt_version is not None:
+        _refuse_flags_on_11(trt_version, precision, fp32_softmax)
     engine_path = Path(engine_path)
     guarded = [*protect, *([model] if isinstance(model, (str, os.PathLike)) else [])]
     outputs.check(engine_path, guarded)  # before a build of minutes, not after it
     trt = import_tensorrt()
+    installed = installed_version(trt)
+    _refuse_flags_on_11(installed, precision, fp32_softmax)
+    if trt_version is not None and trt_version[0] != installed[0]:
+        log.warning("building with TensorRT %s, not the %s asked for", trt.__version__,
+                    trt_ops.format_version(trt_version))
     started = time.perf_counter()
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
     trt.init_libnvinfer_plugins(logger, "")
     _libraries = _load_plugins(plugins)   # handles must outlive the build
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    # 11 is always strongly typed (the flag is a deprecated no-op there).
+    typed = strongly_typed and not trt_ops.strongly_typed_only(installed)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typed else 0
     network = builder.create_network(flags)
     proto = _parse(trt, network, logger, model)
+    _set_decomposable(trt, network, decomposable)
     if profiles is None:
         profiles = derive_profile(proto)
     profiles = [profiles] if isinstance(profiles, Profile) else list(profiles)
@@ -152,6 +169,49 @@ def build_engine(
 
 
 # --- steps -----------------------------------------------------------------------------------
+
+def installed_version(trt: Any) -> tuple[int, int]:
+    parts = [int(p) for p in trt.__version__.split(".")[:2] if p.isdigit()]
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+
+
+def _refuse_flags_on_11(version: tuple[int, int], precision: str, fp32_softmax: bool) -> None:
+    if not trt_ops.strongly_typed_only(version):
+        return
+    label = trt_ops.format_version(version)
+    if precision != "fp32":
+        raise InputError(f"--{precision}: TensorRT {label} has no precision flags (the model's "
+                         "own types decide); convert the model with `xattn-compiler optimize "
+                         f"MODEL -o OUT --precision {precision}` and build that")
+    if fp32_softmax:
+        raise InputError(f"--fp32-softmax: TensorRT {label} has no per-layer precision "
+                         "constraints; keep the Softmax in fp32 in the graph (optimize --precision)")
+
+
+def _set_decomposable(trt: Any, network: Any, names: Sequence[str]) -> list[str]:
+    """Mark the IAttention named after each node in ``names`` decomposable, as trtexec's
+    --decomposableAttentions does: through the ATTENTION_INPUT boundary layers."""
+    wanted, marked = set(names), []
+    if not wanted:
+        return marked
+    kind = getattr(trt.LayerType, "ATTENTION_INPUT", None)
+    if kind is None:
+        raise TensorRTBuildError(f"TensorRT {trt.__version__} has no IAttention (10.14+): "
+                                 "decomposable attention cannot be set")
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.type != kind:
+            continue
+        layer.__class__ = trt.IAttentionInputLayer   # get_layer returns the ILayer base
+        attention = layer.attention
+        if attention.name in wanted and attention.name not in marked:
+            attention.decomposable = True
+            marked.append(attention.name)
+    missing = sorted(wanted - set(marked))
+    if missing:
+        log.warning("no IAttention named %s in the parsed network", ", ".join(missing))
+    return marked
+
 
 def _make_logger(trt: Any) -> Any:
     class Logger(trt.ILogger):
@@ -306,16 +366,20 @@ def inspect_engine(trt: Any, logger: Any, plan: bytes) -> dict[str, Any]:
 
 
 def summarize_layers(info: dict[str, Any]) -> dict[str, Any]:
-    """Layer count, layer types and the layers that look like fused attention.
+    """Layer count, layer types, the layers that look like fused attention, and the I/O tensors.
 
-    ``info`` is the engine inspector's JSON (``{"Layers": [...], "Bindings": [...]}``); with
-    detailed profiling verbosity each layer is an object with ``Name`` and ``LayerType``, else a
-    name. A layer counts as fused attention when its name, type or tactic mentions ``mha`` or
-    ``attention`` (Myelin's ``_gemm_mha_v2``, IAttention layers).
+    ``info`` is the engine inspector's JSON. TensorRT 10.x writes
+    ``{"Layers": [...], "Bindings": ["name", ...]}``; 11.x replaced ``Bindings`` with
+    ``"I/O Tensors"``, a list of objects (``Name``, ``IOMode``, ``DataType``, ``Dimensions``,
+    ``ProfileInfo`` with each profile's ``Format``). With detailed profiling verbosity each
+    layer is an object with ``Name`` and ``LayerType``, else a name. A layer counts as fused
+    attention when its name, type or tactic mentions ``mha``, ``attention`` or ``kgen``
+    (Myelin's ``_gemm_mha_v2``, IAttention layers, Myelin's generated kernels).
     """
     layers = info.get("Layers", [])
     types: Counter[str] = Counter()
     attention = []
+    attention_types: dict[str, str] = {}   # the type its first input runs in
     for layer in layers:
         if isinstance(layer, str):
             name, kind, text = layer, "unknown", layer
@@ -323,7 +387,37 @@ def summarize_layers(info: dict[str, Any]) -> dict[str, Any]:
             name, kind = str(layer.get("Name", "")), str(layer.get("LayerType", "unknown"))
             text = " ".join(str(layer.get(key, "")) for key in ("Name", "LayerType", "TacticName"))
         types[kind] += 1
-        if "mha" in text.lower() or "attention" in text.lower():
+        if any(word in text.lower() for word in ("mha", "attention", "kgen")):
             attention.append(name)
+            inputs = layer.get("Inputs") if isinstance(layer, dict) else None
+            if inputs and isinstance(inputs[0], dict):
+                attention_types[name] = tensor_type(inputs[0])
+    io = [_io_tensor(entry) for entry in info.get("I/O Tensors", [])]
+    bindings = [t["name"] for t in io] or [str(b) for b in info.get("Bindings", [])]
     return {"layers": len(layers), "layer_types": dict(types.most_common()),
-            "attention_layers": attention, "bindings": list(info.get("Bindings", []))}
+            "attention_layers": attention, "attention_types": attention_types,
+            "bindings": bindings, "io_tensors": io}
+
+
+def tensor_type(entry: dict[str, Any]) -> str:
+    """A layer input/output's data type: 11.x's ``DataType``, or parsed out of 10.x's
+    ``Format/Datatype`` text ("Row major linear FP32", "Channel major FP16 format ...")."""
+    if "DataType" in entry:
+        return str(entry["DataType"])
+    text = str(entry.get("Format/Datatype", "")).upper()
+    for word, name in (("BFLOAT16", "BFloat16"), ("BF16", "BFloat16"), ("FP16", "Half"),
+                       ("HALF", "Half"), ("FP32", "Float"), ("FLOAT", "Float"),
+                       ("INT64", "Int64"), ("INT32", "Int32"), ("INT8", "Int8"),
+                       ("FP8", "FP8"), ("BOOL", "Bool")):
+        if word in text:
+            return name
+    return "unknown"
+
+
+def _io_tensor(entry: Any) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        return {"name": str(entry)}
+    profiles = entry.get("ProfileInfo") or []
+    return {"name": str(entry.get("Name", "")), "mode": str(entry.get("IOMode", "")).lower(),
+            "dtype": tensor_type(entry), "shape": list(entry.get("Dimensions", [])),
+            "formats": [str(p.get("Format", "")) for p in profiles if isinstance(p, dict)]}

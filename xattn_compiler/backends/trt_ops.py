@@ -2,9 +2,11 @@
 
 Transcribed from the onnx-tensorrt ``docs/operators.md`` published for TensorRT 10.15 and the
 TensorRT changelog (``Attention`` parses from 10.14 GA; ``RotaryEmbedding``,
-``RMSNormalization`` and ``TensorScatter`` from 10.15 GA). The opset range is 9..20 in the
-operators.md of TensorRT 10.0/10.1 and 9..24 in that of 10.15; versions in between are held to
-the older, documented range (a conservative reading: a newer 10.x may accept more).
+``RMSNormalization`` and ``TensorScatter`` from 10.15 GA; TensorRT 11 keeps every row). The
+opset range is 9..20 in the operators.md of TensorRT 10.0/10.1, 9..24 in that of 10.15, and the
+parser of 11.5 reads opsets up to 25 (ONNX 1.22); versions in between are held to the older,
+documented range (a conservative reading: a newer one may accept more).
+The ONNX Attention node's own restrictions are in :mod:`.trt_attention_rules`.
 Facts only; the package ships this table because it cannot read the project's notes at run time.
 """
 
@@ -160,7 +162,7 @@ SINCE = {
 }
 
 #: (first version, highest default-domain opset its operators.md documents).
-OPSET_RANGES = (((10, 0), 9, 20), ((10, 14), 9, 24))
+OPSET_RANGES = (((10, 0), 9, 20), ((10, 14), 9, 24), ((11, 5), 9, 25))
 
 #: Types the parser accepts only on quantize/dequantize paths (Q/DQ), never as plain tensors.
 QUANTIZED_TYPES = frozenset({"INT8", "INT4", "FLOAT8E4M3FN", "FLOAT4E2M1"})
@@ -169,12 +171,16 @@ UNSUPPORTED_TYPES = frozenset({"STRING", "INT16", "UINT16", "UINT32", "UINT64", 
                                "COMPLEX128", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ",
                                "UINT4"})
 
-#: The oldest version the table covers and the version `lint-trt` checks by default (the first
-#: with ONNX Attention, which the default fuse-attention target emits).
+#: The oldest version the table covers, and the version the TensorRT stage targets by default
+#: (`lint-trt`, `build`, `--emit-trtexec`: the current release).
 OLDEST = (10, 0)
-DEFAULT_VERSION = (10, 14)
+DEFAULT_VERSION = (11, 5)
 #: The newest version whose support the table was transcribed from.
-NEWEST = (10, 15)
+NEWEST = (11, 5)
+#: TensorRT 11 builds strongly typed networks only: no precision flags, no per-layer precision.
+STRONGLY_TYPED_ONLY = (11, 0)
+#: The first version whose trtexec takes --decomposableAttentions (IAttention arrived in 10.14).
+DECOMPOSABLE_SINCE = (10, 14)
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,11 @@ def parse_version(text: str) -> tuple[int, int]:
 
 def format_version(version: tuple[int, int]) -> str:
     return f"{version[0]}.{version[1]}"
+
+
+def strongly_typed_only(version: tuple[int, int]) -> bool:
+    """True when TensorRT ``version`` has no precision flags (11.0 and later)."""
+    return version >= STRONGLY_TYPED_ONLY
 
 
 def opset_range(version: tuple[int, int]) -> tuple[int, int]:

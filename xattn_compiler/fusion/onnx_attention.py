@@ -7,8 +7,8 @@
     out_BSE      = Attention(q_BSE, k_BSE, v_BSE, [mask], scale=a, q_num_heads=H,
                              kv_num_heads=Hkv, [softmax_precision=FLOAT])
 
-With ``4d`` Q, K and V stay 4-D (a core left on batched heads ``[B*H,S,D]`` runs as 3-D
-operands of one head each, ``q_num_heads=kv_num_heads=1``) and the projections and head
+With ``4d`` Q, K and V stay 4-D (a core left on batched heads ``[B*H,S,D]`` runs as
+``[B*H,1,S,D]``, one head per row, Unsqueezed in and Squeezed out) and the projections and head
 split/merge stay outside the op: what TensorRT 10.14's parser turns into ``IAttention`` (no
 past inputs, one output, a 4-D mask) and what ONNX Runtime and ``onnx.reference`` run on CPU.
 
@@ -26,10 +26,19 @@ in float32 inside an fp16 block keeps float32 through ``softmax_precision``.
 
 The model's default-domain opset goes to 23 when it is lower (``prepare``), and only when
 some block will be fused.
+
+What the node never carries, because TensorRT's parser rejects it (the rules are
+:mod:`xattn_compiler.backends.trt_attention_rules`): past/present inputs and outputs (a KV
+cache's Concat stays outside and the node reads the full K/V), softcap, qk_matmul_output_mode,
+and ``is_causal`` (a causal condition travels in the mask, so no decode step over a
+concatenated cache meets TensorRT's top-left causal alignment). A block inside an ``If``
+branch is left unfused: TensorRT does not build Attention there (NVIDIA/TensorRT#4739);
+``--specialize`` the condition to inline the branch and fuse it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -52,6 +61,8 @@ from .operands import (
 from .opset import ATTENTION_OPSET, upgrade_opset
 
 LAYOUTS = ("4d", "3d")
+# A body path through an If's branch attribute (ir.iter_graphs spells them "/node/then_branch").
+_IF_BRANCH = re.compile(r"/(then|else)_branch(\[\d+\])?(/|$)")
 
 
 @register_target
@@ -72,6 +83,10 @@ class OnnxAttentionTarget(FusionTarget):
         return upgrade_opset(model, ATTENTION_OPSET)
 
     def skip_reason(self, block: AttentionMatch) -> str | None:
+        if _IF_BRANCH.search(block.subgraph):
+            return ("inside an If branch, where TensorRT does not build Attention "
+                    "(NVIDIA/TensorRT#4739); specialize the condition (--specialize NAME=VALUE) "
+                    "to inline the branch and fuse it")
         plan = plan_core(block)
         return plan if isinstance(plan, str) else None
 
@@ -95,20 +110,35 @@ class OnnxAttentionTarget(FusionTarget):
         # Sq and Sk are read from Q and K as the op gets them: a Shape of K^T would keep the
         # K^T Transpose alive next to the K the op reads.
         axis = plan.seq_axes[0]
-        inputs = [plan.q, k, v, *_mask(edit, plan, lengths=((plan.q, axis), (k, axis)))]
+        mask = _mask(edit, plan, lengths=((plan.q, axis), (k, axis)))
         attrs: dict = {"scale": float(plan.folded_scale)}
-        # With 4-D operands the op reads the head counts from the shapes; the attributes are
-        # written only where shapes confirm them (a wrong one fails at run time).
-        if plan.batched:
-            # [B*H,S,D]: 3-D operands of one head each ([B, S, heads*D] to the op).
-            attrs.update(q_num_heads=1, kv_num_heads=1)
-        elif heads and kv_heads:
-            attrs.update(q_num_heads=heads, kv_num_heads=kv_heads)
         if plan.softmax_dtype != plan.dtype:
             attrs["softmax_precision"] = int(plan.softmax_dtype)
-        out = edit.node("Attention", inputs, "attention", dtype=plan.context.dtype, **attrs)
+        if plan.batched:
+            return _fuse_batched(edit, plan, [plan.q, k, v], mask, attrs)
+        # With 4-D operands the op reads the head counts from the shapes; the attributes are
+        # written only where shapes confirm them (a wrong one fails at run time).
+        if heads and kv_heads:
+            attrs.update(q_num_heads=heads, kv_num_heads=kv_heads)
+        out = edit.node("Attention", [plan.q, k, v, *mask], "attention", dtype=plan.context.dtype,
+                        **attrs)
         edit.take_over(plan.context_node, out)
         return edit.added
+
+
+def _fuse_batched(edit: Editor, plan: CorePlan, qkv: list[gs.Tensor], mask: list[gs.Tensor],
+                  attrs: dict) -> list[gs.Node]:
+    """A core on batched heads ``[B*H, S, D]`` as one head of each row: ``[B*H, 1, S, D]``.
+    The 4-D form is the one TensorRT's parser documents (3-D operands need a parser that
+    reshapes them with the num_heads attributes); the mask is already ``[B*H, 1, Sq, Sk]``."""
+    axis = edit.const("head_axis", np.array([1], np.int64))
+    operands = [edit.node("Unsqueeze", [t, axis], f"{name}_one_head", dtype=t.dtype)
+                for t, name in zip(qkv, ("query", "key", "value"), strict=True)]
+    out = edit.node("Attention", [*operands, *mask], "attention", dtype=plan.context.dtype,
+                    **attrs)
+    context = edit.node("Squeeze", [out, axis], "context_rows", dtype=plan.context.dtype)
+    edit.take_over(plan.context_node, context)
+    return edit.added
 
 
 def _mask(edit: Editor, plan: CorePlan, lengths=None) -> list[gs.Tensor]:

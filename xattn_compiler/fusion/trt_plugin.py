@@ -1,8 +1,9 @@
 """The ``trt-plugin`` target: each attention block becomes one TensorRT plugin node.
 
-Per block, the first spec whose kind and constraints fit is used: the legacy presets
-(``fMHCA`` for cross-attention, ``fMHA_V2`` for self-attention, TensorRT 8.5) or the one spec
-read from ``plugin_spec``. What the rewrite writes, by the spec's input layout::
+Per block, the first spec whose kind and constraints fit is used: the one spec read from
+``plugin_spec`` (an IPluginV3 plugin you build: the plugin path for TensorRT 10/11), or without
+one the LEGACY presets (``fMHCA`` for cross-attention, ``fMHA_V2`` for self-attention), which
+exist only for TensorRT 8.5 (removed in 8.6; ``lint-trt`` blocks them on later versions). What the rewrite writes, by the spec's input layout::
 
     q_kv_packed (fMHCA):   kv_BSN2H = Reshape(x_kv @ W_kv [+ b_kv], [0, 0, N, 2, H])
                            q_BSNH   = Transpose(q_BNSH, [0, 2, 1, 3]) [* ratio]
@@ -25,6 +26,7 @@ the model's metadata so that :mod:`xattn_compiler.plugins.reference` can run the
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -36,12 +38,14 @@ import onnx_graphsurgeon as gs
 from xattn_compiler.analysis import constant_eval
 from xattn_compiler.attention import AttentionMatch, Operand, reshape_target
 from xattn_compiler.patterns.steps import MaskAdd, Scale, core_steps
-from xattn_compiler.plugins.presets import LEGACY_PRESETS
+from xattn_compiler.plugins.presets import LEGACY_PRESETS, legacy_warning
 from xattn_compiler.plugins.reference import record_specs, recorded_specs
 from xattn_compiler.plugins.spec import PluginSpec, load_spec
 
 from .base import FusionTarget, register_target
 from .operands import plan_core
+
+log = logging.getLogger(__name__)
 
 _PACKED = frozenset({"q_kv_packed", "qkv_packed"})
 # Ops that may sit between a projection and the core operand without changing which column of
@@ -56,12 +60,15 @@ class TrtPluginTarget(FusionTarget):
     """Replace each block with a TensorRT plugin node (legacy presets or a declared spec)."""
 
     name = "trt-plugin"
-    description = "TensorRT plugin nodes: fMHCA/fMHA_V2 (TensorRT 8.5) or a declared plugin spec"
+    description = ("TensorRT plugin nodes: a declared plugin spec (IPluginV3), or the LEGACY "
+                   "fMHCA/fMHA_V2 presets (TensorRT 8.5 only)")
 
     def __init__(self, options: Mapping[str, Any]):
         super().__init__(options)
         path = self.options.get("plugin_spec") or ""
         self.specs: tuple[PluginSpec, ...] = (load_spec(path),) if path else LEGACY_PRESETS
+        if not path:
+            log.warning(legacy_warning())
         self.used: dict[str, PluginSpec] = {}
 
     def skip_reason(self, block: AttentionMatch) -> str | None:

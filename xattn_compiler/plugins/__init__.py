@@ -1,7 +1,8 @@
 """TensorRT attention plugins: specs (presets and user-declared) and numpy references.
 
 - :mod:`.spec`: :class:`PluginSpec`, read from TOML/JSON with :func:`load_spec`;
-- :mod:`.presets`: the TensorRT 8.5 ``fMHCA`` and ``fMHA_V2`` plugins;
+- :mod:`.presets`: the LEGACY TensorRT 8.5 ``fMHCA`` and ``fMHA_V2`` plugins (removed in 8.6;
+  no TensorRT 10/11 has them): user-declared specs of IPluginV3 plugins are the plugin path;
 - :mod:`.reference`: numpy implementations run by ``onnx.reference``, so graphs with plugin
   nodes can be run on a machine without TensorRT;
 - :mod:`.decompose`: the same ops in standard ONNX, for ONNX Runtime verification.

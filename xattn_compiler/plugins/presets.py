@@ -1,8 +1,13 @@
-"""The legacy fused-attention plugins of TensorRT 8.5 (its Stable Diffusion demo).
+"""LEGACY: the fused-attention plugins of TensorRT 8.5 (its Stable Diffusion demo).
 
 Both were open-source plugins (NVIDIA/TensorRT ``plugin/multiHeadCrossAttentionPlugin`` and
 ``plugin/multiHeadFlashAttentionPlugin``, release 8.5), removed in 8.6 when Myelin learned to
-fuse attention itself. What their sources say, and what the presets encode:
+fuse attention itself (CHANGELOG.md, release/8.6). No TensorRT 10 or 11 install has a creator
+for them: they run only on TensorRT 8.5 with a plugin library built from its sources, and
+``lint-trt`` reports them as blockers for any later version. The plugin path for current
+TensorRT is a user-declared spec (:mod:`.spec`) of an IPluginV3 plugin you build; on TensorRT
+10.14+ the ``onnx-attention`` target (IAttention) needs no plugin at all. What the 8.5 sources
+say, and what the presets encode:
 
 - ``fMHCA`` version "1": inputs ``q [B, Sq, N, H]`` and packed ``kv [B, Skv, N, 2, H]``, output
   ``[B, Sq, N, H]``; no attributes (the creator has no fields). The kernel is fp16 only
@@ -26,18 +31,33 @@ FMHCA = PluginSpec(
     kinds=("cross",), scale="inverse_sqrt_head_dim",
     constraints=Constraints(dtypes=("float16",), min_head_size=33, max_head_size=256,
                             max_kv_length=128),
-    description="TensorRT 8.5 fused multi-head cross-attention (SM 75-89)",
+    description="LEGACY: TensorRT 8.5 only (removed in 8.6) fused multi-head cross-attention "
+                "(SM 75-89)",
 )
 
 FMHA_V2 = PluginSpec(
     op="fMHA_V2", version="1", namespace="", layout="qkv_packed", output_layout="BSNH",
     kinds=("self",), scale="inverse_sqrt_head_dim",
     constraints=Constraints(dtypes=("float16",), head_sizes=(16, 32, 40, 64, 80, 128, 160, 256)),
-    description="TensorRT 8.5 fused flash self-attention (SM 75-89)",
+    description="LEGACY: TensorRT 8.5 only (removed in 8.6) fused flash self-attention "
+                "(SM 75-89)",
 )
 
 #: The specs the ``trt-plugin`` target uses when no plugin spec file is given: each block goes
 #: to the first preset whose kind and constraints fit.
 LEGACY_PRESETS: tuple[PluginSpec, ...] = (FMHCA, FMHA_V2)
+#: The only TensorRT the presets exist for, and the first that no longer has them.
+LEGACY_VERSION = (8, 5)
+REMOVED_IN = (8, 6)
+LEGACY_OPS = frozenset(spec.op for spec in LEGACY_PRESETS)
 
-__all__ = ["FMHA_V2", "FMHCA", "LEGACY_PRESETS"]
+
+def legacy_warning() -> str:
+    """One line for logs and reports when the presets are used."""
+    return ("the fMHCA/fMHA_V2 presets are LEGACY: they exist only for TensorRT 8.5 (removed in "
+            "8.6); for TensorRT 10/11 use --target onnx-attention or declare your IPluginV3 "
+            "plugin with --plugin-spec")
+
+
+__all__ = ["FMHA_V2", "FMHCA", "LEGACY_OPS", "LEGACY_PRESETS", "LEGACY_VERSION", "REMOVED_IN",
+           "legacy_warning"]
