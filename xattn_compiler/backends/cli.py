@@ -207,7 +207,9 @@ def _add_lint(commands: Any, common: argparse.ArgumentParser) -> None:
         "lint-trt", parents=[common], help="check a model against TensorRT's ONNX support",
         description="Print what would block or slow a TensorRT build: unsupported ops and "
                     "types, If/Loop constructs, the opset, dynamic inputs without a profile, "
-                    "attention that will not fuse. Exit 1 when something blocks the build.")
+                    "ONNX Attention nodes the parser rejects, attention that will not fuse or "
+                    "stays fp32, the legacy fMHCA/fMHA_V2 plugins (TensorRT 8.5 only). Exit 1 "
+                    "when something blocks the build.")
     cmd.add_argument("model", help="the ONNX model, or a split-kv directory (both parts)")
     cmd.add_argument("--trt-version", default=format_version(DEFAULT_VERSION), metavar="X.Y",
                      help="TensorRT version to check against (default: %(default)s)")
