@@ -155,10 +155,14 @@ def _decomposable(model: Any, every: bool, version: tuple[int, int]) -> list[str
 
 
 def _emit(parts: list, plans: list, as_json: bool) -> int:
+    from .trt_ops import format_version
     from .trtexec import polygraphy_command, shell_join, trtexec_command
 
-    records = [{"part": part.name, "role": part.role, "trtexec": trtexec_command(plan),
-                "polygraphy": polygraphy_command(plan)} for part, plan in zip(parts, plans, strict=True)]
+    records = [{"part": part.name, "role": part.role,
+                "trt_version": format_version(plan.trt_version),
+                "decomposable_attentions": list(plan.decomposable),
+                "trtexec": trtexec_command(plan), "polygraphy": polygraphy_command(plan)}
+               for part, plan in zip(parts, plans, strict=True)]
     if as_json:
         print(json.dumps(records, indent=2))
         return EXIT_OK
