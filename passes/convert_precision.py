@@ -112,14 +112,18 @@ class ConvertPrecision(Pass):
 
             raise InputError(f"convert-precision: unknown precision {precision!r} (fp16 or bf16)")
         escapes = parse_escapes(self.option("escapes"))
-        audit = None
+        audit, skipped = None, None
         if self.option("audit"):
-            audit = _audit(model, precision, self.option("inputs") or None, self.option("seed"))
+            audit, skipped = _audit(model, precision, self.option("inputs") or None,
+                                    self.option("seed"))
+        if audit is not None:
             escapes = {**parse_escapes(audit.escapes()), **escapes}
         out, report = _Converter(model, HALF_TYPES[precision], self.option("convert-io"),
                                  escapes).run()
         if audit is not None:
             out, report = self._check(model, out, report, audit, escapes)
+        elif skipped:
+            report.audit = {"skipped": skipped}
         counts = {"nodes_converted": report.nodes_converted,
                   "kept_fp32": sum(report.kept.values()),
                   "casts_inserted": report.casts,
@@ -153,9 +157,19 @@ class ConvertPrecision(Pass):
 
 
 def _audit(model, precision, inputs, seed):
+    """The audit, or None and the reason when ONNX Runtime cannot run the model on drawn
+    inputs (plugin nodes, say): conversion goes on without escapes and the report says so.
+    Inputs the user gave that do not fit stay an error."""
+    from xattn_compiler.errors import InputError
     from xattn_compiler.precision_audit import audit_model
 
-    return audit_model(model, precision, inputs, seed=seed)
+    try:
+        return audit_model(model, precision, inputs, seed=seed), None
+    except InputError as exc:
+        if inputs is not None:
+            raise
+        log.warning("convert-precision: no audit (%s)", exc)
+        return None, str(exc)
 
 
 def parse_escapes(items) -> dict[str, int]:

@@ -26,7 +26,11 @@ from xattn_compiler.precision_audit import (
     relative_error,
 )
 from xattn_compiler.testing import AttentionSpec, attention_model
-from xattn_compiler.testing.assertions import assert_idempotent, assert_valid
+from xattn_compiler.testing.assertions import (
+    assert_deterministic,
+    assert_idempotent,
+    assert_valid,
+)
 from xattn_compiler.verification import run_model
 from xattn_compiler.zoo import cached_export
 
@@ -341,3 +345,32 @@ def test_precision_round_trips_through_external_data(export_cache, tmp_path):
     assert external and {t.data_type for t in external} <= {H, TensorProto.INT64, F}
     assert any(t.data_type == H for t in external)
     assert_valid(onnx.load(out))
+
+
+def test_convert_precision_output_is_deterministic(export_cache):
+    fused = xc.optimize(xc.load(cached_export("whisper-decoder-sdpa", export_cache).path)).model
+    assert_deterministic(ConvertPrecision(precision="fp16"), fused)
+
+
+def test_a_model_onnx_runtime_cannot_run_converts_without_the_audit():
+    # A custom op the CPU provider lacks: the audit is skipped with its reason, not an error.
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                               helper.make_node("Mystery", ["h"], ["y"], domain="example.custom")],
+                              "g", [helper.make_tensor_value_info("x", F, [2, 8])],
+                              [out("y", [2, 8])], [weight("w", [8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("example.custom", 1)])
+    result = ConvertPrecision(precision="fp16", audit=True).run(model)
+    assert "skipped" in result.details["audit"]
+    assert result.details["kept_fp32"] == {"no-schema": 1}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-audit"], "--no-audit and --convert-io apply to --precision only"),
+    (["--precision", "fp16", "--guard-precision"], "guard_precision is for TensorRT 10"),
+])
+def test_precision_usage_errors_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    code = main(["optimize", "--example", "-o", str(tmp_path / "out.onnx"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert not (tmp_path / "out.onnx").exists()
