@@ -296,6 +296,13 @@ def _verify_written(model: Any, model_path: Path, written: Path, inputs: str | N
     except InputError as exc:
         raise CheckFailed(f"verification failed: the model as written does not load ({exc}); "
                           "nothing was written") from exc
+    if precision:
+        # Tolerances that follow from the precision, the candidate seen as half kernels run it.
+        from .precision_audit import verify_precision
+
+        reference = model if specialize else _reference(model, model_path)
+        return verify_precision(reference, str(written), precision, inputs,
+                                specialize=specialize or None)
     if specialize:
         # The specialised model no longer takes the pinned inputs: compare it with the
         # original run on those same values.
@@ -305,11 +312,6 @@ def _verify_written(model: Any, model_path: Path, written: Path, inputs: str | N
 
         return verify_specialized(model, candidate, specialize,
                                   inputs=load_inputs(inputs) if inputs else None)
-    if precision:
-        # Tolerances that follow from the precision, the candidate seen as half kernels run it.
-        from .precision_audit import verify_precision
-
-        return verify_precision(_reference(model, model_path), str(written), precision, inputs)
     return _verify(_reference(model, model_path), str(written), inputs)
 
 

@@ -529,17 +529,31 @@ def relative_error(ref: np.ndarray, cand: np.ndarray) -> float:
 
 
 def verify_precision(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
-                     precision: str, inputs=None, seed: int = 0):
+                     precision: str, inputs=None, seed: int = 0,
+                     specialize: Mapping[str, Any] | None = None):
     """:func:`~xattn_compiler.verification.verify` of a converted model against its fp32
     original with :func:`precision_tolerances`, the candidate run through :func:`cpu_view`.
-    The absolute tolerance is ``rtol * max(1, largest |reference output|)``."""
+    The absolute tolerance is ``rtol * max(1, largest |reference output|)``. ``specialize``:
+    the candidate was specialised on these input values (``optimize --specialize``)."""
     from .verification import verify
+    from .weights import has_stubs, materialize
 
     ref_model = reference if isinstance(reference, onnx.ModelProto) else onnx.load(str(reference))
+    ref_model = materialize(ref_model) if has_stubs(ref_model) else ref_model
     cand_model = candidate if isinstance(candidate, onnx.ModelProto) else onnx.load(str(candidate))
     rtol = precision_tolerances(precision, model_depth(cand_model))[0]
-    feeds = sample_feeds(ref_model, inputs, seed)
-    outputs = run_with_outputs(ref_model, feeds, [])
+    runnable = ref_model
+    if specialize:
+        from xattn_compiler.passes.control_flow_specialize import pin_in_proto
+
+        runnable = pin_in_proto(ref_model, specialize)
+    feeds = sample_feeds(runnable, inputs, seed)
+    outputs = run_with_outputs(runnable, feeds, [])
     scale = max([1.0] + [float(np.abs(v[np.isfinite(v)]).max()) for v in outputs.values()
                          if np.issubdtype(v.dtype, np.floating) and np.isfinite(v).any()])
+    if specialize:
+        from xattn_compiler.passes.control_flow_specialize import verify_specialized
+
+        return verify_specialized(ref_model, cpu_view(cand_model), specialize, inputs=feeds,
+                                  rtol=rtol, atol=rtol * scale)
     return verify(reference, cpu_view(cand_model), inputs=feeds, rtol=rtol, atol=rtol * scale)
