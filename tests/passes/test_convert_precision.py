@@ -374,3 +374,19 @@ def test_precision_usage_errors_exit_2_with_one_line(argv, message, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_optimize_precision_with_specialize_verifies_against_the_pinned_original(tmp_path):
+    # Was: the specialised fp16 model was compared with the fp32 default tolerances.
+    from xattn_compiler.testing.merged_decoder import merged_decoder
+
+    source, out = tmp_path / "merged.onnx", tmp_path / "decoder.fp16.onnx"
+    report = tmp_path / "report.json"
+    xc.save(merged_decoder(), source)
+    assert main(["optimize", str(source), "-o", str(out), "--specialize",
+                 "use_cache_branch=false", "--precision", "fp16", "--verify", "--report",
+                 str(report), "-q"]) == 0
+    assert_valid(onnx.load(out))
+    rtol = precision_tolerances("fp16", model_depth(onnx.load(out)))[0]
+    checks = json.loads(report.read_text())["verify"]["outputs"]
+    assert checks and all(check["rtol"] == pytest.approx(rtol) for check in checks)
