@@ -7,6 +7,7 @@ Every class listed in :data:`BUILTIN_PASSES` is registered under its kebab-case 
 from .batched_heads import CollapseBatchedHeads
 from .canonicalize import Canonicalize
 from .control_flow import InlineConstantIf, SpecializeInputs, UnrollControlFlow, UnrollLoops
+from .convert_precision import ConvertPrecision
 from .fuse_attention import FuseAttention
 from .guard_precision import GuardPrecision
 from .layout_clutter import RemoveLayoutClutter
@@ -35,8 +36,9 @@ BUILTIN_PASSES = (
     SpecializeInputs,
     FuseAttention,
     GuardPrecision,
+    ConvertPrecision,
 )
 
 __all__ = ["BUILTIN_PASSES", "CancelTransposes", "Canonicalize", "CanonicalKeyTranspose",
-           "CollapseBatchedHeads", "DivToMul", "EinsumToMatMul", "FuseAttention", "GuardPrecision", "NormalizeSpellings", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV",
+           "CollapseBatchedHeads", "ConvertPrecision", "DivToMul", "EinsumToMatMul", "FuseAttention", "GuardPrecision", "NormalizeSpellings", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV",
            "InlineConstantIf", "SpecializeInputs", "UnrollControlFlow", "UnrollLoops"]

@@ -23,7 +23,15 @@ x's dim ``i``) and from constant targets themselves (``Reshape(x, [0, -1, 4])`` 
 ``[B, S, 4]`` x is an identity whatever S is; ONNX cannot propagate an outer constant into an
 If/Loop body, so the output shapes it leaves unknown there are filled in from the target).
 Symbols are trusted as exporters and shape inference write them: two dims with the same name
-are equal. What cannot be proved is left alone. ``allowzero`` keeps its meaning: a target with
+are equal. What cannot be proved is left alone.
+
+Dims ONNX cannot infer are filled in (``shapes_refined``), so the passes after this one can
+prove what TorchScript exports compute at run time: a computed target read as products of
+dims (``Mul(Gather(Shape(h), 0), 4)`` is ``4*B``) names the -1 of a head merge
+(``numel(x) / (4*B*D)``); ``Expand`` by a shape built as ``Where(Equal(s, -1), 1, s)``
+(torch's ``expand(B, -1)``) keeps its symbols; a broadcast read by a Reshape to exactly as
+many elements as one of its inputs has that input's shape. The dims below a refined tensor
+are inferred again. ``allowzero`` keeps its meaning: a target with
 a literal 0 dim keeps ``allowzero=1``, and a 0 meaning "copy" is only ever written into a
 target read with ``allowzero=0``. (A -1 cannot be inferred when another dim is 0, so a target
 made constant with a -1 fails on empty tensors where the computed one did not; exporters write
@@ -42,6 +50,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -60,7 +69,7 @@ from xattn_compiler.rewrite import GraphPass, only_consumer
 
 log = logging.getLogger(__name__)
 
-_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity"})
+_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity", "Expand"})
 #: How deep the walk through a computed target goes (exporters use 3-4 levels).
 _MAX_TARGET_DEPTH = 8
 #: ``(source, widened)`` ONNX element types where every source value is exact in ``widened``,
@@ -322,7 +331,93 @@ def _elements(tensor: gs.Tensor, depth: int) -> list | None:
         data = _elements(node.inputs[0], depth + 1)
         picked = _pick(node, data) if data is not None else None
         return picked if picked is not None else _unknown(tensor)
+    if node.op == "Where" and _is_expand_shape(node):
+        # torch's expand(-1) exported: Where(Equal(shape, -1), 1, shape); -1 keeps a dim.
+        found = _elements(node.inputs[2], depth + 1)
+        if found is not None:
+            return [1 if e == -1 else e for e in found]
+    if node.op == "Mul" and len(node.inputs) == 2:
+        # TorchScript writes a head merge's B*H as Mul(Gather(Shape(x), 0), H).
+        left, right = (_elements(t, depth + 1) for t in node.inputs)
+        if left is not None and right is not None and (
+                len(left) == len(right) or 1 in (len(left), len(right))):
+            width = max(len(left), len(right))
+            return [Product((left[i if len(left) > 1 else 0], right[i if len(right) > 1 else 0]))
+                    for i in range(width)]
     return _unknown(tensor)
+
+
+def _is_expand_shape(node: gs.Node) -> bool:
+    """Whether ``node`` is ``Where(Equal(shape, -1), 1, shape)`` (-1 and 1 constant)."""
+    if len(node.inputs) != 3:
+        return False
+    cond, ones, shape = node.inputs
+    test = producer(cond)
+    if test is None or test.op != "Equal" or shape not in test.inputs:
+        return False
+    minus = test.inputs[1] if test.inputs[0] is shape else test.inputs[0]
+    minus, ones = constant_eval(minus), constant_eval(ones)
+    return (minus is not None and ones is not None and minus.size > 0 and ones.size > 0
+            and bool(np.all(minus == -1)) and bool(np.all(ones == 1)))
+
+
+@dataclass(frozen=True)
+class Product:
+    """A target element computed as the product of two others (ints, dims, products)."""
+
+    factors: tuple
+
+
+#: A size as a product of known factors: ``(coefficient, sorted symbols)``; ``[B, H*S]``'s
+#: second dim with H=4 is ``(4, ("S",))``.
+Monomial = tuple
+
+
+def _monomial(size) -> Monomial | None:
+    """An int or a symbol as a :data:`Monomial` (None when unknown)."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size >= 0:
+        return int(size), ()
+    return (1, (size,)) if isinstance(size, str) and size else None
+
+
+def _times(a: Monomial | None, b: Monomial | None) -> Monomial | None:
+    return None if a is None or b is None else (a[0] * b[0], tuple(sorted(a[1] + b[1])))
+
+
+def _divided(a: Monomial, b: Monomial) -> Monomial | None:
+    """``a / b`` when it is a monomial (b's coefficient divides, b's symbols are among a's)."""
+    rest = collections.Counter(a[1])
+    rest.subtract(b[1])
+    if b[0] == 0 or a[0] % b[0] or any(n < 0 for n in rest.values()):
+        return None
+    return a[0] // b[0], tuple(sorted(rest.elements()))
+
+
+def numel(tensor: gs.Tensor) -> Monomial | None:
+    """The element count of ``tensor`` as a monomial of its dims (None when one is unknown)."""
+    total: Monomial | None = (1, ())
+    for size in tensor.shape if tensor.shape is not None else [None]:
+        total = _times(total, _monomial(size))
+    return total
+
+
+def _element_size(element) -> Monomial | None:
+    """What a :func:`target_elements` entry other than 0 and -1 is worth, as a monomial."""
+    if isinstance(element, Product):
+        return _times(*(_element_size(f) for f in element.factors))
+    if isinstance(element, tuple):
+        return _monomial(dim(*element))
+    return _monomial(element) if isinstance(element, int) else None
+
+
+def _as_dim(size: Monomial | None):
+    """A monomial as a dim (an int or one symbol), or None when it is a product of symbols."""
+    if size is None:
+        return None
+    coefficient, symbols = size
+    if not symbols:
+        return coefficient
+    return symbols[0] if coefficient == 1 and len(symbols) == 1 else None
 
 
 #: Ops whose output elements :func:`target_elements` follows one by one.
@@ -439,7 +534,9 @@ class _Simplifier:
         self.queued: set[int] = set()
         self.counts = {"reshape_chains_merged": 0, "identity_reshapes_removed": 0,
                        "computed_targets_made_constant": 0, "squeeze_unsqueeze_cancelled": 0,
-                       "casts_removed": 0, "identities_removed": 0}
+                       "casts_removed": 0, "identities_removed": 0, "shapes_refined": 0}
+        #: Tensors given dims ONNX could not infer (exported only when a count says so).
+        self.refined: list[gs.Tensor] = []
 
     def run(self) -> dict[str, int]:
         """Visit every candidate, and again whatever a rewrite puts next to another candidate."""
@@ -454,6 +551,9 @@ class _Simplifier:
             self.queued.discard(id(node))
             if node.outputs and node.inputs:  # a bypassed node is left disconnected
                 self.visit(node)
+        if self.refined:
+            forget_stale_shapes(self.refined, self.local)
+            self.counts["shapes_refined"] += len({id(t) for t in self.refined})
         if any(self.counts.values()):
             log.debug("simplify-reshapes: %s", self.counts)
         return self.counts
@@ -469,6 +569,8 @@ class _Simplifier:
         """Try the rewrites that apply to ``node``'s op."""
         if node.op == "Reshape":
             self.reshape(node)
+        elif node.op == "Expand":
+            self.refined.extend(refine_expand(node, self.graph))
         elif node.op in ("Squeeze", "Unsqueeze"):
             source = _squeeze_pair_source(node, self.local)
             if source is not None:
@@ -500,7 +602,7 @@ class _Simplifier:
         if self.merge(node):
             self.counts["reshape_chains_merged"] += 1
             self.push([node])  # its new producer may be a Reshape too
-        refine_reshape_shape(node)
+        self.refined.extend(refine_reshape_shape(node, self.graph))
         if is_identity_reshape(node):
             self.forward(node, node.inputs[0], "identity_reshapes_removed")
             return
@@ -575,17 +677,20 @@ def _unknown_dim(size) -> bool:
     return size is None or (isinstance(size, str) and size.startswith("unk__"))
 
 
-def refine_reshape_shape(node: gs.Node) -> None:
+def refine_reshape_shape(node: gs.Node, graph: gs.Graph | None = None) -> list[gs.Tensor]:
     """Fill the output dims shape inference left unknown from a constant target.
 
     ONNX propagates no values into If/Loop bodies, so a Reshape there whose target is an outer
     constant gets an unknown shape; the target and the input's shape still say what it is.
+    Computed targets are read by :func:`refine_computed_reshape`.
     """
     target = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
     out, data = node.outputs[0], node.inputs[0]
+    if target is None and len(node.inputs) > 1:
+        return refine_computed_reshape(node, graph) if graph is not None else []
     if target is None or target.ndim != 1 or (out.shape is not None
                                              and not any(_unknown_dim(d) for d in out.shape)):
-        return
+        return []
     allowzero = node.attrs.get("allowzero", 0)
     dims = []
     for i, value in enumerate(int(v) for v in target):
@@ -603,6 +708,129 @@ def refine_reshape_shape(node: gs.Node) -> None:
     old = out.shape if out.shape is not None and len(out.shape) == len(dims) else [None] * len(dims)
     out.shape = [new if _unknown_dim(was) and new is not None else was
                  for was, new in zip(old, dims, strict=True)]
+    return []  # ONNX infers the same once the target reaches the body: nothing to count
+
+
+def refine_computed_reshape(node: gs.Node, graph: gs.Graph) -> list[gs.Tensor]:
+    """Fill unknown dims of a Reshape whose target is computed from shapes, as a product of
+    symbols, and the shape of the broadcast that feeds it.
+
+    TorchScript's head merge ``view(B*H, -1, D)`` of ``x[B,H,S,D]`` computes ``B*H`` as
+    ``Mul(Gather(Shape(h), 0), H)``; ONNX cannot name the -1 (it would have to divide
+    symbols), but ``numel(x) / (B*H*D)`` is ``S``, x's own symbol. The same holds for any
+    entry: an entry worth one symbol or an int becomes that dim.
+    """
+    elements = target_elements(node.inputs[1])
+    out, data = node.outputs[0], node.inputs[0]
+    if elements is None or node.attrs.get("allowzero", 0):
+        return []
+    sizes: list[Monomial | None] = []
+    for position, element in enumerate(elements):
+        if element == 0:
+            sizes.append(_monomial(dim(data, position)))
+        else:
+            sizes.append(None if element == -1 else _element_size(element))
+    free = [i for i, e in enumerate(elements) if e == -1]
+    total = numel(data)
+    if len(free) == 1 and total is not None and all(
+            size is not None for i, size in enumerate(sizes) if i != free[0]):
+        known: Monomial = (1, ())
+        for i, size in enumerate(sizes):
+            if i != free[0]:
+                known = _times(known, size)
+        sizes[free[0]] = _divided(total, known)
+    refined = []
+    old = out.shape if out.shape is not None else [None] * len(sizes)
+    new = [_as_dim(size) if _unknown_dim(was) and _as_dim(size) is not None else was
+           for was, size in zip(old, sizes, strict=True)] if len(old) == len(sizes) else old
+    if new != out.shape and not is_graph_output(out, graph):
+        out.shape = new
+        refined.append(out)
+    if None not in sizes and -1 not in elements:
+        total_out: Monomial | None = (1, ())
+        for size in sizes:
+            total_out = _times(total_out, size)
+        if not is_graph_output(data, graph) and refine_broadcast(data, total_out):
+            refined.append(data)
+    return refined
+
+
+def refine_expand(node: gs.Node, graph: gs.Graph) -> list[gs.Tensor]:
+    """Fill unknown dims of ``Expand(x, shape)`` when the shape is computed from dims.
+
+    TorchScript exports ``x.expand(B, -1)`` with the shape built at run time (see
+    :func:`_is_expand_shape`), which ONNX cannot read: BART's positions lose the batch symbol
+    there, and with it every head merge downstream that reads B from the hidden states.
+    """
+    elements = target_elements(node.inputs[1]) if len(node.inputs) > 1 else None
+    data, out = node.inputs[0], node.outputs[0]
+    if elements is None or data.shape is None or is_graph_output(out, graph):
+        return []
+    width = max(len(data.shape), len(elements))
+    dims = [1] * (width - len(data.shape)) + list(data.shape)
+    wanted = [1] * (width - len(elements)) + [
+        _as_dim(_element_size(e)) if e != 0 else None for e in elements]
+    new = []
+    for have, want in zip(dims, wanted, strict=True):
+        if same_dim(want, 1) or same_dim(have, want):
+            new.append(have)
+        else:
+            new.append(want if same_dim(have, 1) else None)
+    old = out.shape if out.shape is not None and len(out.shape) == width else [None] * width
+    merged = [n if _unknown_dim(o) and n is not None else o for o, n in zip(old, new, strict=True)]
+    if merged == out.shape:
+        return []
+    out.shape = merged
+    return [out]
+
+
+#: Elementwise ops whose output is the broadcast of their inputs.
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Where"})
+
+
+def refine_broadcast(tensor: gs.Tensor, count: Monomial | None) -> bool:
+    """Give an elementwise op's output the shape of an input with as many elements.
+
+    A broadcast's output dims are at least its inputs' (a dim of 1 grows, others stay), so an
+    output that a Reshape proves to hold exactly ``numel(input)`` elements has that input's
+    shape: a scores tensor ``[B,H,Sq,Sk]`` plus a mask whose shape came through an ``Expand``
+    ONNX could not read. (Empty tensors excepted: a 0 dim hides what the others are.)
+    """
+    node = producer(tensor)
+    if (count is None or node is None or node.op not in _BROADCASTING
+            or (tensor.shape is not None and not any(_unknown_dim(d) for d in tensor.shape))):
+        return False
+    ranks = [rank(t) for t in node.inputs]
+    if None in ranks:
+        return False
+    for source in node.inputs:
+        if rank(source) == max(ranks) and numel(source) == count:
+            if same_shape(tensor.shape, source.shape):
+                return False
+            tensor.shape = list(source.shape)
+            return True
+    return False
+
+
+def forget_stale_shapes(refined: list[gs.Tensor], local: set[int]) -> None:
+    """Blank the unknown dims below ``refined`` (ranks stay), so inference recomputes them.
+
+    ONNX keeps a symbol a tensor already has over the one it infers, so a MatMul reading a
+    refined head merge would keep its stale ``unk__`` dims for good.
+    """
+    seen = {id(t) for t in refined}
+    stack = list(refined)
+    while stack:
+        for reader in stack.pop().outputs:
+            if id(reader) not in local:
+                continue
+            for out in reader.outputs:
+                if id(out) in seen:
+                    continue
+                seen.add(id(out))
+                if out.shape is not None and any(_unknown_dim(d) for d in out.shape):
+                    out.shape = [None if _unknown_dim(d) else d for d in out.shape]
+                stack.append(out)
 
 
 def is_identity_reshape(node: gs.Node) -> bool:

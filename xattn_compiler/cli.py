@@ -186,12 +186,21 @@ def _add_optimize(commands: Any, common: argparse.ArgumentParser) -> None:
     cmd.add_argument("--guard-precision", action="store_true",
                      help="keep each attention's score MatMul and Softmax in fp32 (half-precision "
                           "models) and list them for the TensorRT build")
+    cmd.add_argument("--precision", choices=("fp16", "bf16"), default=None,
+                     help="convert the model to fp16 or bf16 after fusion, fp32 kept where needed "
+                          "(TensorRT 11 builds the types the model gives); an audit on --inputs or "
+                          "drawn inputs escapes blocks that would overflow (docs/precision.md)")
+    cmd.add_argument("--no-audit", action="store_true",
+                     help="--precision without the data-driven audit of attention blocks")
+    cmd.add_argument("--convert-io", action="store_true",
+                     help="--precision: convert float graph inputs and outputs too (default: fp32)")
     cmd.add_argument("--fixpoint", action="store_true",
                      help="repeat the pipeline until no pass changes the model")
     cmd.add_argument("--report", metavar="R.json", help="write a JSON report of every pass")
     cmd.add_argument("--verify", action="store_true",
                      help="compare outputs with ONNX Runtime; exit 1 and write no model on mismatch")
-    cmd.add_argument("--inputs", metavar="NPZ", help="inputs for --verify (default: random)")
+    cmd.add_argument("--inputs", metavar="NPZ",
+                     help="inputs for --verify and the --precision audit (default: random)")
     cmd.add_argument("--debug", action="store_true",
                      help="check the graph after every pass and name the pass that broke it")
     cmd.add_argument("--reproducer", metavar="DIR",
@@ -218,7 +227,8 @@ def run_optimize(args: argparse.Namespace) -> int:
         result = optimize(model, args.passes, fixpoint=args.fixpoint, debug=args.debug,
                           reproducer=args.reproducer, listener=listener, target=args.target,
                           specialize=specialize, plugin_spec=args.plugin_spec,
-                          guard_precision=args.guard_precision, qkv_layout=args.qkv_layout)
+                          guard_precision=args.guard_precision, qkv_layout=args.qkv_layout,
+                          **_precision_options(args))
         report: dict[str, Any] = {
             "model": str(model_path), "output": str(output),
             "before": model_summary(model), "after": model_summary(result.detached),
@@ -228,7 +238,8 @@ def run_optimize(args: argparse.Namespace) -> int:
         def finish(written: Path) -> None:
             # Runs on the files as written, before they replace anything at the output path.
             if args.verify:
-                check = _verify_written(model, model_path, written, args.inputs, specialize)
+                check = _verify_written(model, model_path, written, args.inputs, specialize,
+                                        args.precision)
                 report["verify"] = check.to_dict()
             if args.report:
                 outputs.write_json(Path(args.report), report, protect=[model_path])
@@ -268,14 +279,30 @@ def _check_optimize_targets(args: argparse.Namespace, output: Path) -> None:
         outputs.check(target)
 
 
+def _precision_options(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.precision:
+        if args.no_audit or args.convert_io:
+            raise InputError("--no-audit and --convert-io apply to --precision only")
+        return {}
+    return {"precision": args.precision, "audit": not args.no_audit,
+            "precision_inputs": args.inputs, "convert_io": args.convert_io}
+
+
 def _verify_written(model: Any, model_path: Path, written: Path, inputs: str | None,
-                    specialize: dict[str, str]) -> Any:
+                    specialize: dict[str, str], precision: str | None = None) -> Any:
     """Compare the model as written (read back from ``written`` with its data) with the input."""
     try:
         candidate = load(written, lazy_weights=True)  # the same checks as any input gets
     except InputError as exc:
         raise CheckFailed(f"verification failed: the model as written does not load ({exc}); "
                           "nothing was written") from exc
+    if precision:
+        # Tolerances that follow from the precision, the candidate seen as half kernels run it.
+        from .precision_audit import verify_precision
+
+        reference = model if specialize else _reference(model, model_path)
+        return verify_precision(reference, str(written), precision, inputs,
+                                specialize=specialize or None)
     if specialize:
         # The specialised model no longer takes the pinned inputs: compare it with the
         # original run on those same values.

@@ -31,6 +31,8 @@ DEFAULT_PIPELINE = ("canonicalize,normalize-spellings,unroll-control-flow,remove
                     "fuse-attention")
 #: Fusion targets (``fuse-attention{target=...}``); the first is the default.
 TARGETS = ("onnx-attention", "canonical", "trt-plugin", "ort-mha")
+#: ``optimize --precision`` choices (``convert-precision{precision=...}``).
+PRECISIONS = ("fp16", "bf16")
 #: Q/K/V layouts of ``onnx-attention`` (``fuse-attention{qkv-layout=...}``); the first is the default.
 QKV_LAYOUTS = ("4d", "3d")
 
@@ -41,10 +43,15 @@ def default_pipeline(
     plugin_spec: str | Path | None = None,
     guard_precision: bool = False,
     qkv_layout: str | None = None,
+    precision: str | None = None,
+    audit: bool = True,
+    precision_inputs: str | Path | None = None,
+    convert_io: bool = False,
 ) -> str:
     """The default pipeline's text for a fusion target, input values to specialise on, a
     plugin spec (``trt-plugin``), the Q/K/V layout (``onnx-attention``: ``4d`` or ``3d``) and,
-    when asked, ``guard-precision`` at the end."""
+    when asked, ``guard-precision`` or ``convert-precision`` (``precision``: fp16 or bf16; with
+    the audit on ``precision_inputs`` or drawn inputs unless ``audit`` is False) at the end."""
     target = target or TARGETS[0]
     if target not in TARGETS:
         raise PipelineError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -65,7 +72,24 @@ def default_pipeline(
     passes = ["canonicalize", "normalize-spellings", unroll, "remove-layout-clutter", fuse]
     if guard_precision:
         passes.append("guard-precision")
+    if precision:
+        passes.append(_convert_text(precision, audit, precision_inputs, convert_io, guard_precision))
     return ",".join(passes)
+
+
+def _convert_text(precision: str, audit: bool, inputs: str | Path | None, convert_io: bool,
+                  guard_precision: bool) -> str:
+    # After fusion: each block converts whole, one Attention node with half Q/K/V.
+    if precision not in PRECISIONS:
+        raise PipelineError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if guard_precision:
+        raise PipelineError("guard_precision is for TensorRT 10 builds of fp32 models with "
+                            "--fp16; a converted model (precision) carries its own types")
+    text = f"convert-precision{{precision={precision}"
+    text += f" audit={str(bool(audit)).lower()}"
+    text += f" inputs={_value_text(str(inputs))}" if inputs and audit else ""
+    text += " convert-io=true" if convert_io else ""
+    return text + "}"
 
 
 def _value_text(value: Any) -> str:
@@ -136,20 +160,28 @@ def optimize(
     plugin_spec: str | Path | None = None,
     guard_precision: bool = False,
     qkv_layout: str | None = None,
+    precision: str | None = None,
+    audit: bool = True,
+    precision_inputs: str | Path | None = None,
+    convert_io: bool = False,
 ) -> OptimizeResult:
     """Run ``passes`` (pipeline text, pass objects, or the default pipeline) on ``model``.
 
-    ``target``, ``specialize`` (graph input -> value), ``plugin_spec``, ``guard_precision``
-    and ``qkv_layout`` shape the default pipeline (:func:`default_pipeline`); with explicit
-    ``passes`` say the same in the text, e.g. ``fuse-attention{target=canonical}``.
+    ``target``, ``specialize`` (graph input -> value), ``plugin_spec``, ``guard_precision``,
+    ``qkv_layout`` and ``precision`` (fp16 or bf16: ``convert-precision`` after fusion, with
+    ``audit``, ``precision_inputs`` and ``convert_io``) shape the default pipeline
+    (:func:`default_pipeline`); with explicit ``passes`` say the same in the text, e.g.
+    ``fuse-attention{target=canonical}``.
     """
-    shaped = target is not None or specialize or plugin_spec or guard_precision or qkv_layout
+    shaped = (target is not None or specialize or plugin_spec or guard_precision or qkv_layout
+              or precision)
     if shaped and passes is not None:
-        raise PipelineError("target, specialize, plugin_spec, guard_precision and qkv_layout "
-                            "shape the default pipeline; with explicit passes, give them as "
-                            "pass options")
+        raise PipelineError("target, specialize, plugin_spec, guard_precision, qkv_layout and "
+                            "precision shape the default pipeline; with explicit passes, give "
+                            "them as pass options")
     if passes is None:
-        passes = default_pipeline(target, specialize, plugin_spec, guard_precision, qkv_layout)
+        passes = default_pipeline(target, specialize, plugin_spec, guard_precision, qkv_layout,
+                                  precision, audit, precision_inputs, convert_io)
     pipeline = build_pipeline(passes, fixpoint=fixpoint, debug=debug, reproducer=reproducer)
     store = None
     if detachable_bytes(model) >= DETACH_MODEL_BYTES:

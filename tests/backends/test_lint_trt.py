@@ -60,6 +60,26 @@ def test_the_table_holds_the_documented_facts():
     assert {"Unique", "DFT", "SequenceAt"} <= UNSUPPORTED and not UNSUPPORTED & set(SUPPORTED)
 
 
+def test_tensorrt_11_5_reads_opset_25_and_keeps_the_10_15_ops():
+    from xattn_compiler.backends.trt_ops import opset_range
+
+    assert opset_range((11, 5)) == (9, 25) and opset_range((11, 0)) == (9, 24)
+    for op in ("RotaryEmbedding", "RMSNormalization", "TensorScatter", "Attention"):
+        assert support(op, (11, 5)) is not None
+    assert findings(unary("Relu", opset=25), "11.5") == []
+    [blocker] = findings(unary("Relu", opset=25), "10.15")
+    assert blocker.code == "opset"
+
+
+def test_lint_trt_precision_flags_are_refused_for_tensorrt_11(capsys, tmp_path):
+    path = tmp_path / "m.onnx"
+    xc.save(unary("Relu"), path)
+    assert main(["lint-trt", str(path), "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT 11.5 has no precision flags" in err and "optimize --precision fp16" in err
+    assert main(["lint-trt", str(path), "--precision", "fp16", "--trt-version", "10.15"]) == 0
+
+
 # --- ops, types, opset -----------------------------------------------------------------------
 
 def test_a_supported_op_on_a_documented_type_is_clean():

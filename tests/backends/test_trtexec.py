@@ -314,3 +314,16 @@ def test_optimize_decomposable_records_stable_names_in_a_standard_file(capsys, t
                  "--emit-trtexec"]) == 0
     [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("trtexec")]
     assert parse_trtexec(line)["decomposableAttentions"] == [",".join(recorded[0])]
+
+
+def test_emitted_json_names_the_tensorrt_version_and_the_decomposable_nodes(capsys, tmp_path):
+    import json
+
+    model, names = _decomposable_model(tmp_path)
+    path = tmp_path / "plain.onnx"
+    xc.save(model, path)
+    assert main(["build", str(path), "--engine", str(tmp_path / "m.plan"), "--decomposable",
+                 "--emit-trtexec", "--json", "--trt-version", "10.15"]) == 0
+    [record] = json.loads(capsys.readouterr().out)
+    assert record["trt_version"] == "10.15" and record["decomposable_attentions"] == names
+    assert f"--decomposableAttentions={','.join(names)}" in record["trtexec"]

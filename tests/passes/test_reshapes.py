@@ -448,7 +448,7 @@ def test_the_pass_declares_its_name_description_and_counts():
     counts = SimplifyReshapes()(cast_model(FLOAT, [FLOAT])).counts
     assert set(counts) == {"reshape_chains_merged", "identity_reshapes_removed",
                            "computed_targets_made_constant", "squeeze_unsqueeze_cancelled",
-                           "casts_removed", "identities_removed"}
+                           "casts_removed", "identities_removed", "shapes_refined"}
 
 
 def test_an_identity_between_a_reshape_and_its_partner_goes():
@@ -460,6 +460,85 @@ def test_an_identity_between_a_reshape_and_its_partner_goes():
     assert result.counts["identities_removed"] == 1
     assert "Identity" not in op_histogram(result.model)
     assert "Reshape" not in op_histogram(result.model)
+
+
+# --- dims ONNX cannot infer (TorchScript's computed targets) -----------------------------------
+
+def dims_of(m: onnx.ModelProto, name: str) -> list:
+    """``name``'s dims as the model records them (an int, a symbol, or None)."""
+    for info in m.graph.value_info:
+        if info.name == name:
+            return [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+                    for d in info.type.tensor_type.shape.dim]
+    raise AssertionError(f"no value_info for {name}")
+
+
+def torchscript_head_merge():
+    """BART 4.x: ``h.view(B, S, 4, 8).transpose(1, 2).view(B * 4, -1, 8)``, B read off ``h``."""
+    nodes, inits = shape_dim("h", 0, "b")
+    nodes += [reshape("h", "split_shape", "heads"),
+              node("Transpose", ["heads"], ["q"], perm=[0, 2, 1, 3]),
+              node("Mul", ["b", "four"], ["bh"]),
+              node("Concat", ["bh", "rest"], ["t"], axis=0),
+              reshape("q", "t", "merged"), node("Relu", ["merged"], ["y"])]
+    return model(nodes, [value("h", ["batch", "seq", 32])], [value("y", [None, None, 8])],
+                 inits + [ints("zero_axis", [0]), ints("split_shape", [0, 0, 4, 8]),
+                          ints("four", [4]), ints("rest", [-1, 8])])
+
+
+def test_a_torchscript_head_merge_gets_the_sequence_symbol():
+    # numel(q) / (B*4*8) is seq: the -1 ONNX leaves unknown is q's own symbol.
+    m = torchscript_head_merge()
+    result = simplified(m, SMALL, LARGE)
+    assert result.counts["shapes_refined"] >= 1
+    assert dims_of(result.model, "merged")[1:] == ["seq", 8]
+
+
+def test_a_reshape_writing_a_graph_output_keeps_its_declared_shape():
+    m = torchscript_head_merge()
+    m.graph.node.pop()  # the Relu: the merge now writes y itself
+    m.graph.node[-1].output[0] = "y"
+    result = SimplifyReshapes()(m)
+    assert [d.dim_param or d.dim_value or None
+            for d in result.model.graph.output[0].type.tensor_type.shape.dim] == [None, None, 8]
+
+
+def test_a_torchscript_expand_keeps_the_batch_symbol():
+    # positions.expand(B, -1): Where(Equal(shape, -1), 1, shape) as the shape, which ONNX
+    # cannot read; -1 keeps the positions' length.
+    nodes, inits = shape_dim("ids", 0, "b")
+    nodes += [node("Concat", ["b", "minus_one"], ["wanted"], axis=0),
+              node("Equal", ["wanted", "minus_ones"], ["keep"]),
+              node("Where", ["keep", "ones", "wanted"], ["shape"]),
+              node("Expand", ["positions", "shape"], ["expanded"]),
+              node("Add", ["expanded", "ids"], ["y"])]
+    m = model(nodes, [value("ids", ["batch", "seq"], INT64), value("positions", [1, "seq"], INT64)],
+              [value("y", ["batch", "seq"], INT64)],
+              inits + [ints("zero_axis", [0]), ints("minus_one", [-1]),
+                       ints("minus_ones", [-1, -1]), ints("ones", [1, 1])])
+    result = simplified(m, SMALL, LARGE)
+    assert dims_of(result.model, "expanded") == ["batch", "seq"]
+
+
+def test_a_mask_sum_reshaped_back_to_the_scores_count_has_the_scores_shape():
+    # BART 4.x: (scores.view(B, 4, T, S) + mask).view(B*4, T, S). The sum broadcasts, so its
+    # dims are at least the scores'; the view back proves it holds no more elements.
+    nodes = []
+    inits = [ints("zero_axis", [0]), ints("four", [4])]
+    for axis in (0, 2, 3):
+        part, part_inits = shape_dim("scores", axis, f"d{axis}")
+        nodes += part
+        inits += part_inits
+    nodes += [node("Add", ["scores", "mask"], ["masked"]),
+              node("Mul", ["d0", "four"], ["bh"]),
+              node("Concat", ["bh", "d2", "d3"], ["t"], axis=0),
+              reshape("masked", "t", "batched"), node("Relu", ["batched"], ["y"])]
+    m = model(nodes, [value("scores", ["batch", 4, "seq", "seq"]),
+                      value("mask", ["mask_batch", 1, "mask_rows", "seq"])],
+              [value("y", [None, None, None])], inits)
+    dims = {"batch": 2, "seq": 3, "mask_batch": 2, "mask_rows": 3}
+    result = simplified(m, dims, {**dims, "mask_rows": 1})
+    assert dims_of(result.model, "masked") == ["batch", 4, "seq", "seq"]
 
 
 # --- real exports -------------------------------------------------------------------------------

@@ -155,10 +155,14 @@ def _decomposable(model: Any, every: bool, version: tuple[int, int]) -> list[str
 
 
 def _emit(parts: list, plans: list, as_json: bool) -> int:
+    from .trt_ops import format_version
     from .trtexec import polygraphy_command, shell_join, trtexec_command
 
-    records = [{"part": part.name, "role": part.role, "trtexec": trtexec_command(plan),
-                "polygraphy": polygraphy_command(plan)} for part, plan in zip(parts, plans, strict=True)]
+    records = [{"part": part.name, "role": part.role,
+                "trt_version": format_version(plan.trt_version),
+                "decomposable_attentions": list(plan.decomposable),
+                "trtexec": trtexec_command(plan), "polygraphy": polygraphy_command(plan)}
+               for part, plan in zip(parts, plans, strict=True)]
     if as_json:
         print(json.dumps(records, indent=2))
         return EXIT_OK
@@ -207,7 +211,9 @@ def _add_lint(commands: Any, common: argparse.ArgumentParser) -> None:
         "lint-trt", parents=[common], help="check a model against TensorRT's ONNX support",
         description="Print what would block or slow a TensorRT build: unsupported ops and "
                     "types, If/Loop constructs, the opset, dynamic inputs without a profile, "
-                    "attention that will not fuse. Exit 1 when something blocks the build.")
+                    "ONNX Attention nodes the parser rejects, attention that will not fuse or "
+                    "stays fp32, the legacy fMHCA/fMHA_V2 plugins (TensorRT 8.5 only). Exit 1 "
+                    "when something blocks the build.")
     cmd.add_argument("model", help="the ONNX model, or a split-kv directory (both parts)")
     cmd.add_argument("--trt-version", default=format_version(DEFAULT_VERSION), metavar="X.Y",
                      help="TensorRT version to check against (default: %(default)s)")

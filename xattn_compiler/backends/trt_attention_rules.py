@@ -97,7 +97,7 @@ def check_attention(model: onnx.ModelProto,
         for node in sub.nodes:
             if is_onnx_attention(node):
                 found.extend(node_violations(node, path))
-    if any(v.node for v in found) or _has_attention(graph):
+    if _has_attention(graph):
         found.extend(opset_violations(model, trt_version))
     return found
 
