@@ -28,6 +28,18 @@ attention spellings need one Transpose or none::
     '...id,...jd->...ij'        MatMul(a, T(b))                  leading ellipsis: batch dims
     'bhid,bjd->bhij'            MatMul(a, U(T(b)))               K shared by the heads (MQA)
     'bhsd,hde->bhse'            MatMul(a, b)                     per-head weights
+    'bnd,dhk->bhnk'             T(MatMul(a, U(T(b))))            a projection into heads
+
+Several contracted labels ``k1..kn`` (a head merge into the output projection) are laid out
+last on both sides and merged into one dim by a Reshape (``0`` keeps the leading dims, ``-1``
+takes the product); a Reshape keeps dims by position only, so the right side is laid out
+``[outer..., j, k1..kn]``, merged, and its last two dims swapped::
+
+    'bhnd,hde->bne'             MatMul(R(T(a)), T(R(T(b))))      the head merge into W_o
+
+For a constant operand (a weight) the nodes on it are folded later, so they count nothing
+when the cheapest plan is chosen; on a tie the plan with fewer nodes on the activation wins
+(a node there would hide ``MatMul(x, W)``, the projection, from the matcher).
 
 A one-operand Einsum that only reorders its labels (``'bhnd->bnhd'``, a head split or merge
 written as an Einsum) is one Transpose (an Identity when the order is kept).
@@ -40,9 +52,9 @@ is folded by ``cancel-transposes`` (in ``remove-layout-clutter``), not here.
 Left alone, each counted in ``einsums_skipped`` with its reason in the details: more than two
 operands; one operand summed over (a reduction); a label repeated in one operand (a diagonal)
 or in the output; a label summed out of one operand alone; no contracted label (an outer
-product) or more than one (``'bhnd,hde->bne'``, a head merge into a projection); no row or no
-column label (a matrix-vector product); an ellipsis not leading every term, or over an operand
-of unknown rank; an element type MatMul does not take.
+product), or several under an ellipsis; no row or no column label (a matrix-vector product);
+an ellipsis not leading every term, or over an operand of unknown rank; an element type MatMul
+does not take.
 """
 
 from __future__ import annotations
@@ -72,15 +84,20 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class Operand:
-    """How one operand becomes a MatMul input: a perm (None: as it is), then new unit axes
-    (negative positions, None: none)."""
+    """How one operand becomes a MatMul input: a perm (None: as it is), its last ``flatten``
+    dims merged into one (several contracted labels; 0: none), the last two swapped
+    (``swap_last``: the right operand laid out ``[.., j, k]``), then new unit axes (negative
+    positions, None: none)."""
 
     perm: tuple[int, ...] | None
     unsqueeze: tuple[int, ...] | None
+    flatten: int = 0
+    swap_last: bool = False
 
     @property
     def nodes(self) -> int:
-        return (self.perm is not None) + (self.unsqueeze is not None)
+        return ((self.perm is not None) + (self.unsqueeze is not None) + (self.flatten > 1)
+                + self.swap_last)
 
 
 @dataclass(frozen=True)
@@ -116,17 +133,34 @@ def parse_equation(equation: str) -> tuple[list[str], str]:
     return terms, out
 
 
-def plan_einsum(equation: str, ranks: tuple[int | None, int | None]) -> Plan:
+def plan_einsum(equation: str, ranks: tuple[int | None, int | None],
+                constant: tuple[bool, bool] = (False, False)) -> Plan:
     """The cheapest MatMul form of a two-operand ``equation`` on operands of ``ranks``;
-    raises :class:`Refused` when it has none."""
+    raises :class:`Refused` when it has none. An operand marked ``constant`` (a weight) has
+    its Transpose/Unsqueeze folded later, so they cost nothing (:func:`_cost`)."""
     terms, out = parse_equation(equation)
     if len(terms) != 2:
         raise Refused(f"{len(terms)} operands, not 2")
     ellipsis = _check_ellipsis(terms, out, ranks)
     a, b, out = (t.replace(_ELLIPSIS, "") for t in (*terms, out))
-    _check_labels(a, b, out, ranks if ellipsis == (0, 0) else (None, None))
+    _check_labels(a, b, out, ranks if ellipsis == (0, 0) else (None, None),
+                  ellipsis != (0, 0))
     plans = [*_plans(a, b, out, ellipsis, swap=False), *_plans(b, a, out, ellipsis[::-1], swap=True)]
-    return min(plans, key=lambda plan: plan.nodes)  # the first of the cheapest: deterministic
+    # the first of the cheapest: deterministic
+    return min(plans, key=lambda plan: _cost(plan, constant))
+
+
+def _cost(plan: Plan, constant: tuple[bool, bool]) -> tuple[int, int]:
+    """Nodes left after folding those on constant operands; for a projection (one operand
+    constant), on a tie, fewer nodes between the activation and the MatMul. A node there hides
+    ``MatMul(x, W)`` (a projection, as the matcher reads it) behind a copy of ``x`` per Einsum,
+    and Q and K then look like two sources; a Transpose after the MatMul is head layout the
+    matcher walks through. Between two activations (Q.K^T, P.V) ties keep the first plan,
+    which keeps the operands' order."""
+    left_const, right_const = constant[::-1] if plan.swap else constant
+    on_computed = (0 if left_const else plan.left.nodes) + (0 if right_const else plan.right.nodes)
+    total = on_computed + (plan.out_perm is not None)
+    return total, on_computed if left_const or right_const else 0
 
 
 def plan_permutation(equation: str, rank: int | None) -> tuple[int, ...]:
@@ -161,7 +195,7 @@ def _check_ellipsis(terms: list[str], out: str, ranks) -> tuple[int, ...]:
     return counts
 
 
-def _check_labels(a: str, b: str, out: str, ranks) -> None:
+def _check_labels(a: str, b: str, out: str, ranks, ellipsis: bool = False) -> None:
     for term, known in ((a, ranks[0]), (b, ranks[1])):
         if known is not None and known != len(term):
             raise Refused(f"'{term}' labels {len(term)} dims of a rank-{known} operand")
@@ -176,8 +210,10 @@ def _check_labels(a: str, b: str, out: str, ranks) -> None:
     if alone:
         raise Refused(f"label '{alone[0]}' summed out of one operand alone")
     contracted = (set(a) & set(b)) - set(out)
-    if len(contracted) != 1:
-        raise Refused(f"{len(contracted)} contracted labels, not 1")
+    if not contracted:
+        raise Refused("0 contracted labels (an outer product)")
+    if len(contracted) > 1 and ellipsis:
+        raise Refused(f"{len(contracted)} contracted labels under an ellipsis")
     if not set(a) - set(b) or not set(b) - set(a):
         raise Refused("no free label on one side (a matrix-vector product)")
 
@@ -185,12 +221,36 @@ def _check_labels(a: str, b: str, out: str, ranks) -> None:
 def _plans(a: str, b: str, out: str, ellipsis: tuple[int, int], swap: bool) -> list[Plan]:
     """``a`` on the left of the MatMul, ``b`` on the right, for a few orders of the outer
     labels: the output's, and each side's own labels first (what spares an Unsqueeze)."""
-    (k,) = (set(a) & set(b)) - set(out)
+    ks = [c for c in a if c in b and c not in out]   # in the left operand's order
     i = [c for c in out if c in a and c not in b][-1]
     j = [c for c in out if c in b and c not in a][-1]
     outer = [c for c in out if c not in (i, j)]
     orders = [outer, sorted(outer, key=lambda c: c in b), sorted(outer, key=lambda c: c in a)]
-    return [_plan(a, b, out, order, (i, j, k), ellipsis, swap) for order in orders]
+    if len(ks) > 1:
+        return [_merged_plan(a, b, out, order, (i, j, ks), swap) for order in orders]
+    return [_plan(a, b, out, order, (i, j, ks[0]), ellipsis, swap) for order in orders]
+
+
+def _merged_plan(a: str, b: str, out: str, outer: list[str],
+                 ijks: tuple[str, str, list[str]], swap: bool) -> Plan:
+    """Several contracted labels ``ks`` (a head merge into a projection, ``'bhnd,hde->bne'``):
+    each side lays them out last and merges them into one dim; the right side is laid out
+    ``[.., j, ks]`` (a Reshape keeps leading dims by position only) and then swaps the last
+    two. No ellipsis here, so each term names every dim."""
+    i, j, ks = ijks
+    return Plan(swap, _merged_operand(a, outer, i, ks, right=False),
+                _merged_operand(b, outer, j, ks, right=True), _perm([*outer, i, j], list(out), 0))
+
+
+def _merged_operand(term: str, outer: list[str], free: str, ks: list[str], right: bool
+                    ) -> Operand:
+    merged = "#"  # the merged contracted dim: no label
+    layout = [*outer, merged, free] if right else [*outer, free, merged]
+    missing = [p for p, c in enumerate(layout) if c != merged and c not in term]
+    implicit = missing == list(range(len(missing)))
+    unsqueeze = None if not missing or implicit else tuple(p - len(layout) for p in missing)
+    perm = _perm(term, [c for c in [*outer, free, *ks] if c in term], 0)
+    return Operand(perm, unsqueeze, flatten=len(ks), swap_last=right)
 
 
 def _plan(a: str, b: str, out: str, outer: list[str], ijk: tuple[str, str, str],
@@ -274,7 +334,8 @@ def _plan_node(node: onnx.NodeProto, scope: Scope, edit: ModelEdit) -> Plan | tu
         ranks = tuple(rank(edit.value_type(n, scope)) for n in node.input)
     if len(node.input) == 1:
         return plan_permutation(equation, ranks[0])
-    return plan_einsum(equation, ranks)
+    constant = tuple(scope.constants.get(n) is not None for n in node.input)
+    return plan_einsum(equation, ranks, constant)
 
 
 def _transpose_node(node: onnx.NodeProto, perm: tuple[int, ...], edit: ModelEdit
@@ -301,10 +362,24 @@ def _matmul_nodes(node: onnx.NodeProto, plan: Plan, edit: ModelEdit,
         return output
 
     a, b = node.input[::-1] if plan.swap else node.input
+    # Only a plan that merges dims needs ranks, and it has no ellipsis: a term names each dim.
+    equation = next(x.s for x in node.attribute if x.name == "equation").decode()
+    ranks = [len(term) for term in parse_equation(equation)[0]]
+    ranks = ranks[::-1] if plan.swap else ranks
     operands = []
-    for x, how, side in ((a, plan.left, "left"), (b, plan.right, "right")):
+    for x, how, side, term_rank in ((a, plan.left, "left", ranks[0]),
+                                    (b, plan.right, "right", ranks[1])):
         if how.perm is not None:
             x = add("Transpose", f"{side}_transpose", [x], perm=list(how.perm))
+        if how.flatten > 1:  # [.., k1, ..., kn] -> [.., k1*...*kn]; 0 keeps a dim
+            shape = edit.fresh(f"{base}/{side}_shape")
+            graph.initializer.append(numpy_helper.from_array(
+                np.array([0] * (term_rank - how.flatten) + [-1], np.int64), shape))
+            x = add("Reshape", f"{side}_flatten", [x, shape])
+        if how.swap_last:
+            kept = term_rank - how.flatten + 1
+            x = add("Transpose", f"{side}_swap", [x],
+                    perm=[*range(kept - 2), kept - 1, kept - 2])
         if how.unsqueeze is not None and edit.opset >= 13:
             axes = edit.fresh(f"{base}/{side}_axes")
             graph.initializer.append(numpy_helper.from_array(np.array(how.unsqueeze, np.int64),

@@ -537,6 +537,8 @@ class _Simplifier:
                        "casts_removed": 0, "identities_removed": 0, "shapes_refined": 0}
         #: Tensors given dims ONNX could not infer (exported only when a count says so).
         self.refined: list[gs.Tensor] = []
+        #: Sources whose new readers were reading a removed node's output.
+        self.rewired: list[gs.Tensor] = []
 
     def run(self) -> dict[str, int]:
         """Visit every candidate, and again whatever a rewrite puts next to another candidate."""
@@ -551,8 +553,8 @@ class _Simplifier:
             self.queued.discard(id(node))
             if node.outputs and node.inputs:  # a bypassed node is left disconnected
                 self.visit(node)
-        if self.refined:
-            forget_stale_shapes(self.refined, self.local)
+        if self.refined or self.rewired:
+            forget_stale_shapes(self.refined + self.rewired, self.local)
             self.counts["shapes_refined"] += len({id(t) for t in self.refined})
         if any(self.counts.values()):
             log.debug("simplify-reshapes: %s", self.counts)
@@ -589,6 +591,9 @@ class _Simplifier:
             return False
         disconnect(node)
         self.counts[count] += 1
+        # The readers' outputs may carry symbols inferred through the node (a -1 that hid
+        # the batch); ONNX would keep them over what it infers from the source.
+        self.rewired.append(source)
         if producer(source) is not None and producer(source).op in _OPS:
             self.push(source.outputs)  # a reader may now pair with the source's producer
         return True

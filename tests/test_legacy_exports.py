@@ -1,5 +1,6 @@
-"""Legacy transformers 4.x TorchScript exports (BART, Whisper, T5, GPT-2, a BART decoder step
-with its cache): every block found as the config says, every block fused, outputs verified.
+"""Legacy transformers 4.x TorchScript exports (BART, Whisper, T5, GPT-2, BART and Whisper
+decoder steps with their caches): every block found as the config says, every block fused,
+outputs verified.
 
 These are what most deployed BART/Whisper/T5/GPT-2 ONNX files are: ``torch.onnx.export``
 without dynamo, from transformers 4.x (``tests/fixtures/legacy/make_fixtures.py`` exports
@@ -23,7 +24,7 @@ from xattn_compiler.cli import main
 FIXTURES = Path(__file__).parent / "fixtures" / "legacy"
 TRUTH = json.loads((FIXTURES / "truth.json").read_text())
 NAMES = sorted(TRUTH)
-KV_CACHE = "bart_decoder_with_past"
+KV_CACHES = [name for name in NAMES if name.endswith("_with_past")]
 FUSED_OPS = ("Attention", "MultiHeadAttention")
 
 
@@ -89,18 +90,19 @@ def test_legacy_optimize_verify_passes(name, tmp_path):
     assert cli("optimize", fixture(name), "-o", tmp_path / "out.onnx", "--verify") == 0
 
 
-def test_legacy_kv_cache_decoder_keeps_its_presents_and_fuses_self_attention(tmp_path):
-    details, out = fuse_report(KV_CACHE, tmp_path)
-    original, optimized = onnx.load(fixture(KV_CACHE)), onnx.load(out)
+@pytest.mark.parametrize("name", KV_CACHES)
+def test_legacy_kv_cache_decoder_keeps_its_presents_and_fuses_self_attention(name, tmp_path):
+    truth = TRUTH[name]
+    details, out = fuse_report(name, tmp_path)
+    original, optimized = onnx.load(fixture(name)), onnx.load(out)
     names = [v.name for v in original.graph.output]
     assert [v.name for v in optimized.graph.output] == names
-    assert sum(name.startswith("present.") for name in names) == 4 * TRUTH[KV_CACHE]["self"]
-    fused = Counter(block["block"] for block in details["blocks"] if block["fused"])
-    assert len(fused) == TRUTH[KV_CACHE]["self"] + TRUTH[KV_CACHE]["cross"]
+    assert sum(name.startswith("present.") for name in names) == 4 * truth["self"]
+    assert sum(block["fused"] for block in details["blocks"]) == truth["self"] + truth["cross"]
     # Each self-attention reads the Concat of past and new K/V, which stays as the present;
     # each cross-attention reads the cached encoder K/V inputs.
     read = [list(node.input) for node in optimized.graph.node if node.op_type in FUSED_OPS]
-    for layer in range(TRUTH[KV_CACHE]["self"]):
+    for layer in range(truth["self"]):
         for part, prefix in (("decoder", "present"), ("encoder", "past_key_values")):
             kv = [f"{prefix}.{layer}.{part}.key", f"{prefix}.{layer}.{part}.value"]
             assert any(inputs[1:3] == kv for inputs in read), kv

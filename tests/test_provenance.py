@@ -19,7 +19,6 @@ import xattn_compiler as xc
 from xattn_compiler.cli import main
 from xattn_compiler.provenance import is_position_input
 from xattn_compiler.zoo import cached_export
-from xattn_compiler.zoo.spec import ZooModel
 
 pytestmark = pytest.mark.slow
 
@@ -47,19 +46,10 @@ def test_rope_decoder_reports_no_cross_attention(name, export_cache, capsys):
 
 
 def test_gpt_neox_fused_qkv_with_partial_rotary_is_self_attention(export_cache):
-    """Found and classified, though not fused yet (``llama.KNOWN_GAPS``)."""
-    pytest.importorskip("transformers")
-    from xattn_compiler.zoo import cache
-    from xattn_compiler.zoo.families import llama
-
-    build, _ = llama.KNOWN_GAPS["gpt-neox-decoder"]
-    model = ZooModel("gpt-neox-decoder", "gpt-neox", "known gap", build,
-                     requires=("torch", "transformers"))
-    exported = cache.cached_export(model, "small", export_cache)
+    exported = _export("gpt-neox-decoder", export_cache)
     blocks = xc.find_attention(xc.load(exported.path))
     assert [b.kind for b in blocks] == ["self", "self"]
-    # The gap: when the blocks stop escaping, move the model into llama.MODELS.
-    assert all(b.escapes for b in blocks)
+    assert [b.escapes for b in blocks] == [[], []]  # V stops at the shared QKV Split
 
 
 def test_mllama_text_reports_its_cross_attention_layer_as_cross(export_cache):

@@ -368,13 +368,17 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
     constant ``[..., H, D]`` (a later one, such as a flatten-and-back of ``[B, H, S, D]``,
     would give S for H); where its input's feature dim is known, ``H * D`` must equal it.
     """
-    for step in operand.steps:
-        node = step.node
+    chain = [step.node for step in operand.steps]  # projection side first
+    for i, node in enumerate(chain):
         if node.op != "Reshape":
             continue
         target = reshape_target(node)
         in_shape = node.inputs[0].shape
         rank_in = len(in_shape) if in_shape is not None else None
+        batched = _batched_head_split(node, target, in_shape, chain[i - 1] if i else None,
+                                      chain[i + 1] if i + 1 < len(chain) else None)
+        if batched:
+            return batched
         if not target or len(target) < 4 or (rank_in is not None and len(target) <= rank_in):
             continue
         heads, dim = target[-2], target[-1]
@@ -385,6 +389,33 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
             return None
         return heads, dim
     return None
+
+
+def _batched_head_split(node: gs.Node, target, in_shape, before: gs.Node | None,
+                        after: gs.Node | None = None):
+    """``(H, D)`` of a Reshape that batches heads without a 4-D ``[.., H, D]`` target.
+
+    Time-major heads (``nn.MultiheadAttention``): ``[S,B,E]`` to ``[S,B*H,D]``, so H is E/D;
+    the Reshape's input is a Transpose ``[1,0,2]`` of a batch-first projection, or its output
+    is transposed to put ``B*H`` first (``[1,0,2]``, or ``[1,2,0]`` for K^T) when the
+    projection is time-major already. Heads rotated in ``[B,H,S,D]`` (RoPE) and then batched:
+    ``[B,H,S,D]`` to ``[B*H,S,D]``, so H is the input's dim 1.
+    """
+    if not target or len(target) != 3 or in_shape is None or not isinstance(target[-1], int) \
+            or target[-1] <= 0:
+        return None
+    dim = target[-1]
+    if len(in_shape) == 3 and (_is_transpose(before, ([1, 0, 2],))
+                               or _is_transpose(after, ([1, 0, 2], [1, 2, 0]))):
+        features = _static_dim(in_shape, -1)
+        return (features // dim, dim) if features and features % dim == 0 else None
+    if len(in_shape) == 4 and _static_dim(in_shape, -1) == dim and _static_dim(in_shape, 1):
+        return _static_dim(in_shape, 1), dim
+    return None
+
+
+def _is_transpose(node: gs.Node | None, perms: tuple[list[int], ...]) -> bool:
+    return node is not None and node.op == "Transpose" and list(node.attrs.get("perm", [])) in perms
 
 
 def reshape_target(node: gs.Node) -> list[int | None] | None:

@@ -186,7 +186,11 @@ def split_static_kv(model: onnx.ModelProto | str | os.PathLike,
     flow, or a shape read that cannot be rebuilt, naming the node, tensor or input.
     """
     source = xio.load(model) if isinstance(model, (str, os.PathLike)) else model
-    work = infer_shapes(source)
+    # Spellings the matcher does not read (an Einsum core) written its way first, as
+    # optimize and inspect do: otherwise an Einsum model "has no cross-attention".
+    from xattn_compiler.passes.normalize_spellings import NormalizeSpellings
+
+    work = infer_shapes(NormalizeSpellings()(source).model)
     graph = import_graph(work)
     report = analyze_attention(graph)
     cross = _cross_blocks(report.blocks, graph=graph)

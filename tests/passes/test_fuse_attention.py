@@ -268,7 +268,8 @@ def test_the_opset_upgrade_is_checked_and_keeps_outputs():
 @pytest.fixture(scope="module", params=small_zoo_names())
 def prepared(request, export_cache):
     exported = small_zoo_export(request.param, export_cache)
-    model = xc.optimize(xc.load(exported.path), "canonicalize,remove-layout-clutter").model
+    model = xc.optimize(xc.load(exported.path),
+                        "canonicalize,normalize-spellings,remove-layout-clutter").model
     return exported, model
 
 

@@ -163,8 +163,8 @@ def test_an_unknown_layout_is_refused_with_the_choices():
 @pytest.fixture(scope="module", params=small_zoo_names())
 def cleaned(request, export_cache):
     exported = small_zoo_export(request.param, export_cache)
-    model = xc.optimize(xc.load(exported.path), "canonicalize,unroll-control-flow,"
-                                                "remove-layout-clutter").model
+    model = xc.optimize(xc.load(exported.path), "canonicalize,normalize-spellings,"
+                                                "unroll-control-flow,remove-layout-clutter").model
     four_d = FuseAttention().run(model).model
     return exported, model, four_d
 

@@ -90,6 +90,10 @@ REWRITTEN = [
     ("bid,bjd->bji", ["B", "S", 8], ["B", "T", 8], 1),                   # K.Q^T
     ("ij,jk", ["S", 8], [8, 6], 0),                                      # implicit output
     ("bhsd,hde->bhse", ["B", 2, "S", 8], [2, 8, 6], 0),                  # per-head weights
+    # several contracted labels: each side lays them out last and merges them (Reshape);
+    # the right side is laid out [.., j, k...] and swaps its last two after the merge
+    ("bhnd,hde->bne", ["B", 2, "S", 8], [2, 8, 6], 5),                   # head merge + out proj
+    ("bijk,bjkl->bil", ["B", 2, 3, 4], ["B", 3, 4, 5], 4),
 ]
 
 
@@ -168,6 +172,19 @@ def test_einsum_inside_an_if_branch():
     assert "Einsum" not in op_histogram(result.model)
 
 
+def test_einsum_projection_into_heads_keeps_the_activation_as_the_matmul_input():
+    """'bnd,dhk->bhnk' with a weight: the Unsqueeze MatMul's broadcasting needs goes on the
+    weight (folded later), not on x. On x it hid MatMul(x, W) from the matcher, one Unsqueeze
+    per projection, so a self-attention's Q and K looked like two sources (reported cross)."""
+    w = numpy_helper.from_array(np.ones((8, 2, 4), np.float32), "w")
+    m = model([helper.make_node("Einsum", ["x", "w"], ["out"], equation="bnd,dhk->bhnk")],
+              [value("x", ["B", "S", 8])], [value("out", ["B", 2, "S", 4])], [w])
+    result = rewritten(EinsumToMatMul(), m)
+    (matmul,) = [n for n in result.model.graph.node if n.op_type == "MatMul"]
+    assert matmul.input[0] == "x"
+    assert plan_einsum("bnd,dhk->bhnk", (3, 3)).left.unsqueeze == (-3,)  # no weight: as before
+
+
 # --- einsum-to-matmul: what it leaves alone ------------------------------------------------------
 
 #: (equation, shape of a, shape of b, the reason starts with)
@@ -175,10 +192,9 @@ REFUSED = [
     ("bii,bij->bj", ["B", 4, 4], ["B", 4, 6], "label 'i' repeated in one operand"),
     ("bid,bjd->bi", ["B", "S", 8], ["B", "T", 8], "label 'j' summed out of one operand"),
     ("bi,bj->bij", ["B", "S"], ["B", "T"], "0 contracted labels"),
-    ("bijk,bjkl->bil", ["B", 2, 3, 4], ["B", 3, 4, 5], "2 contracted labels"),
+    ("...ijk,...jkl->...il", ["B", 2, 3, 4], ["B", 3, 4, 5], "2 contracted labels under an"),
     ("bid,bd->bi", ["B", "S", 8], ["B", 8], "no free label on one side"),
     ("i...d,j...d->...ij", [3, 2, 8], [4, 2, 8], "an ellipsis not leading"),
-    ("bhnd,hde->bne", ["B", 2, "S", 8], [2, 8, 6], "2 contracted labels"),   # merge + projection
     ("bid,bjd->bij", ["B", "S", 8, 1], ["B", "T", 8], "'bid' labels 3 dims of a rank-4"),
 ]
 

@@ -520,6 +520,21 @@ def test_a_torchscript_expand_keeps_the_batch_symbol():
     assert dims_of(result.model, "expanded") == ["batch", "seq"]
 
 
+def test_a_removed_identity_reshape_leaves_no_stale_symbol_below_it():
+    # Whisper 4.x: input_ids.view(-1, S) before the embedding. ONNX names the -1 unk__0, and
+    # keeps that name on the embedding once the Reshape is gone unless it is inferred again.
+    nodes, inits = shape_dim("ids", 1, "s")
+    nodes += [node("Concat", ["minus_one", "s"], ["t"], axis=0), reshape("ids", "t", "flat"),
+              node("Gather", ["table", "flat"], ["embedded"], axis=0),
+              node("Relu", ["embedded"], ["y"])]
+    m = model(nodes, [value("ids", ["batch", "seq"], INT64)], [value("y", [None, None, 4])],
+              inits + [ints("zero_axis", [0]), ints("minus_one", [-1]),
+                       numpy_helper.from_array(np.ones((8, 4), np.float32), "table")])
+    result = simplified(m, SMALL, LARGE)
+    assert result.counts["identity_reshapes_removed"] == 1
+    assert dims_of(result.model, "embedded") == ["batch", "seq", 4]
+
+
 def test_a_mask_sum_reshaped_back_to_the_scores_count_has_the_scores_shape():
     # BART 4.x: (scores.view(B, 4, T, S) + mask).view(B*4, T, S). The sum broadcasts, so its
     # dims are at least the scores'; the view back proves it holds no more elements.

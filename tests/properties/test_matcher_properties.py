@@ -1,7 +1,7 @@
 """The attention matcher on drawn graphs: exactly the planted blocks, each with the right kind,
 heads, head dim, scale, sources, static inputs and K/V origin; nothing on look-alikes.
 
-One kind of input is known to defeat the matcher today (see :data:`KNOWN_BUGS`: it has a
+Three kinds of input are known to defeat the matcher today (see :data:`KNOWN_BUGS`: each has a
 strict-xfail reproduction below, which fails loudly once the matcher is fixed, and the property
 excuses only examples of that kind). Everything else must hold; the bugs the properties found
 and that were fixed stay as ``@example`` regressions (:data:`FIXED_BUGS`).
@@ -10,11 +10,14 @@ and that were fixed stay as ``@example`` regressions (:data:`FIXED_BUGS`).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 from hypothesis import event, example, given, note
 
 from xattn_compiler.attention import find_attention
+from xattn_compiler.ir import iter_nodes
+from xattn_compiler.registry import default_registry
 from xattn_compiler.testing import AttentionSpec
 from xattn_compiler.testing import strategies as xst
 from xattn_compiler.testing.assertions import assert_attention_found
@@ -34,6 +37,22 @@ KNOWN_BUGS = {
                 Layer((AttentionSpec(kind="self", head_dim=4, shape_style="computed"),)),
                 Layer((AttentionSpec(kind="self", head_dim=4, shape_style="computed"),))),
         embed=4, batch=1, q_len=1, kv_len=1, wrap=Wrap()),
+    # A fused QKV projection (Split, Slice, Gather or per head) with RoPE on Q and K: the Q/K
+    # walks stop at the rotation, so V alone reaches the shared cut; V's source is reported as
+    # its piece (and with Gather, Q's and K's Gathers read the shared Transpose from outside the
+    # block: escapes). GPT-NeoX's export has the same gap (tests/zoo llama.KNOWN_GAPS).
+    # Time-major heads ([S,B,E] -> [S,B*H,D]) inside If/Loop bodies: with no shapes there,
+    # E is unknown and the target's B*H cannot be split, so heads and head dim are unknown.
+    "time-major-heads-in-subgraph": Recipe(
+        layers=(Layer((AttentionSpec(kind="self", head_dim=4, head_layout="3d",
+                                     k_transpose="fused"),)),
+                Layer((AttentionSpec(kind="self", head_dim=4, projection="gemm",
+                                     head_layout="time_major"),))),
+        embed=4, batch=1, q_len=1, kv_len=1, wrap=Wrap()),
+    "fused-qkv-with-rope": Recipe(
+        layers=(Layer((AttentionSpec(kind="self", head_dim=4, projection="fused_split",
+                                     rope="rotate_half"),)),),
+        batch=1, q_len=1, kv_len=1),
 }
 
 #: Bugs the properties found and that are fixed: each reproduction stays as an ``@example``.
@@ -74,12 +93,43 @@ FIXED_BUGS = {
 }
 
 
+def _has_einsum(model) -> bool:
+    return any(node.op_type == "Einsum" for node in iter_nodes(model.graph))
+
+
+def found_blocks(ex: Example):
+    """What the pipeline's matcher sees: the model as built, or after ``normalize-spellings``
+    when it holds Einsum (Einsum cores are matched as the MatMuls they are)."""
+    model = ex.model
+    if _has_einsum(model):
+        model = default_registry().get("normalize-spellings")().run(model).model
+    return find_attention(model)
+
+
+def _merged_by_einsum(ex: Example, found) -> Example:
+    """``ex`` knowing the merged tensor ``normalize-spellings`` makes of an Einsum head merge
+    (``bhsd,hde->bse``): it is named after the block's ``out_proj`` Einsum, and it is the
+    block's output where the graph as built has the ``[B,H,S,D]`` context."""
+    aliases = dict(ex.aliases)
+    for block in found:
+        name = block.output.name
+        for truth in ex.blocks:
+            if truth.spec.merge == "einsum" and name.startswith(f"{truth.name}.out_proj") \
+                    and "/" in name and (".else/" in name) == truth.output.endswith(".else"):
+                aliases[name] = truth.output
+    return replace(ex, aliases=aliases) if aliases != ex.aliases else ex
+
+
 def known_matcher_bug(ex: Example) -> str | None:
     """Which of :data:`KNOWN_BUGS` ``ex`` belongs to, if any (called on failures only)."""
     r = ex.recipe
     specs = [s for layer in r.layers for s in layer.attention] + ([r.encoder] if r.encoder else [])
     if r.wrap is not None and any(s.shape_style == "computed" for s in specs):
         return "computed-target-in-subgraph"
+    if r.wrap is not None and any(s.head_layout == "time_major" for s in specs):
+        return "time-major-heads-in-subgraph"
+    if any(s.rope != "none" and s.projection.startswith("fused") for s in specs):
+        return "fused-qkv-with-rope"
     return None
 
 
@@ -96,8 +146,9 @@ def _regressions(test):
 def test_matcher_finds_exactly_the_planted_blocks(ex):
     note(ex.description)
     event(ex.category)
+    found = found_blocks(ex)
     try:
-        assert_attention_found(ex)
+        assert_attention_found(_merged_by_einsum(ex, found), found)
     except AssertionError:
         bug = known_matcher_bug(ex)
         if STRICT or bug is None:
@@ -121,4 +172,6 @@ def test_known_bugs_are_recognized(name):
 @pytest.mark.xfail(strict=True, reason="known matcher bug; remove it from KNOWN_BUGS once fixed")
 @pytest.mark.parametrize("name", sorted(KNOWN_BUGS))
 def test_known_matcher_bug(name):
-    assert_attention_found(build_example(KNOWN_BUGS[name]))
+    ex = build_example(KNOWN_BUGS[name])
+    found = found_blocks(ex)
+    assert_attention_found(_merged_by_einsum(ex, found), found)

@@ -36,8 +36,9 @@ from xattn_compiler.testing import (
     softmax_between_weights_model,
     spec_conflicts,
 )
+from xattn_compiler.testing.builders import CORES, MERGES, ROPE_TABLES, ROPES, SOFTMAX_AXES
 
-OTHER_SIZES = {"batch": 3, "q_len": 4, "kv_len": 9, "seq": 6}
+OTHER_SIZES = {"batch": 3, "q_len": 4, "kv_len": 9, "seq": 6, "past_len": 5}
 ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail,
               ort.capi.onnxruntime_pybind11_state.RuntimeException,
               ort.capi.onnxruntime_pybind11_state.InvalidArgument)
@@ -133,9 +134,14 @@ def check_truth(built: BuiltModel) -> None:
         assert set(named) <= tensors, f"{t.name}: unknown tensors {set(named) - tensors}"
         feeding = reach(up, t.output)
         assert t.output in reach(up, t.result), f"{t.name}: output does not feed result"
-        assert (t.output == t.result) != t.spec.out_projection, t.name
+        if t.spec.head_layout != "time_major":  # whose result is transposed back to [B,S,E]
+            assert (t.output == t.result) != t.spec.out_projection, t.name
         assert {t.q_source, t.k_source, t.v_source} <= feeding, f"{t.name}: a source does not feed"
-        assert (t.kind == "self") == (t.q_source == t.k_source == t.v_source), t.name
+        if t.spec.rope == "none":  # with RoPE, Q and K start at the rotated heads
+            assert (t.kind == "self") == (t.q_source == t.k_source == t.v_source), t.name
+        else:  # ... computed from V's source
+            assert t.kind == "self" and {t.q_source, t.k_source} <= reach(down, t.v_source), \
+                t.name
         kv_inputs = (reach(up, t.k_source) | reach(up, t.v_source)) & inputs
         via_attention = {b.output for b in built.blocks if b is not t} & (
             reach(up, t.k_source) | reach(up, t.v_source))
@@ -196,12 +202,39 @@ def test_spelling_is_valid_and_matches_reference(spec):
     assert (truth.kind, truth.num_heads, truth.head_dim) == (spec.kind, 2, 8)
 
 
+#: The spellings drawn since issue 17 (Einsum cores and merges, RoPE, KV caches, GQA, the
+#: Softmax axis), each against every kind and mixed with all the rest.
+NEW_SPELLINGS = valid_specs(
+    {"kind": KINDS, "core": CORES, "rope": ROPES, "kv_cache": (False, True)},
+    {"merge": MERGES, "rope_table": ROPE_TABLES, "kv_groups": (1, 2),
+     "softmax_axis": SOFTMAX_AXES, "projection": PROJECTIONS, "head_layout": HEAD_LAYOUTS,
+     "scale": SCALES, "mask": MASKS, "shape_style": SHAPE_STYLES, "dtype": DTYPES,
+     "softmax_cast": (False, True)}) + valid_specs(
+    {"merge": MERGES, "kv_groups": (1, 2), "softmax_axis": SOFTMAX_AXES,
+     "rope_table": ROPE_TABLES},
+    {"kind": KINDS, "rope": ROPES, "kv_cache": (False, True), "projection": PROJECTIONS,
+     "scale": SCALES, "mask": MASKS, "shape_style": SHAPE_STYLES})
+
+
+@pytest.mark.parametrize("spec", NEW_SPELLINGS, ids=lambda s: s.label)
+def test_new_spelling_is_valid_and_matches_reference(spec):
+    built = attention_model(spec)
+    check_runs(built)
+    check_truth(built)
+    check_other_sizes(built)
+    (truth,) = built.blocks
+    assert (truth.kind, truth.num_heads, truth.head_dim) == (spec.kind, 2, 8)
+
+
 def test_option_grids_cover_every_value():
-    specs = STRUCTURE + SCORES + PAIRS
+    specs = STRUCTURE + SCORES + PAIRS + NEW_SPELLINGS
     for name, values in {"kind": KINDS, "projection": PROJECTIONS, "head_layout": HEAD_LAYOUTS,
                          "k_transpose": K_TRANSPOSES, "scale": SCALES, "mask": MASKS,
                          "shape_style": SHAPE_STYLES, "dtype": DTYPES,
-                         "softmax_cast": (False, True), "out_projection": (False, True)}.items():
+                         "softmax_cast": (False, True), "out_projection": (False, True),
+                         "core": CORES, "merge": MERGES, "rope": ROPES,
+                         "rope_table": ROPE_TABLES, "kv_cache": (False, True),
+                         "kv_groups": (1, 2), "softmax_axis": SOFTMAX_AXES}.items():
         assert {getattr(s, name) for s in specs} == set(values), name
 
 
@@ -300,7 +333,8 @@ def test_scale_truth_is_what_the_graph_applies():
 EXPECTED_KV = {"input": ("graph_input", ("encoder_hidden_states",)),
                "constant": ("constant", ()),
                "encoded": ("graph_input", ("encoder_input",)),
-               "internal": ("internal", ("encoder_input",))}
+               "internal": ("internal", ("encoder_input",)),
+               "initializer": ("constant", ())}
 
 
 @pytest.mark.parametrize("context_kind,layers,decoder",
@@ -322,7 +356,7 @@ def test_context_kinds_and_layers(context_kind, layers, decoder):
             assert (t.kv_source_kind, t.static_inputs) == EXPECTED_KV[context_kind]
         else:
             assert (t.kv_source_kind, t.static_inputs) == ("internal", ())
-    if context_kind == "constant":
+    if context_kind in ("constant", "initializer"):
         assert "kv_len" not in built.dynamic
 
 
@@ -437,9 +471,12 @@ def test_add_attention_rejects_mismatched_operands():
         add_attention(b, spec, query, "nowhere")
     with pytest.raises(ValueError, match="spec says float16"):
         add_attention(b, replace(spec, dtype="float16"), query, context)
-    other = b.input("other", (1, "kv_len", 16))
+    other = b.input("other", (3, "kv_len", 16))
     with pytest.raises(ValueError, match="context batch"):
         add_attention(b, spec, query, other)
+    one = b.input("one", (1, "kv_len", 16))  # broadcasts over [B,H,S,D] heads only
+    with pytest.raises(ValueError, match="broadcasts over the batch only"):
+        add_attention(b, replace(spec, head_layout="3d"), query, one)
 
 
 def test_sampled_masks_always_keep_a_key():

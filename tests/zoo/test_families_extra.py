@@ -87,6 +87,24 @@ def test_unet_truth_matches_the_diffusers_modules():
     assert {b["head_dim"] for b in built.attention.blocks} == {8, 16}
 
 
+def test_sdxl_unet_truth_matches_the_diffusers_modules():
+    """Per level heads and transformer layers, linear projections, text_time conditioning:
+    the truth read off SDXL_SMALL names every diffusers Attention module, no more."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import Attention
+
+    built = zoo.get_model("unet2d-sdxl-tiny").build("small")
+    found = {name: (m.is_cross_attention, m.heads, m.inner_dim // m.heads)
+             for name, m in built.module.unet.named_modules() if isinstance(m, Attention)}
+    truth = {b["name"]: (b["cross"], b["num_heads"], b["head_dim"])
+             for b in built.attention.blocks}
+    assert found == truth
+    assert (built.attention.self, built.attention.cross) == (11, 11)
+    assert any(".transformer_blocks.1." in name for name in truth)  # 2 layers at the deepest level
+    assert built.module.unet.config.addition_embed_type == "text_time"
+    assert list(built.inputs)[-2:] == ["text_embeds", "time_ids"]
+
+
 def test_unet_eager_variant_uses_the_eager_processor():
     pytest.importorskip("diffusers")
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0

@@ -95,6 +95,21 @@ def test_cache_key_depends_on_size_and_fields_and_is_stable():
     assert key != zoo_cache.cache_key(other, "small")
 
 
+def test_cache_key_follows_the_family_files_a_model_is_built_from(monkeypatch):
+    """Editing one family re-exports its models and the families built on it, not the zoo."""
+    whisper, detr = zoo.get_model("whisper-decoder-eager"), zoo.get_model("detr-decoder")
+    assert [p.name for p in zoo_cache._family_files(detr)] == ["detr.py", "torch_nn.py"]
+    keys = {m.name: zoo_cache.cache_key(m, "small") for m in (whisper, detr)}
+    real = zoo_cache._source_digest
+
+    def torch_nn_edited(path):
+        return "edited" if path is not None and path.name == "torch_nn.py" else real(path)
+
+    monkeypatch.setattr(zoo_cache, "_source_digest", torch_nn_edited)
+    assert zoo_cache.cache_key(whisper, "small") == keys["whisper-decoder-eager"]
+    assert zoo_cache.cache_key(detr, "small") != keys["detr-decoder"]
+
+
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XATTN_CACHE", str(tmp_path))
     assert zoo_cache.default_cache_dir() == tmp_path

@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,23 +36,35 @@ __all__ = [
     "SCALES", "SHAPE_STYLES", "AttentionSpec", "BlockTruth", "BuiltModel", "GraphBuilder",
     "StaticShapeRequired", "add_attention", "attention_model", "classifier_model", "cnn_model",
     "kv_input_shapes", "softmax_between_weights_model", "spec_conflicts",
+    "CORES", "MERGES", "ROPES", "ROPE_TABLES", "SOFTMAX_AXES",
 ]
 
 KINDS = ("self", "cross")
 PROJECTIONS = ("matmul_bias", "matmul", "gemm", "einsum", "fused_split", "fused_slice",
-               "fused_gather", "none")
-HEAD_LAYOUTS = ("4d", "3d")
+               "fused_gather", "none", "fused_per_head")
+HEAD_LAYOUTS = ("4d", "3d", "time_major")
 K_TRANSPOSES = ("separate", "fused", "pre_split")
-SCALES = ("div_after", "mul_after", "mul_q", "sdpa_qk", "none", "folded")
-MASKS = ("none", "add_input", "add_causal_const", "add_bias_input", "where_bool")
+SCALES = ("div_after", "mul_after", "mul_q", "sdpa_qk", "none", "folded", "mul_q_heads")
+MASKS = ("none", "add_input", "add_causal_const", "add_bias_input", "where_bool",
+         "where_bool_inv", "add_rel_bias")
 SHAPE_STYLES = ("const", "computed")
 DTYPES = ("float32", "float16")
+CORES = ("matmul", "einsum")
+MERGES = ("reshape", "einsum")
+ROPES = ("none", "rotate_half", "interleaved")
+ROPE_TABLES = ("position_ids", "constant")
+SOFTMAX_AXES = ("last", "positive")
 #: Where cross-attention K/V come from in :func:`attention_model`.
-CONTEXT_KINDS = ("input", "constant", "encoded", "internal")
+CONTEXT_KINDS = ("input", "constant", "encoded", "internal", "initializer")
 
 _CHOICES = {"kind": KINDS, "projection": PROJECTIONS, "head_layout": HEAD_LAYOUTS,
             "k_transpose": K_TRANSPOSES, "scale": SCALES, "mask": MASKS,
-            "shape_style": SHAPE_STYLES, "dtype": DTYPES}
+            "shape_style": SHAPE_STYLES, "dtype": DTYPES, "core": CORES, "merge": MERGES,
+            "rope": ROPES, "rope_table": ROPE_TABLES, "softmax_axis": SOFTMAX_AXES}
+#: The RoPE tables' rows: the largest position id plus one.
+ROPE_POSITIONS = 64
+#: The past length of a KV cache in the sample inputs (when not symbolic).
+PAST_LEN = 3
 #: Ops whose output depends on an input's shape only (as in the binding-time analysis).
 _SHAPE_ONLY = frozenset({"Shape", "Size"})
 _MIN_OPSET = 17  # LayerNormalization
@@ -77,25 +90,43 @@ class AttentionSpec:
       ``fused_slice`` (one MatMul to 3*inner for self, or Q separate and one to 2*inner for cross,
       cut by Split / Slice), ``fused_gather`` (that MatMul reshaped to ``[B,S,n,H,D]``, transposed
       to ``[n,B,H,S,D]`` and cut by Gather), ``none`` (cross only: K/V are graph inputs already in
-      head layout, see :func:`kv_input_shapes`).
+      head layout, see :func:`kv_input_shapes`), ``fused_per_head`` (the fused MatMul reshaped
+      to ``[B,S,H,n*D]`` and Split per head on the last axis, GPT-NeoX/Bloom).
     - ``head_layout``: ``4d`` (Reshape ``[B,S,H,D]`` + Transpose to ``[B,H,S,D]``) or ``3d`` (then
-      Reshape to ``[B*H,S,D]``); the merge mirrors it.
+      Reshape to ``[B*H,S,D]``) or ``time_major`` (``nn.MultiheadAttention``: Transpose to
+      ``[S,B,E]``, Reshape to ``[S,B*H,D]``, Transpose to ``[B*H,S,D]``); the merge mirrors it.
     - ``k_transpose``: ``separate`` (K to ``[B,H,S,D]``, then Transpose ``[0,1,3,2]``; 3-D
       ``[0,2,1]``), ``fused`` (one Transpose ``[0,2,3,1]`` from ``[B,S,H,D]``), ``pre_split``
       (the projected ``[B,S,inner]`` K is transposed ``[0,2,1]`` and then split into
       ``[B,H,D,S]``, so K^T comes straight out of the head split).
     - ``scale``: ``div_after`` / ``mul_after`` (the scores by sqrt(D) / D^-0.5), ``mul_q`` (Q by
-      D^-0.5 before the head split, BART/Whisper), ``sdpa_qk`` (Q and K^T each by D^-0.25, the
+      D^-0.5 before the head split, BART/Whisper), ``mul_q_heads`` (Q by D^-0.5 after the head
+      split), ``sdpa_qk`` (Q and K^T each by D^-0.25, the
       SDPA decomposition), ``none`` (T5: no scaling at all), ``folded`` (D^-0.5 folded into the
       Q weights and bias).
     - ``mask``: ``none``, ``add_input`` (float ``[B,1,Sq,Sk]`` input added), ``add_causal_const``
       (constant ``[Sq,Sk]`` with -inf above the diagonal; static lengths), ``add_bias_input``
       (``[1,H,Sq,Sk]`` position-bias input added), ``where_bool`` (``Where(keep[B,1,1,Sk],
-      scores, dtype-min)``).
+      scores, dtype-min)``), ``where_bool_inv`` (``Where(masked[B,1,1,Sk], dtype-min,
+      scores)``, the other polarity), ``add_rel_bias`` (T5/ALiBi-like relative-position bias
+      computed in the graph: a ``[2M+1,H]`` table gathered by ``clip(j - i)`` from ``Range``).
     - ``softmax_cast``: Cast the scores to float32 before Softmax and back after.
     - ``shape_style``: ``const`` reshape targets (``[0,0,H,D]``, a ``-1``) or ``computed`` ones
       (Shape -> Gather/Slice -> Unsqueeze -> Concat), as exporters emit for dynamic dims.
     - ``out_projection``: MatMul (+ bias) after the head merge.
+    - ``core``: ``matmul`` (MatMul on K^T) or ``einsum`` (``bhid,bhjd->bhij`` on K itself and
+      ``bhij,bhjd->bhid``; ``bid,bjd->bij`` / ``bij,bjd->bid`` on batched heads).
+    - ``merge``: ``reshape`` (Transpose + Reshape, then the out projection) or ``einsum`` (the
+      head merge and out projection in one ``bhsd,hde->bse``, no merged tensor).
+    - ``rope`` (self only): ``rotate_half`` (Slice/Neg/Concat, Llama) or ``interleaved``
+      (every-two Slices with step 2, Neg, Unsqueeze/Concat/Reshape, GPT-J) on Q and K heads;
+      ``rope_table``: cos/sin Gathered by a ``position_ids[B,Sq]`` input or Sliced from constant
+      tables by the length.
+    - ``kv_cache`` (self only): ``past_key``/``past_value`` inputs ``[B,Hkv,P,D]`` Concat'ed
+      with the new K/V; the Concats are graph outputs (present K/V) and the core reads them.
+    - ``kv_groups``: query heads per K/V head (GQA; ``repeat_kv`` by Unsqueeze, Expand,
+      Reshape after the cache).
+    - ``softmax_axis``: ``last`` (-1) or ``positive`` (3 on 4-D scores, 2 on 3-D).
     """
 
     kind: str = "cross"
@@ -110,6 +141,13 @@ class AttentionSpec:
     shape_style: str = "const"
     dtype: str = "float32"
     out_projection: bool = True
+    core: str = "matmul"
+    merge: str = "reshape"
+    rope: str = "none"
+    rope_table: str = "position_ids"
+    kv_cache: bool = False
+    kv_groups: int = 1
+    softmax_axis: str = "last"
 
     def __post_init__(self):
         problems = _conflicts(self)
@@ -120,6 +158,16 @@ class AttentionSpec:
     def inner(self) -> int:
         """``num_heads * head_dim``: the width of the projected Q, K and V."""
         return self.num_heads * self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Heads of K and V before ``repeat_kv`` (``num_heads / kv_groups``)."""
+        return max(self.num_heads // self.kv_groups, 1)
+
+    @property
+    def batched(self) -> bool:
+        """The core runs on 3-D ``[B*H,S,D]`` heads (``3d`` and ``time_major``)."""
+        return self.head_layout != "4d"
 
     @property
     def label(self) -> str:
@@ -145,7 +193,7 @@ def spec_conflicts(**options) -> list[str]:
 def _conflicts(spec) -> list[str]:
     problems = [f"{name}={getattr(spec, name)!r} is not one of {allowed}"
                 for name, allowed in _CHOICES.items() if getattr(spec, name) not in allowed]
-    for name in ("num_heads", "head_dim"):
+    for name in ("num_heads", "head_dim", "kv_groups"):
         value = getattr(spec, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{name}={value!r} must be a positive int")
@@ -155,6 +203,44 @@ def _conflicts(spec) -> list[str]:
     if spec.projection == "fused_gather" and spec.k_transpose != "separate":
         problems.append("projection='fused_gather' already yields K as [B,H,S,D], so it needs "
                         f"k_transpose='separate' (got k_transpose={spec.k_transpose!r})")
+    problems += _new_spelling_conflicts(spec)
+    return problems
+
+
+def _new_spelling_conflicts(spec) -> list[str]:
+    """Conflicts of the spellings drawn since issue 17 (each says what it needs)."""
+    problems = []
+    needs_separate = [name for name, on in (
+        ("core='einsum'", spec.core == "einsum"), ("rope", spec.rope != "none"),
+        ("kv_cache", spec.kv_cache), ("kv_groups>1", spec.kv_groups != 1),
+        ("head_layout='time_major'", spec.head_layout == "time_major")) if on]
+    if needs_separate and spec.k_transpose != "separate":
+        problems.append(f"{needs_separate[0]} reads K as [B,H,S,D], so it needs "
+                        f"k_transpose='separate' (got {spec.k_transpose!r})")
+    if spec.merge == "einsum" and (spec.head_layout != "4d" or not spec.out_projection):
+        problems.append("merge='einsum' contracts [B,H,S,D] heads with the out projection, so "
+                        "it needs head_layout='4d' and out_projection=True")
+    if (spec.rope != "none" or spec.kv_cache) and spec.kind != "self":
+        problems.append("rope and kv_cache are self-attention spellings (kind='self')")
+    if spec.rope != "none" and isinstance(spec.head_dim, int) and spec.head_dim % 2:
+        problems.append(f"rope rotates pairs, so head_dim must be even (got {spec.head_dim})")
+    if spec.rope != "none" and spec.kv_cache and spec.rope_table == "constant":
+        problems.append("rope with a kv_cache needs position ids (a constant table slice "
+                        "starts at 0)")
+    if spec.head_layout == "time_major" and (
+            spec.projection in ("none", "fused_gather", "fused_per_head")
+            or spec.rope != "none" or spec.kv_cache or spec.kv_groups != 1):
+        problems.append("head_layout='time_major' splits a projected [B,S,E] operand itself: "
+                        "no head-layout projection, rope, kv_cache or kv_groups")
+    if spec.kv_cache and spec.head_layout != "4d":
+        problems.append("kv_cache concatenates [B,H,S,D] heads, so it needs head_layout='4d'")
+    if spec.kv_groups != 1 and (spec.projection not in _LINEAR_STYLES or (
+            isinstance(spec.num_heads, int) and isinstance(spec.kv_groups, int)
+            and spec.num_heads % spec.kv_groups)):
+        problems.append("kv_groups needs separate K/V projections and heads divisible by it")
+    if spec.projection == "fused_per_head" and spec.k_transpose == "pre_split":
+        problems.append("projection='fused_per_head' yields K as [B,S,H,D], so it cannot take "
+                        "k_transpose='pre_split'")
     return problems
 
 
@@ -166,11 +252,13 @@ class BlockTruth:
 
     ``scale`` is the softmax scale the graph itself applies (exactly 1/sqrt(D), 1.0 for ``none``
     and ``folded``; the stored constants are rounded to the dtype). Sources are the tensors the
-    block's projections read (for ``projection="none"`` the K/V graph inputs). ``static_inputs``
-    are graph inputs that feed nothing but cross-attention K/V; ``kv_source_kind`` is
-    ``graph_input``, ``constant`` or ``internal`` (self-attention, or K/V computed through
-    another attention block). ``output`` is the merged-heads tensor before the out projection,
-    ``result`` the tensor after it (the same when there is none).
+    block's projections read (for ``projection="none"`` the K/V graph inputs; with RoPE, Q's
+    and K's are the rotated heads, and a scale applied before the rotation counts as part of
+    them). ``static_inputs`` are graph inputs that feed nothing but cross-attention K/V;
+    ``kv_source_kind`` is ``graph_input``, ``constant`` or ``internal`` (self-attention, or K/V
+    computed through another attention block). ``output`` is the merged-heads tensor before
+    the out projection (``[Sq,B,inner]`` for time-major heads, the ``[B,H,Sq,D]`` context for
+    an Einsum merge), ``result`` the tensor after it (the same when there is none).
     """
 
     name: str
@@ -371,7 +459,8 @@ class GraphBuilder:
         Every declared output gets a reference value; ``dynamic`` lists the symbols the inputs use.
         """
         symbols = {part for value in self.inputs for dim in self.shapes[value.name]
-                   if isinstance(dim, str) for part in dim.split("*") if not part.isdigit()}
+                   if isinstance(dim, str) for term in dim.split("+")
+                   for part in term.split("*") if not part.isdigit()}
         inputs = self.sample_inputs(sizes, seed)
         env = self.evaluate(inputs)
         return BuiltModel(model=self.make_model(), blocks=list(blocks), inputs=inputs,
@@ -397,19 +486,29 @@ def _onnx_type(dtype: str) -> int:
 def _resolve(dim: Dim, sizes: dict[str, int]) -> int:
     if isinstance(dim, int):
         return dim
-    return math.prod(int(p) if p.isdigit() else sizes[p] for p in dim.split("*"))
+    return sum(math.prod(int(p) if p.isdigit() else sizes[p] for p in term.split("*"))
+               for term in dim.split("+"))
 
 
 def _mul_dim(dim: Dim, factor: int) -> Dim:
     return dim * factor if isinstance(dim, int) else f"{dim}*{factor}"
 
 
+def _add_dim(a: Dim, b: Dim) -> Dim:
+    return a + b if isinstance(a, int) and isinstance(b, int) else f"{a}+{b}"
+
+
 def _draw(rng: np.random.Generator, kind: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    if kind in ("additive_mask", "bool_mask"):
+    if kind in ("additive_mask", "bool_mask", "bool_mask_inv"):
         # Attend to about 3/4 of the keys, always to key 0, so no softmax row is empty.
         keep = rng.random(shape) < 0.75
         keep[..., 0] = True
-        return keep if kind == "bool_mask" else np.where(keep, 0.0, -1e4).astype(dtype)
+        if kind != "additive_mask":
+            return keep if kind == "bool_mask" else ~keep
+        return np.where(keep, 0.0, -1e4).astype(dtype)
+    if kind == "position_ids":  # consecutive positions from a random start per sequence
+        start = rng.integers(0, ROPE_POSITIONS // 2, size=shape[:-1] + (1,))
+        return (start + np.arange(shape[-1])).astype(np.int64)
     std = 0.5 if kind == "bias" else 1.0
     return (rng.standard_normal(shape) * std).astype(dtype)
 
@@ -533,6 +632,12 @@ class _Block:
     kv_len: _Dim
     weights: _Weights
     shapes: dict[str, str] = field(default_factory=dict)
+    kv_batch: _Dim | None = None  # the K/V source's batch (1 for an initializer context)
+    past_len: Dim = PAST_LEN
+    pasts: dict[str, str] = field(default_factory=dict)  # "key"/"value" -> past input
+    presents: dict[str, str] = field(default_factory=dict)  # "key"/"value" -> present output
+    rope: dict[str, Any] = field(default_factory=dict)  # cos/sin names and stored tables
+    rel_bias: np.ndarray | None = None  # the [2M+1, H] relative-position table as stored
 
     def hint(self, suffix: str) -> str:
         return f"{self.prefix}.{suffix}"
@@ -581,7 +686,7 @@ def _kv_layouts(spec: AttentionSpec) -> tuple[str, str, int]:
 
 def add_attention(b: GraphBuilder, spec: AttentionSpec, query: str,
                   context: str | tuple[str, str] | None = None,
-                  prefix: str = "attn") -> BlockTruth:
+                  prefix: str = "attn", past_len: Dim = PAST_LEN) -> BlockTruth:
     """Emit one attention block spelled as ``spec`` into ``b`` and return its ground truth.
 
     ``query`` (and ``context`` for cross-attention) are ``[B,S,E]`` tensors whose shape and
@@ -593,32 +698,66 @@ def add_attention(b: GraphBuilder, spec: AttentionSpec, query: str,
     The truth's ``kv_source_kind``/``static_inputs`` default from what the block sees: a
     context that is a graph input is ``graph_input`` (assumed to feed only K/V), one that
     depends on no input is ``constant``, anything else ``internal``; callers that know more
-    (see :func:`attention_model`) fix them with ``dataclasses.replace``.
+    (see :func:`attention_model`) fix them with ``dataclasses.replace``. With ``kv_cache`` the
+    past K/V inputs are ``past_len`` long (a size or a symbol) and the presents are declared
+    graph outputs.
     """
     blk = _open_block(b, spec, query, context, prefix)
+    blk.past_len = past_len
     ops = _project(blk)
     q = ops["q"]
     if spec.scale == "mul_q":  # BART/Whisper: the projected Q times D^-0.5, before its split
         q = _Operand(blk.node("Mul", [q.name, blk.scalar(spec.head_dim ** -0.5, "scaling")],
                               "q.scaled"), q.layout)
     q_heads, k_t = _heads(blk, q, blk.q_len, "q"), _keys_t(blk, ops["k"])
+    if spec.scale == "mul_q_heads":  # the split Q times D^-0.5 (SDPA with a scale on Q)
+        q_heads = blk.node("Mul", [q_heads, blk.scalar(spec.head_dim ** -0.5, "scaling")],
+                           "q.scaled")
     if spec.scale == "sdpa_qk":  # torch SDPA decomposed: sqrt of the scale on each side
         quarter = blk.scalar(spec.head_dim ** -0.25, "scale_sqrt")
         q_heads = blk.node("Mul", [q_heads, quarter], "q.scaled")
         k_t = blk.node("Mul", [k_t, quarter], "k.scaled")
     v_heads = _heads(blk, ops["v"], blk.kv_len, "v")
+    if spec.kv_cache:  # from here on the keys are the past and the new ones
+        blk.kv_len = _Dim(blk.presents["key"], 2, _add_dim(past_len, blk.kv_len.size))
     probs, masks = _probabilities(blk, q_heads, k_t)
-    merged = _merge(blk, blk.node("MatMul", [probs, v_heads], "context"))
-    result = merged
-    if spec.out_projection:
-        style = spec.projection if spec.projection in _LINEAR_STYLES else "matmul_bias"
-        result = _linear(blk, merged, blk.weights.wo, blk.weights.bo, "out_proj", style,
-                         (blk.batch, blk.q_len))
+    if spec.core == "einsum":
+        context = blk.node("Einsum", [probs, v_heads], "context",
+                           equation="bij,bjd->bid" if spec.batched else "bhij,bhjd->bhid")
+    else:
+        context = blk.node("MatMul", [probs, v_heads], "context")
+    if spec.merge == "einsum":  # heads merged by the out projection itself
+        merged = b.describe(context, (blk.batch.size, spec.num_heads, blk.q_len.size,
+                                      spec.head_dim), spec.dtype)
+        result = _einsum_merge(blk, context)
+    else:
+        rows = (blk.q_len, blk.batch) if spec.head_layout == "time_major" else \
+            (blk.batch, blk.q_len)
+        merged = b.describe(_merge(blk, context), (rows[0].size, rows[1].size, spec.inner),
+                            spec.dtype)
+        result = merged
+        if spec.out_projection:
+            style = spec.projection if spec.projection in _LINEAR_STYLES else "matmul_bias"
+            result = _linear(blk, merged, blk.weights.wo, blk.weights.bo, "out_proj", style,
+                             rows)
+        if spec.head_layout == "time_major":  # back to batch first after the out projection
+            result = blk.node("Transpose", [result], "batch_first", perm=[1, 0, 2])
     e_out = spec.inner if not spec.out_projection else blk.weights.wo.shape[1]
-    b.describe(merged, (blk.batch.size, blk.q_len.size, spec.inner), spec.dtype)
     b.describe(result, (blk.batch.size, blk.q_len.size, e_out), spec.dtype)
     _add_reference(blk, merged, result, masks)
     return _truth(blk, merged, result, masks)
+
+
+def _einsum_merge(blk: _Block, context: str) -> str:
+    """``bhsd,hde->bse`` with the out projection's weight viewed as ``[H,D,E]``, then its bias."""
+    spec, w = blk.spec, blk.weights
+    weight = blk.b.initializer(blk.hint("out_proj.weight"), w.wo.reshape(
+        spec.num_heads, spec.head_dim, -1).astype(spec.dtype))
+    y = blk.node("Einsum", [context, weight], "out_proj", equation="bhsd,hde->bse")
+    if w.bo is None:
+        return y
+    bias = blk.b.initializer(blk.hint("out_proj.bias"), w.bo.astype(spec.dtype))
+    return blk.node("Add", [y, bias], "out_proj.add_bias")
 
 
 _LINEAR_STYLES = ("matmul_bias", "matmul", "gemm", "einsum")
@@ -647,12 +786,19 @@ def _open_block(b: GraphBuilder, spec: AttentionSpec, query: str, context, prefi
         if not isinstance(context, str):
             raise ValueError(f"{prefix}: kind='cross' needs a context tensor (got {context!r})")
         c_shape = _known(b, context, spec.dtype, 3)
-        if c_shape[0] != q_shape[0]:
+        if c_shape[0] not in (q_shape[0], 1):
             raise ValueError(f"{prefix}: context batch {c_shape[0]!r} differs from the query's "
                              f"{q_shape[0]!r}; Expand the context to the query's batch first")
+        if c_shape[0] != q_shape[0] and spec.batched:
+            raise ValueError(f"{prefix}: a batch-1 context broadcasts over the batch only with "
+                             f"head_layout='4d' (got {spec.head_layout!r})")
         kv_len, e_kv = _Dim(context, 1, c_shape[1]), c_shape[2]
-    return _Block(b, spec, prefix, query, context, _Dim(query, 0, q_shape[0]),
+    blk = _Block(b, spec, prefix, query, context, _Dim(query, 0, q_shape[0]),
                   _Dim(query, 1, q_shape[1]), kv_len, _make_weights(b, spec, q_shape[2], e_kv))
+    source = blk.kv_source
+    blk.kv_batch = _Dim(source, 0, b.shapes[source][0]) if spec.projection != "none" \
+        else blk.batch
+    return blk
 
 
 def _known(b: GraphBuilder, name: str, dtype: str, rank: int | None = None) -> tuple[Dim, ...]:
@@ -682,7 +828,9 @@ def _make_weights(b: GraphBuilder, spec: AttentionSpec, e_q: int, e_kv: int | No
     wq, bq = weight(e_q, inner), bias(inner)
     wk = bk = wv = bv = wo = bo = None
     if e_kv is not None:
-        wk, bk, wv, bv = weight(e_kv, inner), bias(inner), weight(e_kv, inner), bias(inner)
+        kv_inner = spec.kv_heads * spec.head_dim
+        wk, bk = weight(e_kv, kv_inner), bias(kv_inner)
+        wv, bv = weight(e_kv, kv_inner), bias(kv_inner)
     if spec.out_projection:
         wo, bo = weight(inner, e_q), bias(e_q)
     return _Weights(wq, bq, wk, bk, wv, bv, wo, bo)
@@ -713,7 +861,7 @@ def _project(blk: _Block) -> dict[str, _Operand]:
     spec, w = blk.spec, blk.weights
     fold = spec.head_dim ** -0.5 if spec.scale == "folded" else 1.0
     wq, bq = w.wq * fold, None if w.bq is None else w.bq * fold
-    kv_rows = (_Dim(blk.kv_source, 0, blk.batch.size), blk.kv_len)
+    kv_rows = (blk.kv_batch, blk.kv_len)
     if spec.projection.startswith("fused"):
         return _fused(blk, wq, bq, kv_rows)
     style = spec.projection if spec.projection in _LINEAR_STYLES else "matmul_bias"
@@ -741,10 +889,24 @@ def _fused(blk: _Block, wq: np.ndarray, bq: np.ndarray, kv_rows: tuple[_Dim, _Di
         ops["q"] = _Operand(_linear(blk, blk.query, wq, bq, "q_proj", "matmul_bias",
                                     (blk.batch, blk.q_len)), "BSE")
     fused = "qkv_proj" if spec.kind == "self" else "kv_proj"
-    y = _linear(blk, blk.kv_source, np.concatenate(weights, axis=1), np.concatenate(biases),
-                fused, "matmul_bias", kv_rows)
     n, inner = len(names), spec.inner
-    if spec.projection == "fused_split":
+    if spec.projection == "fused_per_head":  # columns ordered (head, q/k/v, dim)
+        def per_head(parts: list[np.ndarray]) -> np.ndarray:
+            stacked = np.stack([p.reshape(*p.shape[:-1], spec.num_heads, spec.head_dim)
+                                for p in parts], axis=-2)
+            return stacked.reshape(*stacked.shape[:-3], -1)
+
+        weight, bias = per_head(weights), per_head(biases)
+    else:
+        weight, bias = np.concatenate(weights, axis=1), np.concatenate(biases)
+    y = _linear(blk, blk.kv_source, weight, bias, fused, "matmul_bias", kv_rows)
+    if spec.projection == "fused_per_head":
+        heads = blk.reshape(y, [kv_rows[0], kv_rows[1], spec.num_heads, n * spec.head_dim],
+                            (0, 1), f"{fused}.split_heads")
+        parts = blk.node("Split", [heads, b.const([spec.head_dim] * n)], f"{fused}.split",
+                         outputs=n, axis=-1)
+        layout = "BSHD"
+    elif spec.projection == "fused_split":
         parts = blk.node("Split", [y, b.const([inner] * n)], f"{fused}.split", outputs=n, axis=-1)
         layout = "BSE"
     elif spec.projection == "fused_slice":
@@ -764,50 +926,160 @@ def _fused(blk: _Block, wq: np.ndarray, bq: np.ndarray, kv_rows: tuple[_Dim, _Di
 
 
 def _heads(blk: _Block, op: _Operand, seq: _Dim, suffix: str) -> str:
-    """Q or V in the core's layout: ``[B,H,S,D]`` (4d) or ``[B*H,S,D]`` (3d)."""
+    """Q, K or V in the core's layout: ``[B,H,S,D]`` (4d) or ``[B*H,S,D]`` (3d, time-major).
+
+    In ``[B,H,S,D]`` on the way: RoPE (Q and K), the KV cache's Concat and ``repeat_kv``.
+    """
     spec = blk.spec
+    batch = blk.batch if suffix == "q" else blk.kv_batch
+    heads = spec.num_heads if suffix == "q" else spec.kv_heads
     name, layout = op.name, op.layout
+    if spec.head_layout == "time_major" and layout == "BSE":  # nn.MultiheadAttention
+        name = blk.node("Transpose", [name], f"{suffix}.time_major", perm=[1, 0, 2])
+        name = blk.reshape(name, [seq, batch.times(heads), spec.head_dim], (0,),
+                           f"{suffix}.split_heads")
+        return blk.node("Transpose", [name], f"{suffix}.transpose", perm=[1, 0, 2])
     if layout == "BSE":
-        name = blk.reshape(name, [blk.batch, seq, spec.num_heads, spec.head_dim], (0, 1),
+        name = blk.reshape(name, [batch, seq, heads, spec.head_dim], (0, 1),
                            f"{suffix}.split_heads")
         layout = "BSHD"
     if layout == "BSHD":
         name = blk.node("Transpose", [name], f"{suffix}.transpose", perm=[0, 2, 1, 3])
         layout = "BHSD"
-    if layout == "BHSD" and spec.head_layout == "3d":
-        name = blk.reshape(name, [blk.batch.times(spec.num_heads), seq, spec.head_dim], (),
-                           f"{suffix}.batch_heads")
+    if layout == "BHSD":
+        name, seq = _in_heads(blk, name, seq, suffix)
+        if spec.batched:
+            name = blk.reshape(name, [batch.times(spec.num_heads), seq, spec.head_dim], (),
+                               f"{suffix}.batch_heads")
     return name
 
 
+def _in_heads(blk: _Block, name: str, seq: _Dim, suffix: str) -> tuple[str, _Dim]:
+    """RoPE, cache and GQA on ``[B,H,S,D]`` heads, in the order Llama applies them."""
+    spec = blk.spec
+    if spec.rope != "none" and suffix in ("q", "k"):
+        name = _rope(blk, name, suffix)
+    if spec.kv_cache and suffix in ("k", "v"):
+        name, seq = _cache(blk, name, seq, "key" if suffix == "k" else "value")
+    if spec.kv_groups != 1 and suffix in ("k", "v"):
+        b = blk.b
+        x = blk.node("Unsqueeze", [name, b.const([2])], f"{suffix}.repeat_kv.unsqueeze")
+        x = blk.node("Expand", [x, b.const([1, 1, spec.kv_groups, 1, 1])],
+                     f"{suffix}.repeat_kv.expand")
+        name = blk.reshape(x, [blk.kv_batch, spec.num_heads, seq, spec.head_dim], (0,),
+                           f"{suffix}.repeat_kv")
+    return name, seq
+
+
+def _cache(blk: _Block, new: str, seq: _Dim, role: str) -> tuple[str, _Dim]:
+    """``Concat(past, new)`` on the sequence axis; the result is the present output too."""
+    spec, b = blk.spec, blk.b
+    batch, heads, dim = blk.kv_batch.size, spec.kv_heads, spec.head_dim
+    past = b.input(f"{blk.prefix}.past_{role}", (batch, heads, blk.past_len, dim), spec.dtype)
+    present = b.node("Concat", [past, new], blk.hint(f"present_{role}"),
+                     outputs=[f"present.{blk.prefix}.{role}"], axis=2)
+    total = _add_dim(blk.past_len, seq.size)
+    b.describe(present, (batch, heads, total, dim), spec.dtype)
+    b.output(present, (batch, heads, total, dim), spec.dtype)
+    blk.pasts[role], blk.presents[role] = past, present
+    return present, _Dim(present, 2, total)
+
+
+def _rope(blk: _Block, x: str, suffix: str) -> str:
+    """``x * cos + rotate(x) * sin`` on ``[B,H,S,D]`` heads."""
+    spec, b, dim = blk.spec, blk.b, blk.spec.head_dim
+    cos, sin = _rope_tables(blk, x)
+    if spec.rope == "rotate_half":  # Llama: cat(-x2, x1) of the two halves
+        half = dim // 2
+        x1 = blk.node("Slice", [x, b.const([0]), b.const([half]), b.const([-1])],
+                      f"{suffix}.rope.x1")
+        x2 = blk.node("Slice", [x, b.const([half]), b.const([dim]), b.const([-1])],
+                      f"{suffix}.rope.x2")
+        rotated = blk.node("Concat", [blk.node("Neg", [x2], f"{suffix}.rope.neg"), x1],
+                           f"{suffix}.rope.rotate", axis=-1)
+    else:  # GPT-J: stack(-x[..., 1::2], x[..., ::2]) flattened back
+        even = blk.node("Slice", [x, b.const([0]), b.const([dim]), b.const([-1]), b.const([2])],
+                        f"{suffix}.rope.even")
+        odd = blk.node("Slice", [x, b.const([1]), b.const([dim]), b.const([-1]), b.const([2])],
+                       f"{suffix}.rope.odd")
+        pair = blk.node("Concat", [
+            blk.node("Unsqueeze", [blk.node("Neg", [odd], f"{suffix}.rope.neg"),
+                                   b.const([-1])], f"{suffix}.rope.neg_pair"),
+            blk.node("Unsqueeze", [even, b.const([-1])], f"{suffix}.rope.even_pair")],
+            f"{suffix}.rope.pairs", axis=-1)
+        shape = blk.node("Shape", [x], f"{suffix}.rope.shape")
+        rotated = blk.node("Reshape", [pair, shape], f"{suffix}.rope.rotate")
+    out = blk.node("Add", [blk.node("Mul", [x, cos], f"{suffix}.rope.cos"),
+                           blk.node("Mul", [rotated, sin], f"{suffix}.rope.sin")],
+                   f"{suffix}.rope")
+    blk.rope[f"{suffix}_out"] = out
+    return out
+
+
+def _rope_tables(blk: _Block, x: str) -> tuple[str, str]:
+    """cos/sin broadcastable to ``[B,H,S,D]`` (once per block): Gathered by position ids
+    (``[B,1,S,D]``) or Sliced to the length from constant tables (``[S,D]``)."""
+    if "cos" in blk.rope:
+        return blk.rope["cos"], blk.rope["sin"]
+    spec, b, dim = blk.spec, blk.b, blk.spec.head_dim
+    inv_freq = 10000.0 ** (-np.arange(0, dim, 2) / dim)
+    angles = np.arange(ROPE_POSITIONS)[:, None] * inv_freq[None, :]
+    emb = (np.concatenate([angles, angles], axis=-1) if spec.rope == "rotate_half"
+           else np.repeat(angles, 2, axis=-1))
+    names = {}
+    for fn in ("cos", "sin"):
+        table = getattr(np, fn)(emb).astype(spec.dtype)
+        blk.rope[f"{fn}_table"] = table.astype(np.float64)
+        stored = b.const(table, spec.dtype, hint=f"rope.{fn}_table.{spec.rope}")
+        if spec.rope_table == "position_ids":
+            ids = b.input("position_ids", (blk.batch.size, blk.q_len.size), "int64",
+                          kind="position_ids")
+            rows = blk.node("Gather", [stored, ids], f"rope.{fn}", axis=0)
+            names[fn] = blk.node("Unsqueeze", [rows, b.const([1])], f"rope.{fn}.heads")
+        else:
+            length = blk.node("Shape", [x], f"rope.{fn}.length", start=2, end=3)
+            names[fn] = blk.node("Slice", [stored, b.const([0]), length, b.const([0])],
+                                 f"rope.{fn}")
+    blk.rope.update(names)
+    return names["cos"], names["sin"]
+
+
 def _keys_t(blk: _Block, op: _Operand) -> str:
-    """K^T in the core's layout: ``[B,H,D,Sk]`` (4d) or ``[B*H,D,Sk]`` (3d)."""
-    spec, three = blk.spec, blk.spec.head_layout == "3d"
+    """K^T in the core's layout: ``[B,H,D,Sk]`` (4d) or ``[B*H,D,Sk]`` (3d); K itself
+    (``[B,H,Sk,D]``) for an Einsum core."""
+    spec, three = blk.spec, blk.spec.batched
     heads, dim = spec.num_heads, spec.head_dim
+    batch = blk.kv_batch
     if op.layout in ("BHDS", "HDS"):  # a K input that is stored transposed already
         return op.name
     if spec.k_transpose == "separate" or op.layout in ("BHSD", "HSD"):
         k = _heads(blk, op, blk.kv_len, "k")
+        if spec.core == "einsum":
+            return k
         return blk.node("Transpose", [k], "k.transpose_t", perm=[0, 2, 1] if three else [0, 1, 3, 2])
     if spec.k_transpose == "fused":  # GPT-2: one permute from [B,S,H,D] straight to K^T
         k = op.name
         if op.layout == "BSE":
-            k = blk.reshape(k, [blk.batch, blk.kv_len, heads, dim], (0, 1), "k.split_heads")
+            k = blk.reshape(k, [batch, blk.kv_len, heads, dim], (0, 1), "k.split_heads")
         k = blk.node("Transpose", [k], "k.transpose_t", perm=[0, 2, 3, 1])
         if three:
-            k = blk.reshape(k, [blk.batch.times(heads), dim, blk.kv_len], (), "k.batch_heads")
+            k = blk.reshape(k, [batch.times(heads), dim, blk.kv_len], (), "k.batch_heads")
         return k
     # pre_split: transpose the projected [B,Sk,inner] K, so the head split yields K^T directly
     k = blk.node("Transpose", [op.name], "k.transpose_t", perm=[0, 2, 1])
     if three:
-        return blk.reshape(k, [blk.batch.times(heads), dim, blk.kv_len], (), "k.split_heads")
-    return blk.reshape(k, [blk.batch, heads, dim, blk.kv_len], (0,), "k.split_heads")
+        return blk.reshape(k, [batch.times(heads), dim, blk.kv_len], (), "k.split_heads")
+    return blk.reshape(k, [batch, heads, dim, blk.kv_len], (0,), "k.split_heads")
 
 
 def _probabilities(blk: _Block, q: str, k_t: str) -> tuple[str, tuple[str, ...]]:
     """Scores, scale, mask and Softmax (with the fp32 casts); returns the mask inputs too."""
     spec = blk.spec
-    scores = blk.node("MatMul", [q, k_t], "scores")
+    if spec.core == "einsum":
+        scores = blk.node("Einsum", [q, k_t], "scores",
+                          equation="bid,bjd->bij" if spec.batched else "bhid,bhjd->bhij")
+    else:
+        scores = blk.node("MatMul", [q, k_t], "scores")
     if spec.scale == "div_after":
         scores = blk.node("Div", [scores, blk.scalar(math.sqrt(spec.head_dim), "scale_divisor")],
                           "scores.scaled")
@@ -817,7 +1089,8 @@ def _probabilities(blk: _Block, q: str, k_t: str) -> tuple[str, tuple[str, ...]]
     scores, masks = _mask(blk, scores)
     if spec.softmax_cast:
         scores = blk.node("Cast", [scores], "scores.to_float", to=onnx.TensorProto.FLOAT)
-    probs = blk.node("Softmax", [scores], "probs", axis=-1)
+    axis = (2 if spec.batched else 3) if spec.softmax_axis == "positive" else -1
+    probs = blk.node("Softmax", [scores], "probs", axis=axis)
     if spec.softmax_cast:
         probs = blk.node("Cast", [probs], "probs.to_dtype", to=_onnx_type(spec.dtype))
     return probs, masks
@@ -827,7 +1100,11 @@ _MASK_INPUTS = {  # mask -> (input name for self, for cross, dtype or None for t
     "add_input": ("attention_mask", "encoder_attention_mask", None, "additive_mask"),
     "add_bias_input": ("position_bias", "encoder_position_bias", None, "bias"),
     "where_bool": ("attention_mask_bool", "encoder_attention_mask_bool", "bool", "bool_mask"),
+    "where_bool_inv": ("attention_mask_inv", "encoder_attention_mask_inv", "bool",
+                       "bool_mask_inv"),
 }
+#: Relative positions beyond this share the table's first or last row (``add_rel_bias``).
+REL_BIAS_DISTANCE = 4
 
 
 def _mask(blk: _Block, scores: str) -> tuple[str, tuple[str, ...]]:
@@ -841,25 +1118,58 @@ def _mask(blk: _Block, scores: str) -> tuple[str, tuple[str, ...]]:
                                       f"[Sq,Sk], so it needs static lengths (got {sq!r}, {sk!r})")
         mask = b.initializer(blk.hint("causal_mask"), _causal(sq, sk).astype(spec.dtype))
         return blk.node("Add", [scores, mask], "scores.masked"), ()
-    self_name, cross_name, dtype, kind = _MASK_INPUTS[spec.mask]
     heads, batch = spec.num_heads, blk.batch.size
-    shape = {"add_input": (batch, 1, sq, sk), "add_bias_input": (1, heads, sq, sk),
-             "where_bool": (batch, 1, 1, sk)}[spec.mask]
-    mask = b.input(self_name if spec.kind == "self" else cross_name, shape, dtype or spec.dtype,
-                   kind)
-    three = spec.head_layout == "3d"
+    three = spec.batched
     if three:  # the mask has a batch (or head) dim: unbatch the heads around it, as Whisper does
         scores = blk.reshape(scores, [blk.batch, heads, blk.q_len, blk.kv_len], (),
                              "scores.unbatch_heads")
-    if spec.mask == "where_bool":
-        fill = blk.scalar(float(np.finfo(spec.dtype).min), "mask_fill")
-        scores = blk.node("Where", [mask, scores, fill], "scores.masked")
+    masks: tuple[str, ...] = ()
+    if spec.mask == "add_rel_bias":
+        scores = blk.node("Add", [scores, _relative_bias(blk, scores)], "scores.masked")
     else:
-        scores = blk.node("Add", [scores, mask], "scores.masked")
+        self_name, cross_name, dtype, kind = _MASK_INPUTS[spec.mask]
+        name = self_name if spec.kind == "self" else cross_name
+        if spec.kv_cache:  # its key length is the past's plus the new one's
+            name += "_with_past"
+        shape = {"add_input": (batch, 1, sq, sk), "add_bias_input": (1, heads, sq, sk),
+                 "where_bool": (batch, 1, 1, sk), "where_bool_inv": (batch, 1, 1, sk)}[spec.mask]
+        mask = b.input(name, shape, dtype or spec.dtype, kind)
+        masks = (mask,)
+        fill = blk.scalar(float(np.finfo(spec.dtype).min), "mask_fill") \
+            if spec.mask.startswith("where") else None
+        if spec.mask == "where_bool":
+            scores = blk.node("Where", [mask, scores, fill], "scores.masked")
+        elif spec.mask == "where_bool_inv":
+            scores = blk.node("Where", [mask, fill, scores], "scores.masked")
+        else:
+            scores = blk.node("Add", [scores, mask], "scores.masked")
     if three:
         scores = blk.reshape(scores, [blk.batch.times(heads), blk.q_len, blk.kv_len], (),
                              "scores.batch_heads")
-    return scores, (mask,)
+    return scores, masks
+
+
+def _relative_bias(blk: _Block, scores: str) -> str:
+    """``table[clip(j - i, -M, M) + M]`` as ``[1,H,Sq,Sk]``, positions from ``Range`` over the
+    scores' lengths (T5-style buckets reduced to a clip)."""
+    spec, b, m = blk.spec, blk.b, REL_BIAS_DISTANCE
+    table = b.random((2 * m + 1, spec.num_heads), spec.dtype, 0.5)
+    blk.rel_bias = table
+    stored = b.initializer(blk.hint("rel_bias.table"), table.astype(spec.dtype))
+    shape = blk.node("Shape", [scores], "rel_bias.shape")
+    positions = []
+    for axis, label in ((2, "q"), (3, "k")):
+        length = blk.node("Gather", [shape, b.const(axis)], f"rel_bias.{label}_len", axis=0)
+        positions.append(blk.node("Range", [b.const(0), length, b.const(1)],
+                                  f"rel_bias.{label}_pos"))
+    rel = blk.node("Sub", [blk.node("Unsqueeze", [positions[1], b.const([0])], "rel_bias.k_row"),
+                           blk.node("Unsqueeze", [positions[0], b.const([1])], "rel_bias.q_col")],
+                   "rel_bias.distance")
+    index = blk.node("Add", [blk.node("Clip", [rel, b.const(-m), b.const(m)], "rel_bias.clip"),
+                             b.const(m)], "rel_bias.index")
+    bias = blk.node("Gather", [stored, index], "rel_bias.gather", axis=0)
+    bias = blk.node("Transpose", [bias], "rel_bias.heads_first", perm=[2, 0, 1])
+    return blk.node("Unsqueeze", [bias, b.const([0])], "rel_bias")
 
 
 def _causal(q_len: int, kv_len: int) -> np.ndarray:
@@ -871,6 +1181,9 @@ def _causal(q_len: int, kv_len: int) -> np.ndarray:
 def _merge(blk: _Block, context: str) -> str:
     """``[B,H,Sq,D]`` (or ``[B*H,Sq,D]``) back to ``[B,Sq,inner]``."""
     spec = blk.spec
+    if spec.head_layout == "time_major":  # [B*H,Sq,D] -> [Sq,B*H,D] -> [Sq,B,inner]
+        context = blk.node("Transpose", [context], "merge.time_major", perm=[1, 0, 2])
+        return blk.reshape(context, [blk.q_len, blk.batch, spec.inner], (0,), "merge")
     if spec.head_layout == "3d":
         context = blk.reshape(context, [blk.batch, spec.num_heads, blk.q_len, spec.head_dim], (),
                               "merge.unbatch_heads")
@@ -896,9 +1209,16 @@ def _truth(blk: _Block, merged: str, result: str, masks: tuple[str, ...]) -> Blo
     else:
         kv_kind = "internal"
     scale = 1.0 if spec.scale in ("none", "folded") else spec.head_dim ** -0.5
+    q_source = blk.query
+    if spec.rope != "none":
+        # RoPE is no part of the block: Q and K start at the rotated heads (a scale applied
+        # before the rotation is in them already); the kind is still decided by provenance.
+        q_source, k_source = blk.rope["q_out"], blk.rope["k_out"]
+        if spec.scale in ("mul_q", "folded"):
+            scale = 1.0
     return BlockTruth(
         name=blk.prefix, kind=spec.kind, num_heads=spec.num_heads, head_dim=spec.head_dim,
-        scale=scale, q_source=blk.query, k_source=k_source, v_source=v_source,
+        scale=scale, q_source=q_source, k_source=k_source, v_source=v_source,
         static_inputs=static, kv_source_kind=kv_kind, output=merged, result=result,
         mask_inputs=masks, spec=spec)
 
@@ -907,26 +1227,51 @@ def _truth(blk: _Block, merged: str, result: str, masks: tuple[str, ...]) -> Blo
 
 def _add_reference(blk: _Block, merged: str, result: str, masks: tuple[str, ...]) -> None:
     spec, weights, query, context = blk.spec, blk.weights, blk.query, blk.context
+    pasts, presents, rope, rel_bias = dict(blk.pasts), dict(blk.presents), blk.rope, blk.rel_bias
 
     def step(env: dict[str, np.ndarray]) -> None:
         if context is None or isinstance(context, str):
             kv = None if context is None else env[context]
         else:
             kv = (env[context[0]], env[context[1]])
-        env[merged], env[result] = _np_attention(spec, weights, env[query], kv,
-                                                 [env[m] for m in masks])
+        extra = {"past_" + role: env[name] for role, name in pasts.items()}
+        if spec.rope != "none":
+            extra["cos"], extra["sin"] = _np_rope_tables(spec, rope, env, env[query].shape[1])
+        extra["rel_bias"] = rel_bias
+        out = _np_attention(spec, weights, env[query], kv, [env[m] for m in masks], extra)
+        env[merged], env[result] = out["merged"], out["result"]
+        for role, name in presents.items():
+            env[name] = out["present_" + role]
 
     blk.b.reference(step)
 
 
-def _np_attention(spec: AttentionSpec, w: _Weights, xq: np.ndarray, kv, masks: list) -> tuple:
-    """softmax(scale * Q K^T + mask) V with heads, in float64; returns (merged, result)."""
+def _np_rope_tables(spec: AttentionSpec, rope: dict, env: dict, length: int):
+    """cos/sin rows as the graph reads them: by ``position_ids`` or the first ``length``."""
+    if spec.rope_table == "position_ids":
+        ids = env["position_ids"]
+        return rope["cos_table"][ids][:, None], rope["sin_table"][ids][:, None]
+    return rope["cos_table"][:length], rope["sin_table"][:length]
+
+
+def _np_rotate(spec: AttentionSpec, x: np.ndarray) -> np.ndarray:
+    if spec.rope == "rotate_half":
+        half = x.shape[-1] // 2
+        return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return np.stack([-x[..., 1::2], x[..., ::2]], axis=-1).reshape(x.shape)
+
+
+def _np_attention(spec: AttentionSpec, w: _Weights, xq: np.ndarray, kv, masks: list,
+                  extra: dict | None = None) -> dict[str, np.ndarray]:
+    """softmax(scale * Q K^T + mask) V with heads, in float64: ``merged`` (the heads merged,
+    or ``[B,H,Sq,D]`` for an Einsum merge), ``result`` and the ``present_*`` K/V of a cache."""
+    extra = extra or {}
     heads, dim = spec.num_heads, spec.head_dim
     batch, q_len, _ = xq.shape
 
     def split(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
         y = x @ weight + (0.0 if bias is None else bias)
-        return y.reshape(x.shape[0], x.shape[1], heads, dim).transpose(0, 2, 1, 3)
+        return y.reshape(x.shape[0], x.shape[1], -1, dim).transpose(0, 2, 1, 3)
 
     q = split(xq, w.wq, w.bq)
     if spec.projection == "none":
@@ -934,6 +1279,16 @@ def _np_attention(spec: AttentionSpec, w: _Weights, xq: np.ndarray, kv, masks: l
     else:
         source = xq if kv is None else kv
         k, v = split(source, w.wk, w.bk), split(source, w.wv, w.bv)
+    out: dict[str, np.ndarray] = {}
+    if spec.rope != "none":
+        cos, sin = extra["cos"], extra["sin"]
+        q = q * cos + _np_rotate(spec, q) * sin
+        k = k * cos + _np_rotate(spec, k) * sin
+    if spec.kv_cache:
+        k = np.concatenate([extra["past_key"], k], axis=2)
+        v = np.concatenate([extra["past_value"], v], axis=2)
+        out["present_key"], out["present_value"] = k, v
+    k, v = np.repeat(k, spec.kv_groups, axis=1), np.repeat(v, spec.kv_groups, axis=1)
     scale = 1.0 if spec.scale == "none" else dim ** -0.5
     scores = (q @ k.swapaxes(-1, -2)) * scale
     if spec.mask == "add_causal_const":  # written apart from _causal so neither can hide a bug
@@ -941,12 +1296,22 @@ def _np_attention(spec: AttentionSpec, w: _Weights, xq: np.ndarray, kv, masks: l
         scores = np.where(cols > rows + max(k.shape[-2] - q_len, 0), -np.inf, scores)
     elif spec.mask == "where_bool":
         scores = np.where(masks[0], scores, float(np.finfo(spec.dtype).min))
+    elif spec.mask == "where_bool_inv":
+        scores = np.where(masks[0], float(np.finfo(spec.dtype).min), scores)
+    elif spec.mask == "add_rel_bias":
+        rows, cols = np.indices(scores.shape[-2:])
+        index = np.clip(cols - rows, -REL_BIAS_DISTANCE, REL_BIAS_DISTANCE) + REL_BIAS_DISTANCE
+        scores = scores + extra["rel_bias"][index].transpose(2, 0, 1)[None]
     elif masks:
         scores = scores + masks[0]
-    merged = (_np_softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(batch, q_len, heads * dim)
-    if not spec.out_projection:
-        return merged, merged
-    return merged, merged @ w.wo + (0.0 if w.bo is None else w.bo)
+    context = _np_softmax(scores) @ v
+    merged = context.transpose(0, 2, 1, 3).reshape(batch, q_len, heads * dim)
+    out["result"] = merged if not spec.out_projection else \
+        merged @ w.wo + (0.0 if w.bo is None else w.bo)
+    if spec.head_layout == "time_major":
+        merged = merged.transpose(1, 0, 2)
+    out["merged"] = context if spec.merge == "einsum" else merged
+    return out
 
 
 def _np_kv_inputs(spec: AttentionSpec, key: np.ndarray, value: np.ndarray, batch: int):
@@ -1007,7 +1372,9 @@ def attention_model(spec: AttentionSpec, *, self_spec: AttentionSpec | None = No
     context_embed = context_embed or embed
     _check_model_options(spec, self_spec, layers, context_kind, embed, context_embed)
     sizes = {"batch": batch, "q_len": q_len, "kv_len": kv_len}
-    attempts = [_SIZE_NAMES, ("batch",)] if dynamic else [()]
+    if any(s is not None and s.kv_cache for s in (spec, self_spec)):
+        sizes["past_len"] = PAST_LEN
+    attempts = [(*_SIZE_NAMES, "past_len"), ("batch",)] if dynamic else [()]
     for i, symbolic in enumerate(attempts):
         try:
             b, blocks = _attention_graph(spec, self_spec, layers, context_kind, sizes, symbolic,
@@ -1017,7 +1384,7 @@ def attention_model(spec: AttentionSpec, *, self_spec: AttentionSpec | None = No
                 raise
             continue
         if spec.kind == "self":  # no context: kv_len means nothing here
-            sizes = {"batch": batch, "q_len": q_len}
+            sizes.pop("kv_len")
         return b.finish(blocks, sizes, seed)
     raise AssertionError("unreachable")
 
@@ -1040,6 +1407,9 @@ def _check_model_options(spec, self_spec, layers, context_kind, embed, context_e
             problems.append(f"context_kind={context_kind!r} is not one of {CONTEXT_KINDS}")
         if spec.kind == "self":
             problems.append(f"context_kind={context_kind!r} needs kind='cross' (got 'self')")
+        if context_kind == "initializer" and spec.batched:
+            problems.append("context_kind='initializer' broadcasts a batch-1 context, which "
+                            f"needs head_layout='4d' (got {spec.head_layout!r})")
         if spec.projection == "none" and context_kind != "input":
             problems.append("projection='none' reads K/V from graph inputs, so context_kind "
                             f"must be 'input' (got {context_kind!r})")
@@ -1058,13 +1428,14 @@ def _encoder_spec(spec: AttentionSpec, self_spec: AttentionSpec | None) -> Atten
     """The self-attention spelling of the ``internal`` context's encoder (unmasked)."""
     base = self_spec or replace(spec, kind="self", projection=(
         "matmul_bias" if spec.projection == "none" else spec.projection))
-    return replace(base, mask="none")
+    return replace(base, mask="none", rope="none", kv_cache=False)
 
 
 def _attention_graph(spec, self_spec, layers, context_kind, sizes, symbolic, embed,
                      context_embed, seed, opset) -> tuple[GraphBuilder, list[BlockTruth]]:
     b = GraphBuilder("attention_model", seed=seed, opset=opset)
     batch, q_len, kv_len = (n if n in symbolic else sizes[n] for n in _SIZE_NAMES)
+    past_len = "past_len" if "past_len" in symbolic else PAST_LEN
     h = b.input("hidden_states", (batch, q_len, embed), spec.dtype)
     blocks: list[BlockTruth] = []
     context, fixed = None, None
@@ -1074,13 +1445,14 @@ def _attention_graph(spec, self_spec, layers, context_kind, sizes, symbolic, emb
     role = "cross_attn" if spec.kind == "cross" else "self_attn"
     for layer in range(layers):
         if self_spec is not None:
-            h = _residual_block(b, self_spec, h, None, f"layers.{layer}.self_attn", blocks)
+            h = _residual_block(b, self_spec, h, None, f"layers.{layer}.self_attn", blocks,
+                                past_len=past_len)
         if spec.projection == "none":
             key_shape, value_shape = kv_input_shapes(spec, batch, kv_len)
             context = (b.input(f"cross_key_{layer}", key_shape, spec.dtype),
                        b.input(f"cross_value_{layer}", value_shape, spec.dtype))
         h = _residual_block(b, spec, h, context, f"layers.{layer}.{role}", blocks, fixed,
-                            out="output" if layer == layers - 1 else None)
+                            out="output" if layer == layers - 1 else None, past_len=past_len)
     b.output("output", (batch, q_len, embed))
     return b, blocks
 
@@ -1101,6 +1473,12 @@ def _context(b: GraphBuilder, spec, self_spec, kind: str, batch: Dim, kv_len: Di
         b.reference(lambda env: env.__setitem__(context, np.broadcast_to(
             latents, (env["hidden_states"].shape[0], *latents.shape[1:]))))
         return context, None
+    if kind == "initializer":  # K/V projections read a [1,Sk,E] constant, broadcast in the core
+        latents = b.random((1, kv_size, width), dtype, 1.0)
+        name = b.describe(b.initializer("context", latents.astype(dtype)), (1, kv_size, width),
+                          dtype)
+        b.reference(lambda env: env.__setitem__(name, latents))
+        return name, None
     x = b.input("encoder_input", (batch, kv_len, width), dtype)
     if kind == "encoded":
         return _dense(b, _layer_norm(b, x, "encoder.norm"), width, "encoder.proj"), \
@@ -1112,9 +1490,9 @@ def _context(b: GraphBuilder, spec, self_spec, kind: str, batch: Dim, kv_len: Di
 
 def _residual_block(b: GraphBuilder, spec: AttentionSpec, h: str, context, prefix: str,
                     blocks: list[BlockTruth], fixed: tuple | None = None,
-                    out: str | None = None) -> str:
+                    out: str | None = None, past_len: Dim = PAST_LEN) -> str:
     """``LayerNorm(h + attention(h, context))``; appends the block's truth to ``blocks``."""
-    truth = add_attention(b, spec, h, context, prefix)
+    truth = add_attention(b, spec, h, context, prefix, past_len)
     if fixed is not None:
         truth = replace(truth, kv_source_kind=fixed[0], static_inputs=fixed[1])
     blocks.append(truth)

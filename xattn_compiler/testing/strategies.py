@@ -8,10 +8,14 @@ An example's ``repr`` is the Python expression that rebuilds it, so a shrunk cou
 pastes straight into ``@example(...)``; its ``description`` says in words what was drawn.
 
 - :func:`attention_specs`: one block's spelling, respecting
-  :func:`~xattn_compiler.testing.spec_conflicts`.
+  :func:`~xattn_compiler.testing.spec_conflicts`: projections (MatMul, Gemm, Einsum, fused
+  QKV/KV cut by Split, Slice, Gather or per head), 4-D, batched 3-D or time-major heads,
+  MatMul or Einsum cores and merges, every scale placement, additive, boolean (both
+  polarities), causal and relative-position masks, RoPE, KV caches, GQA, the Softmax axis.
 - :func:`recipes` / :func:`attention_models`: 1..3 layers of self, cross or decoder-style
   (self then cross) blocks with residuals and LayerNorm (post- or pre-norm), optional MLPs
-  (MatMul + bias + Relu/Gelu + MatMul), every cross-attention context kind, fp32 or fp16,
+  (MatMul + bias + Relu/Gelu + MatMul), every cross-attention context kind (a batch-1
+  initializer context included), fp32 or fp16,
   static or dynamic dims.
 - :func:`lookalike_models`: graphs with a Softmax but no attention (no block may be found).
 - :func:`cluttered`: value-preserving clutter from :mod:`xattn_compiler.testing.clutter` on
@@ -46,14 +50,20 @@ from onnx import helper, numpy_helper
 
 from .builders import (
     CONTEXT_KINDS,
+    CORES,
     DTYPES,
     HEAD_LAYOUTS,
     K_TRANSPOSES,
     KINDS,
     MASKS,
+    MERGES,
+    PAST_LEN,
     PROJECTIONS,
+    ROPE_TABLES,
+    ROPES,
     SCALES,
     SHAPE_STYLES,
+    SOFTMAX_AXES,
     AttentionSpec,
     BlockTruth,
     BuiltModel,
@@ -79,7 +89,7 @@ LOOKALIKES = ("classifier", "softmax_between_weights", "cnn")
 MLP_ACTIVATIONS = ("relu", "gelu")
 _SIZE_NAMES = ("batch", "q_len", "kv_len")
 #: Sizes the extra sample uses for the dims a model keeps dynamic.
-_OTHER_SIZES = {"batch": 3, "q_len": 4, "kv_len": 9, "seq": 6}
+_OTHER_SIZES = {"batch": 3, "q_len": 4, "kv_len": 9, "seq": 6, "past_len": 2}
 
 
 # --- recipes: what was drawn, as data that rebuilds it ------------------------------------------
@@ -311,8 +321,10 @@ def _build_stack(recipe: Recipe) -> BuiltModel:
     """Layers of attention (+ MLP) over ``hidden_states``; sizes symbolic where they can be."""
     if not recipe.layers:
         raise ValueError("a recipe without lookalike needs at least one layer")
-    attempts = [_SIZE_NAMES, ("batch",), ()] if recipe.dynamic else [()]
+    attempts = [(*_SIZE_NAMES, "past_len"), ("batch",), ()] if recipe.dynamic else [()]
     sizes = {"batch": recipe.batch, "q_len": recipe.q_len, "kv_len": recipe.kv_len}
+    if any(spec.kv_cache for layer in recipe.layers for spec in layer.attention):
+        sizes["past_len"] = PAST_LEN
     for i, symbolic in enumerate(attempts):
         try:
             b, blocks = _stack_graph(recipe, symbolic)
@@ -334,6 +346,7 @@ def _has_cross(recipe: Recipe) -> bool:
 def _stack_graph(r: Recipe, symbolic: Sequence[str]) -> tuple[GraphBuilder, list[BlockTruth]]:
     b = GraphBuilder("xattn_example", seed=r.seed)
     batch, q_len, kv_len = (n if n in symbolic else getattr(r, n) for n in _SIZE_NAMES)
+    past_len = "past_len" if "past_len" in symbolic else PAST_LEN
     h = b.input("hidden_states", (batch, q_len, r.embed), r.dtype)
     blocks: list[BlockTruth] = []
     context = fixed = None
@@ -345,7 +358,8 @@ def _stack_graph(r: Recipe, symbolic: Sequence[str]) -> tuple[GraphBuilder, list
             role = "self_attn" if spec.kind == "self" else "cross_attn"
             prefix = f"layers.{i}.{role}" + (f"_{j}" if j else "")
             if spec.kind == "self":
-                h = _attention_sublayer(b, r.norm, spec, h, None, prefix, blocks)
+                h = _attention_sublayer(b, r.norm, spec, h, None, prefix, blocks,
+                                        past_len=past_len)
             elif spec.projection == "none":
                 # Beside constant latents the key length is static: masks share one shape.
                 length = r.kv_len if r.context == "constant" else kv_len
@@ -379,6 +393,12 @@ def _context(b: GraphBuilder, r: Recipe, batch, kv_len, h: str, blocks: list[Blo
         b.reference(lambda env: env.__setitem__(context, np.broadcast_to(
             latents, (env[h].shape[0], *latents.shape[1:]))))
         return context, None
+    if r.context == "initializer":  # K/V projections read a [1,Sk,E] constant directly
+        latents = b.random((1, r.kv_len, width), r.dtype, 1.0)
+        context = b.describe(b.initializer("context", latents.astype(r.dtype)),
+                             (1, r.kv_len, width), r.dtype)
+        b.reference(lambda env: env.__setitem__(context, latents))
+        return context, None
     x = b.input("encoder_input", (batch, kv_len, width), r.dtype)
     if r.context == "encoded":  # K/V still depend on that input alone: it is static
         return _dense(b, _layer_norm(b, x, "encoder.norm"), width, "encoder.proj"), \
@@ -389,9 +409,10 @@ def _context(b: GraphBuilder, r: Recipe, batch, kv_len, h: str, blocks: list[Blo
 
 
 def _attention_sublayer(b: GraphBuilder, norm: str, spec: AttentionSpec, h: str, context,
-                        prefix: str, blocks: list[BlockTruth], fixed=None) -> str:
+                        prefix: str, blocks: list[BlockTruth], fixed=None,
+                        past_len=PAST_LEN) -> str:
     x = _layer_norm(b, h, f"{prefix}.pre_norm") if norm == "pre" else h
-    truth = add_attention(b, spec, x, context, prefix)
+    truth = add_attention(b, spec, x, context, prefix, past_len)
     if fixed is not None:
         truth = replace(truth, kv_source_kind=fixed[0], static_inputs=fixed[1])
     blocks.append(truth)
@@ -572,7 +593,9 @@ SPEC_CHOICES: dict[str, tuple] = {
     "kind": KINDS, "num_heads": (2, 1, 3, 4), "head_dim": (4, 8, 2, 1, 6),
     "projection": PROJECTIONS, "head_layout": HEAD_LAYOUTS, "k_transpose": K_TRANSPOSES,
     "scale": SCALES, "mask": MASKS, "softmax_cast": (False, True), "shape_style": SHAPE_STYLES,
-    "dtype": DTYPES, "out_projection": (True, False),
+    "dtype": DTYPES, "out_projection": (True, False), "core": CORES, "merge": MERGES,
+    "rope": ROPES, "rope_table": ROPE_TABLES, "kv_cache": (False, True), "kv_groups": (1, 2),
+    "softmax_axis": SOFTMAX_AXES,
 }
 
 
@@ -636,8 +659,14 @@ def recipes(draw, *, dtype: str | None = None, max_layers: int = 3,
         width = draw(st.sampled_from((None, 8, 12)))
         encoder = None
         if context == "internal":
-            encoder = draw(attention_specs(kind="self", dtype=dtype, mask="none",
-                                           embed=width or embed))
+            # The encoder reads its own sequence: no position ids or cache of the decoder's.
+            encoder = draw(attention_specs(kind="self", dtype=dtype, mask="none", rope="none",
+                                           kv_cache=False, embed=width or embed))
+        if context == "initializer":  # a batch-1 context broadcasts only over [B,H,S,D] heads
+            recipe = replace(recipe, layers=tuple(
+                replace(layer, attention=tuple(
+                    replace(s, head_layout="4d") if s.kind == "cross" and s.projection != "none"
+                    else s for s in layer.attention)) for layer in recipe.layers))
         recipe = replace(recipe, context=context, context_embed=width, encoder=encoder)
     return recipe
 
@@ -645,13 +674,14 @@ def recipes(draw, *, dtype: str | None = None, max_layers: int = 3,
 def _one_bias_shape(layers: list[Layer]) -> list[Layer]:
     """Position-bias inputs are shared by name per kind, so their head counts must agree:
     a later block with another head count gets an additive mask instead."""
-    heads: dict[str, int] = {}
+    heads: dict[tuple, int] = {}
     out = []
     for layer in layers:
         specs = []
         for spec in layer.attention:
             if spec.mask == "add_bias_input":
-                if heads.setdefault(spec.kind, spec.num_heads) != spec.num_heads:
+                key = (spec.kind, spec.kv_cache)
+                if heads.setdefault(key, spec.num_heads) != spec.num_heads:
                     spec = replace(spec, mask="add_input")
             specs.append(spec)
         out.append(replace(layer, attention=tuple(specs)))
@@ -847,11 +877,15 @@ class GraphMachine(RuleBasedStateMachine):
         c_shape = self.shapes[context]
         cross = (context != x and len(c_shape) == 3 and c_shape[0] == shape[0]
                  and self.b.dtypes[context] == dtype and data.draw(st.booleans()))
-        # Mask inputs are shared by name, so blocks here take none or a constant one.
+        # Mask and position inputs are shared by name, so blocks here take none or constant
+        # ones; the matcher is checked on the graph as built (no Einsum normalisation), and
+        # every output must be one of this machine's values (no present K/V).
         spec = data.draw(attention_specs(kind="cross" if cross else "self", dtype=dtype,
                                          embed=shape[2]).filter(
-            lambda s: s.projection != "none" and s.mask in ("none", "add_causal_const")),
-            label="spec")
+            lambda s: s.projection != "none" and s.mask in ("none", "add_causal_const",
+                                                             "add_rel_bias")
+            and s.core == "matmul" and not s.kv_cache
+            and (s.rope == "none" or s.rope_table == "constant")), label="spec")
         truth = add_attention(self.b, spec, x, context if cross else None,
                               self.b.unique("attn"))
         self.blocks.append(truth)

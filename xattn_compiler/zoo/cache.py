@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -48,10 +49,10 @@ def cache_key(model: ZooModel, size: str) -> str:
         "versions": zoo_export.library_versions(),
         "model": _model_fields(model),
         "size": size,
-        # Every family file, not only this model's: families share blocks (torch_nn's plain
-        # attention is used by detr, constant_context and control_flow).
-        "family_sources": [_source_digest(path) for path in
-                           sorted(_family_file(model).parent.glob("*.py"))],
+        # The model's family file and the sibling family files it imports (torch_nn's plain
+        # attention is used by detr, constant_context and control_flow): editing one family
+        # re-exports its models and their users, not the whole zoo.
+        "family_sources": [_source_digest(path) for path in _family_files(model)],
         "export_source": _source_digest(Path(zoo_export.__file__)),
         "spec_source": _source_digest(Path(zoo_spec.__file__)),
     }
@@ -122,6 +123,28 @@ def _family_file(model: ZooModel) -> Path | None:
         return Path(inspect.getfile(module)) if module is not None else None
     except TypeError:  # a builtin or a module without a file
         return None
+
+
+#: ``from .name import`` / ``from . import name`` in a family module: a sibling it builds on.
+_SIBLING_IMPORT = re.compile(r"^\s*from \.(\w+)? import ([\w, ]+)", re.MULTILINE)
+
+
+def _family_files(model: ZooModel) -> list[Path]:
+    """The model's family file and, transitively, the sibling family files it imports."""
+    first = _family_file(model)
+    if first is None:
+        return []
+    seen: set[Path] = set()
+    todo = [first]
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        for module, names in _SIBLING_IMPORT.findall(path.read_text()):
+            candidates = [module] if module else [n.strip() for n in names.split(",")]
+            todo.extend(path.parent / f"{name}.py" for name in candidates if name)
+    return sorted(seen)
 
 
 def _source_digest(path: Path | None) -> str | None:

@@ -16,8 +16,9 @@ matcher classifying self/cross by data provenance from one that compares tensors
   ``k_norm``); K/V come from ``cross_attention_states`` alone.
 * ``gptj-decoder``: interleaved rotary (``rotate_every_two``: strided slices, stacked and
   flattened) on the first ``rotary_dim`` of each head, applied before the head transpose.
-* ``gpt-neox-decoder`` (in ``KNOWN_GAPS``, not MODELS): one fused QKV projection split per head, rotate-half on half of each
-  head (``rotary_pct`` 0.5) with the rest concatenated back.
+* ``gpt-neox-decoder``: one fused QKV projection split per head (Q and K leave the Split for
+  the rotary ops, V goes straight to the core), rotate-half on half of each head
+  (``rotary_pct`` 0.5) with the rest concatenated back.
 * ``phi-decoder``: rotate-half on half of each head (``partial_rotary_factor`` 0.5),
   projections with biases.
 """
@@ -249,6 +250,9 @@ MODELS = (
     ZooModel("gptj-decoder", "gptj",
              "GPT-J causal LM: interleaved (rotate-every-two) partial rotary, SDPA attention",
              _gptj, requires=_REQUIRES, tags=_SELF_ONLY),
+    ZooModel("gpt-neox-decoder", "gpt-neox",
+             "GPT-NeoX causal LM: fused query_key_value split per head, partial rotate-half "
+             "rotary, SDPA attention", _gpt_neox, requires=_REQUIRES, tags=_SELF_ONLY),
     ZooModel("phi-decoder", "phi",
              "Phi causal LM: rotate-half on half of each head, projections with biases",
              _phi, requires=_REQUIRES, tags=_SELF_ONLY),
@@ -263,13 +267,6 @@ MODELS = (
 #: as ``[batch, 2, seq, 16]``; it is ``[batch, 2, img_len, 16]`` when seq > img_len, and ONNX
 #: Runtime's memory planner, trusting the annotation, then fails with "Shape mismatch
 #: attempting to re-use buffer" (the file runs when every value_info is dropped).
-#: Variants the matcher finds and classifies but the pipeline does not fuse yet, with why (kept
-#: out of MODELS, whose blocks must all fuse; tests/test_provenance.py checks how they classify).
-#: GPT-NeoX: V's walk to the fused QKV projection takes in the shared Split, whose Q and K
-#: outputs the rotary Slices outside the block read, so every block reports escapes.
-KNOWN_GAPS = {
-    "gpt-neox-decoder": (_gpt_neox, "intermediate tensors escape"),
-}
 KNOWN_BAD_EXPORTS = {
     "mllama-text-sdpa": (_mllama_sdpa, "Shape mismatch attempting to re-use buffer"),
 }

@@ -1,0 +1,53 @@
+"""Spellings the random-graph strategies drew (issue 17) that the matcher got wrong, each as the
+minimal model hypothesis shrank it to; every test failed before its fix."""
+
+from __future__ import annotations
+
+from xattn_compiler.attention import find_attention
+from xattn_compiler.testing import AttentionSpec
+from xattn_compiler.testing.assertions import assert_attention_found
+from xattn_compiler.testing.strategies import Layer, Recipe, Wrap, build_example
+
+
+def _one_block(spec: AttentionSpec, **sizes) -> None:
+    ex = build_example(Recipe(layers=(Layer((spec,)),), **sizes))
+    assert_attention_found(ex)
+
+
+def test_time_major_heads_report_their_head_count():
+    # nn.MultiheadAttention: [B,S,E] -> [S,B,E] -> [S,B*H,D] -> [B*H,S,D]; no [.., H, D] target.
+    _one_block(AttentionSpec(kind="self", head_dim=4, head_layout="time_major"),
+               batch=1, q_len=1, kv_len=1)
+    _one_block(AttentionSpec(kind="cross", num_heads=3, head_layout="time_major",
+                             mask="add_input", shape_style="computed"), dynamic=True)
+
+
+def test_time_major_heads_of_one_head():
+    _one_block(AttentionSpec(kind="self", num_heads=1, head_layout="time_major"))
+
+
+def test_heads_rotated_then_batched_report_their_head_count():
+    # RoPE on [B,H,S,D], then [B*H,S,D]: the only head split the core's chain sees is 4-D to 3-D.
+    _one_block(AttentionSpec(kind="self", head_dim=4, head_layout="3d", rope="rotate_half"),
+               batch=1, q_len=2)
+    (block,) = find_attention(build_example(Recipe(layers=(Layer((AttentionSpec(
+        kind="self", num_heads=4, head_dim=2, head_layout="3d", rope="interleaved",
+        rope_table="constant"),)),))).model)
+    assert (block.kind, block.num_heads, block.head_dim) == ("self", 4, 2)
+
+
+def test_softmax_on_a_positive_axis_in_a_body_with_computed_shapes():
+    # Softmax(axis=3) of 4-D scores (axis=2 of 3-D) inside If/Loop bodies, whose reshape
+    # targets are computed: ONNX infers no rank there; the layout ops that made the scores say it.
+    for spec, wrap in [
+        (AttentionSpec(kind="self", softmax_axis="positive", shape_style="computed"), Wrap()),
+        (AttentionSpec(kind="self", head_dim=4, k_transpose="fused", shape_style="computed",
+                       out_projection=False, softmax_axis="positive"), Wrap()),
+        (AttentionSpec(kind="self", softmax_axis="positive", shape_style="computed",
+                       head_layout="3d", mask="add_input"), Wrap("loop")),
+        (AttentionSpec(kind="cross", softmax_axis="positive", shape_style="computed",
+                       head_layout="time_major", mask="where_bool_inv"), Wrap("loop")),
+    ]:
+        ex = build_example(Recipe(layers=(Layer((spec,)),), batch=1, q_len=1, kv_len=1,
+                                  wrap=wrap))
+        assert_attention_found(ex)
