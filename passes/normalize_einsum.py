@@ -67,7 +67,7 @@ from onnx import numpy_helper
 
 from xattn_compiler.rewrite import is_identity_perm
 
-from ._normalize import DEFAULT_DOMAINS, ModelEdit, NormalizingPass, Scope, elem_type, rank
+from ._normalize import DEFAULT_DOMAINS, ModelEdit, NormalizingPass, Scope, elem_type, rank, readers
 
 #: Stands for ``...`` in a parsed term (not a label: labels are letters).
 _ELLIPSIS = "*"
@@ -291,6 +291,32 @@ class EinsumToMatMul(NormalizingPass):
     rewritten_key = "einsums_rewritten"
     skipped_key = "einsums_skipped"
 
+    def __init__(self, **values):
+        super().__init__(**values)
+        self._laid_out: dict[tuple[str, Operand], str] = {}
+
+    def apply(self, edit: ModelEdit) -> int:
+        self._laid_out = {}
+        return super().apply(edit)
+
+    def finish(self, edit: ModelEdit) -> None:
+        """Drop the weights only the rewritten Einsums read (their laid-out copies replace
+        them), so the model does not carry both."""
+        read = readers(edit.model)
+        unread = {name for name, _ in self._laid_out if not read.get(name)}
+        if not unread:
+            return
+        for _, graph, _ in edit.graphs():
+            kept = [t for t in graph.initializer if t.name not in unread]
+            if len(kept) != len(graph.initializer):
+                del graph.initializer[:]
+                graph.initializer.extend(kept)
+            nodes = [n for n in graph.node
+                     if not (n.op_type == "Constant" and n.output and n.output[0] in unread)]
+            if len(nodes) != len(graph.node):
+                del graph.node[:]
+                graph.node.extend(nodes)
+
     def rewrite(self, graph: onnx.GraphProto, scope: Scope, edit: ModelEdit, path: str) -> int:
         nodes: list[onnx.NodeProto] = []
         done = 0
@@ -305,7 +331,10 @@ class EinsumToMatMul(NormalizingPass):
                 nodes.append(node)
                 continue
             if isinstance(plan, Plan):
-                nodes.extend(_matmul_nodes(node, plan, edit, graph))
+                # Only the main graph gets laid-out weights: a body reads outer weights, and
+                # an initializer of its own there is not what the checker takes.
+                nodes.extend(_matmul_nodes(node, plan, edit, graph, scope if not path else None,
+                                           self._laid_out))
             else:
                 nodes.append(_transpose_node(node, plan, edit))
             done += 1
@@ -348,10 +377,26 @@ def _transpose_node(node: onnx.NodeProto, perm: tuple[int, ...], edit: ModelEdit
                                  edit.fresh(f"{base}/transpose"), perm=list(perm))
 
 
+def _laid_out(value: np.ndarray, how: Operand) -> np.ndarray:
+    """A constant operand laid out as ``how`` says, in numpy (the nodes it spares)."""
+    if how.perm is not None:
+        value = np.transpose(value, how.perm)
+    if how.flatten > 1:
+        value = value.reshape(*value.shape[:value.ndim - how.flatten], -1)
+    if how.swap_last:
+        value = np.swapaxes(value, -1, -2)
+    if how.unsqueeze is not None:
+        value = np.expand_dims(value, how.unsqueeze)
+    return np.ascontiguousarray(value)
+
+
 def _matmul_nodes(node: onnx.NodeProto, plan: Plan, edit: ModelEdit,
-                  graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+                  graph: onnx.GraphProto, scope: Scope | None = None,
+                  laid_out: dict[tuple[str, Operand], str] | None = None
+                  ) -> list[onnx.NodeProto]:
     """The nodes that compute ``node``'s output as ``plan`` says, in order (Unsqueeze axes
-    become initializers of ``graph``)."""
+    become initializers of ``graph``). A weight whose value is in the model is laid out once,
+    as a new initializer, instead of through nodes."""
     made: list[onnx.NodeProto] = []
     base = node.name or node.output[0]
 
@@ -369,6 +414,19 @@ def _matmul_nodes(node: onnx.NodeProto, plan: Plan, edit: ModelEdit,
     operands = []
     for x, how, side, term_rank in ((a, plan.left, "left", ranks[0]),
                                     (b, plan.right, "right", ranks[1])):
+        key = (x, how)
+        if laid_out is not None and key in laid_out:  # the same weight, laid out the same way
+            operands.append(laid_out[key])
+            continue
+        own = scope is not None and any(t.name == x for t in graph.initializer)
+        value = scope.constant(x) if own and how.nodes else None
+        if value is not None:
+            name = edit.fresh(f"{x}/{side}_laid_out")
+            graph.initializer.append(numpy_helper.from_array(_laid_out(value, how), name))
+            operands.append(name)
+            if laid_out is not None:
+                laid_out[key] = name
+            continue
         if how.perm is not None:
             x = add("Transpose", f"{side}_transpose", [x], perm=list(how.perm))
         if how.flatten > 1:  # [.., k1, ..., kn] -> [.., k1*...*kn]; 0 keeps a dim

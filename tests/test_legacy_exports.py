@@ -116,3 +116,57 @@ def test_legacy_gpt2_cross_attention_3d_layout_leaves_no_more_layout_ops_than_on
     assert cli("optimize", fixture("gpt2_cross"), "-o", out, "--qkv-layout", "3d") == 0
     theirs, _ = ort_fusions.optimize_for_ort(onnx_ir.load(fixture("gpt2_cross")))
     assert layout_ops(onnx.load(out)) <= layout_ops(onnx_ir.to_proto(theirs))
+
+
+@pytest.fixture(scope="module")
+def gpt2_cross_dynamo(export_cache) -> Path:
+    """transformers 5 GPT-2 with cross-attention, exported with dynamo (the issue's case): its
+    Conv1D flattens the merged heads, and simplify-reshapes makes the merge and the flatten one
+    ``Reshape(context, [-1, H*D])``."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if not transformers.__version__.startswith("5."):
+        pytest.skip("the dynamo case is transformers 5's")
+    path = export_cache / f"gpt2-cross-dynamo-{transformers.__version__}-{torch.__version__}" \
+        / "model.onnx"
+    if path.exists():
+        return path
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=2,
+                                     n_head=4, add_cross_attention=True)
+    model = transformers.GPT2LMHeadModel(config).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, encoder_hidden_states):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              encoder_hidden_states=encoder_hidden_states, use_cache=False).logits
+
+    batch, seq, enc = (torch.export.Dim(n) for n in ("batch", "seq", "enc"))
+    args = (torch.randint(0, 96, (2, 5)), torch.ones(2, 5, dtype=torch.int64),
+            torch.randn(2, 7, 32))
+    staging = path.parent.with_name(path.parent.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(Logits(), args, str(staging / "model.onnx"), dynamo=True,
+                      input_names=["input_ids", "attention_mask", "encoder_hidden_states"],
+                      output_names=["logits"],
+                      dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                      "attention_mask": {0: batch, 1: seq},
+                                      "encoder_hidden_states": {0: batch, 1: enc}})
+    staging.replace(path.parent)
+    return path
+
+
+def test_gpt2_cross_attention_3d_layout_reads_the_projections_when_conv1d_flattens_the_merge(
+        gpt2_cross_dynamo, tmp_path):
+    # Was: the merge [B,S,H*D] fused into Conv1D's [-1, H*D] was not seen as a standard merge,
+    # so --qkv-layout 3d fell back to 4-D operands and left 16 Transposes (55 layout ops
+    # against onnxscript's 26).
+    out = tmp_path / "ours.onnx"
+    assert cli("optimize", gpt2_cross_dynamo, "-o", out, "--qkv-layout", "3d", "--verify") == 0
+    optimized = onnx.load(out)
+    assert sum(node.op_type == "Attention" for node in optimized.graph.node) == 4
+    assert not [node.name for node in optimized.graph.node if node.op_type == "Transpose"]

@@ -85,3 +85,34 @@ def test_heads_changed_in_4d_then_batched_report_their_head_count():
              "table": np.random.default_rng(2).standard_normal((S, D)).astype(np.float32)}
     (block,) = find_attention(_model(nodes, inits))
     assert (block.num_heads, block.head_dim) == (H, D)
+
+
+def test_fused_qkv_split_per_head_reports_one_part_as_the_head_dim_in_a_body():
+    # GPT-NeoX/Bloom: QKV projected to [B,S,H,3*D] and Split per head on the last axis, inside
+    # an If branch (no shapes): the head split's target ends in 3*D, the head dim is D.
+    nodes = [helper.make_node("MatMul", ["x", "wqkv"], ["qkv"]),
+             helper.make_node("Reshape", ["qkv", "split_shape"], ["qkv_heads"]),
+             helper.make_node("Split", ["qkv_heads", "sizes"], ["q4", "k4", "v4"], axis=-1)]
+    for n in "qkv":
+        nodes.append(helper.make_node("Transpose", [f"{n}4"], [f"{n}_bhsd"], perm=[0, 2, 1, 3]))
+    nodes += [
+        helper.make_node("Transpose", ["k_bhsd"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q_bhsd", "kt"], ["scores"]),
+        helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v_bhsd"], ["ctx"]),
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ctx_t", "merge_shape"], ["body_out"]),
+    ]
+    body = helper.make_graph(nodes, "then", [], [
+        helper.make_tensor_value_info("body_out", TensorProto.FLOAT, None)])
+    else_body = helper.make_graph([helper.make_node("Identity", ["x"], ["else_out"])], "else",
+                                  [], [helper.make_tensor_value_info("else_out", TensorProto.FLOAT,
+                                                                     None)])
+    inits = {"wqkv": np.random.default_rng(3).standard_normal((E, 3 * E)).astype(np.float32),
+             "split_shape": np.array([0, 0, H, 3 * D], np.int64),
+             "sizes": np.array([D, D, D], np.int64),
+             "merge_shape": np.array([0, 0, E], np.int64), "cond": np.array(True)}
+    model = _model([helper.make_node("If", ["cond"], ["out"], then_branch=body,
+                                     else_branch=else_body)], inits)
+    (block,) = find_attention(model)
+    assert (block.kind, block.num_heads, block.head_dim) == ("self", H, D)

@@ -387,8 +387,19 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
         features = _static_dim(in_shape, -1)
         if features and rank_in == len(target) - 1 and features != heads * dim:
             return None
-        return heads, dim
+        return heads, _per_head_part(dim, chain[i + 1] if i + 1 < len(chain) else None)
     return None
+
+
+def _per_head_part(dim: int, after: gs.Node | None) -> int:
+    """The head dim of a fused QKV split per head (``[B,S,H,n*D]`` cut by Split on the last
+    axis, GPT-NeoX/Bloom): one part of the split's last dim, not all of it."""
+    if after is None or after.op != "Split" or after.attrs.get("axis", 0) not in (-1, 3):
+        return dim
+    sizes = constant_eval(after.inputs[1]) if len(after.inputs) > 1 else None
+    if sizes is not None and sizes.size == len(after.outputs):
+        return int(sizes.reshape(-1)[0]) if len(set(sizes.reshape(-1).tolist())) == 1 else dim
+    return dim // len(after.outputs) if dim % len(after.outputs) == 0 else dim
 
 
 def _batched_head_split(node: gs.Node, target, in_shape, before: gs.Node | None,

@@ -144,7 +144,31 @@ def test_einsum_in_float16_with_a_constant_weight():
     m = model([helper.make_node("Einsum", ["x", "w"], ["y"], equation="bsd,ed->bse")],
               [value("x", ["B", "S", 8], FLOAT16)], [value("y", ["B", "S", 6], FLOAT16)], [weight])
     result = rewritten(EinsumToMatMul(), m)
-    assert op_histogram(result.model) == {"MatMul": 1, "Transpose": 1}
+    assert op_histogram(result.model) == {"MatMul": 1}
+    (laid_out,) = result.model.graph.initializer  # w, transposed once; the original dropped
+    assert numpy_helper.to_array(laid_out).dtype == np.float16
+    assert np.array_equal(numpy_helper.to_array(laid_out), numpy_helper.to_array(weight).T)
+
+
+def test_einsum_weights_are_laid_out_once_as_initializers():
+    """A head merge into W_o ('bhnd,hde->bne') and a per-head projection ('bnd,dhk->bhnk'):
+    the weights' Transpose/Reshape/Unsqueeze become new initializers, one per weight and
+    layout, and the weights nothing else reads are dropped."""
+    rng = np.random.default_rng(1)
+    wo = numpy_helper.from_array(rng.standard_normal((2, 8, 6)).astype(np.float32), "wo")
+    wq = numpy_helper.from_array(rng.standard_normal((6, 2, 8)).astype(np.float32), "wq")
+    m = model([helper.make_node("Einsum", ["o", "wo"], ["y1"], equation="bhnd,hde->bne"),
+               helper.make_node("Einsum", ["o", "wo"], ["y2"], equation="bhnd,hde->bne"),
+               helper.make_node("Einsum", ["x", "wq"], ["q"], equation="bnd,dhk->bhnk")],
+              [value("o", ["B", 2, "S", 8]), value("x", ["B", "S", 6])],
+              [value("y1", ["B", "S", 6]), value("y2", ["B", "S", 6]),
+               value("q", ["B", 2, "S", 8])], [wo, wq])
+    result = rewritten(EinsumToMatMul(), m)
+    weights = {t.name: numpy_helper.to_array(t).shape for t in result.model.graph.initializer
+               if t.data_type == TensorProto.FLOAT}
+    assert sorted(weights.values()) == [(2, 1, 6, 8), (16, 6)]  # wq [h, 1, d, k]; wo [h*d, e]
+    ops = op_histogram(result.model)
+    assert ops["MatMul"] == 3 and "Unsqueeze" not in ops
 
 
 def test_einsum_with_an_ellipsis_over_unrecorded_shapes_asks_shape_inference():

@@ -83,6 +83,12 @@ FIXED_BUGS = {
     "flattened-q-in-batched-heads": Recipe(
         layers=(Layer((AttentionSpec(kind="self", head_layout="3d"),)),), q_len=3,
         clutter=(Clutter("reshape_flatten", "layers.0.self_attn.q.transpose", 0, "operand"),)),
+    # (thorough profile, issue 17 spellings) A fused QKV split per head ([B,S,H,3D] + Split)
+    # inside a body, no shapes: the head dim was read as 3D off the head split's target.
+    "per-head-split-head-dim-in-body": Recipe(
+        layers=(Layer((AttentionSpec(kind="self", head_dim=4, projection="fused_per_head",
+                                     head_layout="3d", k_transpose="fused"),)),),
+        batch=1, q_len=1, kv_len=1, wrap=Wrap()),
     # A same-type Cast on a computed head-split target hid its constant pieces (heads None).
     "cast-on-computed-target": Recipe(
         layers=(Layer((AttentionSpec(kind="cross", projection="fused_gather", head_layout="3d",

@@ -40,7 +40,14 @@ import onnx_graphsurgeon as gs
 from xattn_compiler.analysis import constant_eval
 from xattn_compiler.attention import AttentionMatch, _head_split
 from xattn_compiler.ir import constant_value, is_graph_output, producer
-from xattn_compiler.passes.reshapes import Names, disconnect, move_readers, onnx_dtype, same_dim
+from xattn_compiler.passes.reshapes import (
+    Names,
+    disconnect,
+    move_readers,
+    onnx_dtype,
+    same_dim,
+    set_input,
+)
 from xattn_compiler.patterns.steps import (
     MASK_FILL_LIMIT,
     Guard,
@@ -333,6 +340,14 @@ def head_split_source(tensor: gs.Tensor, perm: list[int]) -> tuple[gs.Tensor, in
     return source, heads, dim
 
 
+def _flattens_rows(reshape: gs.Node, width: int) -> bool:
+    """Whether ``reshape`` is ``[-1, H*D]``: GPT-2's Conv1D flattening the merged heads for
+    its Gemm (merged with the head merge into one Reshape). It reads ``[B, Sq, H*D]`` the same
+    way as ``[B, Sq, H, D]``: row-major, and nothing copied from a dim."""
+    target = constant_value(reshape.inputs[1])
+    return target is not None and [int(t) for t in target.reshape(-1)] == [-1, width]
+
+
 def _keeps_leading_dims(reshape: gs.Node, dims: list) -> bool:
     """Whether a Reshape between [B, S, H*D] and [B, S, H, D] (either way) keeps B and S
     (``dims``), read off its constant target where shape inference named the output dims
@@ -393,11 +408,14 @@ def standard_merge(block: AttentionMatch, plan: CorePlan) -> gs.Node | None:
         return None
     reshape = transposed.outputs[0]
     merged, context = reshape.outputs[0], plan.context
-    if merged is not block.output or merged.shape is None or context.shape is None \
-            or len(merged.shape) != 3:
+    if merged is not block.output or merged.shape is None or context.shape is None:
         return None
     width = static_dim(context, 1), static_dim(context, 3)
-    if None in width or merged.shape[2] != width[0] * width[1]:
+    if None in width:
+        return None
+    if _flattens_rows(reshape, width[0] * width[1]):
+        return reshape
+    if len(merged.shape) != 3 or merged.shape[2] != width[0] * width[1]:
         return None
     if not (same_dim(merged.shape[0], context.shape[0]) and same_dim(merged.shape[1], context.shape[2])) \
             and not _keeps_leading_dims(reshape, [context.shape[0], context.shape[2]]):
@@ -615,6 +633,9 @@ class Editor:
         takes over the block's standard head merge, or is split back into the core's
         ``[B, H, Sq, D]`` context where the block merges some other way."""
         merge = standard_merge(block, plan)
+        if merge is not None and len(merge.outputs[0].shape or ()) == 2:
+            set_input(merge, 0, out)  # the rows [B*Sq, H*D] stay a Reshape of the op's output
+            return
         if merge is not None:
             self.take_over(merge, out)
             return
