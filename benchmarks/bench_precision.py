@@ -44,20 +44,23 @@ from xattn_compiler.passes.reshapes import onnx_dtype  # noqa: E402
 
 import xattn_compiler as xc  # noqa: E402
 from xattn_compiler.attention import find_attention  # noqa: E402
+from xattn_compiler.verification import verify  # noqa: E402
 
 MODELS = ("decoder-10k", "unet-sd15")
 HALF = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
 
 
-def model_path(name: str, workdir: Path) -> Path:
+def model_path(name: str, workdir: Path) -> tuple[Path, Path | None]:
+    """The model's file and its sample inputs (None: verification draws them)."""
     if name == "decoder-10k":
         path = workdir / "decoder_10k.onnx"
         onnx.save(decoder(150, clutter=True), path)
-        return path
+        return path, None
     if name == "unet-sd15":
         from xattn_compiler.zoo import cached_export
 
-        return Path(cached_export("unet2d-tiny", size="bench").path)
+        path = Path(cached_export("unet2d-tiny", size="bench").path)
+        return path, path.with_name("sample.npz")
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -74,6 +77,15 @@ def timed(argv: list[str]) -> dict:
             "error": None if os.waitstatus_to_exitcode(status) == 0 else (tail or ["failed"])[0]}
 
 
+def error_vs_fp32(source: Path, converted: Path, inputs: Path | None) -> dict:
+    """The largest error of any output against the fp32 model, ONNX Runtime CPU, one input set
+    (its CPU kernels compute half Attention in fp32: a floor on what a GPU kernel gives)."""
+    result = verify(source, converted, inputs=inputs, profile="quick")
+    worst = max(result.outputs, key=lambda c: c.max_abs_error or 0.0)
+    return {"max_abs_error": worst.max_abs_error, "max_rel_error": worst.max_rel_error,
+            "worst_output": worst.name}
+
+
 def block_precisions(path: Path) -> dict:
     """The attention blocks of the file at ``path`` by kind (fused or not) and Q's type."""
     model = xc.load(path, lazy_weights=True)
@@ -85,6 +97,10 @@ def block_precisions(path: Path) -> dict:
             "left_fp32": sum(n for key, n in counts.items() if key.endswith("fp32"))}
 
 
+def checked(source: Path, converted: Path, inputs: Path | None) -> dict:
+    return {**block_precisions(converted), **error_vs_fp32(source, converted, inputs)}
+
+
 def autocast_python(given: str | None) -> str | None:
     python = given or os.environ.get("XATTN_AUTOCAST_PYTHON")
     if not python:
@@ -94,34 +110,38 @@ def autocast_python(given: str | None) -> str | None:
 
 
 def measure(name: str, precision: str, workdir: Path, autocast: str | None) -> list[dict]:
-    source = model_path(name, workdir)
+    source, inputs = model_path(name, workdir)
     rows = []
     ours = workdir / f"{name}-xattn-{precision}.onnx"
     run = timed([str(Path(sys.executable).with_name("xattn-compiler")), "optimize", str(source),
                  "-o", str(ours), "--precision", precision])
     rows.append({"model": name, "tool": f"xattn-compiler --precision {precision}", **run,
-                 **(block_precisions(ours) if run["error"] is None else {})})
+                 **(checked(source, ours, inputs) if run["error"] is None else {})})
     if autocast is not None:
         theirs = workdir / f"{name}-autocast-{precision}.onnx"
         run = timed([autocast, "-m", "modelopt.onnx.autocast", "--onnx_path", str(source),
                      "--output_path", str(theirs), "-t", precision, "--keep_io_types",
                      "--providers", "cpu", "--log_level", "WARNING"])
         rows.append({"model": name, "tool": f"ModelOpt AutoCast -t {precision}", **run,
-                     **(block_precisions(theirs) if run["error"] is None else {})})
+                     **(checked(source, theirs, inputs) if run["error"] is None else {})})
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows
 
 
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.2e}"
+
+
 def markdown(rows: list[dict], note: str) -> str:
     lines = ["# Precision for TensorRT 11: xattn-compiler vs ModelOpt AutoCast", "", note, "",
-             "| model | tool | seconds | peak RSS (MiB) | attention blocks | left fp32 | blocks by kind | error |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | tool | seconds | peak RSS (MiB) | attention blocks | left fp32 | blocks by kind | max abs error vs fp32 | error |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kinds = ", ".join(f"{k}: {v}" for k, v in r.get("by_kind", {}).items())
         lines.append(f"| {r['model']} | {r['tool']} | {r['seconds']} | {r['peak_rss_mib']} | "
                      f"{r.get('blocks', '')} | {r.get('left_fp32', '')} | {kinds} | "
-                     f"{r['error'] or ''} |")
+                     f"{_fmt(r.get('max_abs_error'))} | {r['error'] or ''} |")
     return "\n".join(lines) + "\n"
 
 
