@@ -51,3 +51,13 @@ def test_softmax_on_a_positive_axis_in_a_body_with_computed_shapes():
         ex = build_example(Recipe(layers=(Layer((spec,)),), batch=1, q_len=1, kv_len=1,
                                   wrap=wrap))
         assert_attention_found(ex)
+
+
+def test_an_initializer_context_beside_kv_inputs_builds_with_one_mask_shape():
+    # (thorough profile) K/V inputs beside a batch-1 initializer context took the symbolic key
+    # length while the context's is static: their shared mask input was declared twice.
+    ex = build_example(Recipe(layers=(
+        Layer((AttentionSpec(kind="cross", head_dim=4, mask="add_input"),)),
+        Layer((AttentionSpec(kind="cross", head_dim=4, projection="none", mask="add_input"),))),
+        embed=4, context="initializer", dynamic=True, batch=1, q_len=1, kv_len=1))
+    assert_attention_found(ex)

@@ -362,7 +362,7 @@ def _stack_graph(r: Recipe, symbolic: Sequence[str]) -> tuple[GraphBuilder, list
                                         past_len=past_len)
             elif spec.projection == "none":
                 # Beside constant latents the key length is static: masks share one shape.
-                length = r.kv_len if r.context == "constant" else kv_len
+                length = r.kv_len if r.context in ("constant", "initializer") else kv_len
                 key_shape, value_shape = kv_input_shapes(spec, batch, length)
                 kv = (b.input(f"{prefix}.key", key_shape, r.dtype),
                       b.input(f"{prefix}.value", value_shape, r.dtype))
