@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-from xattn_compiler.attention import AttentionMatch, find_attention
-from xattn_compiler.ir import is_graph_output, producer
 from xattn_compiler.patterns import steps
+
+from xattn_compiler.attention import AttentionMatch, find_attention, reshape_target
+from xattn_compiler.ir import is_graph_output, producer
 from xattn_compiler.rewrite import GraphPass, transpose_perm
 
 from .reshapes import (
@@ -130,6 +130,8 @@ class Lift:
     heads: object
     path: list[tuple[gs.Node, int]] = field(default_factory=list)  # (op, data input), in order
     split: tuple[gs.Tensor, int, int] | None = None
+    #: time-major heads: (x[S,B,E], H, D, the Transpose that put B*H first, its 4-D perm)
+    time_major: tuple[gs.Tensor, int, int, gs.Node, list[int]] | None = None
 
 
 def split_merge_facts(node: gs.Node) -> tuple[gs.Tensor, int, int] | None:
@@ -143,6 +145,35 @@ def split_merge_facts(node: gs.Node) -> tuple[gs.Tensor, int, int] | None:
     if not (_static(width) and _static(rows)) or width % rows or width == rows:
         return None
     return x, width // rows, rows
+
+
+#: The Transpose putting time-major batched heads first, and the same on [S,B,H,D]:
+#: [S,B*H,D] -> [B*H,S,D] becomes [S,B,H,D] -> [B,H,S,D]; K^T's [B*H,D,S] -> [B,H,D,S].
+_TIME_MAJOR_PERMS = {(1, 0, 2): [1, 2, 0, 3], (1, 2, 0): [1, 2, 3, 0]}
+
+
+def time_major_facts(node: gs.Node, graph: gs.Graph, local: set[int]):
+    """``(x, H, D, perm4)`` when ``node`` is Transpose(Reshape(x[S,B,E]) -> [S,B*H,D]) putting
+    B*H first (``nn.MultiheadAttention``'s time-major heads). S is provably kept (the same dim,
+    a 0 or the same int in the target), E and D are static, so H = E/D and B*H's rows are
+    b-major: the Reshape is Reshape(x, [0, 0, H, D]) merged on axis 1."""
+    perm = transpose_perm(node) if node.op == "Transpose" else None
+    perm4 = _TIME_MAJOR_PERMS.get(tuple(perm)) if perm is not None else None
+    view = producer(node.inputs[0]) if perm4 is not None else None
+    if view is None or view.op != "Reshape" or id(view) not in local:
+        return None
+    x, y = view.inputs[0], view.outputs[0]
+    if rank(x) != 3 or len(y.outputs) != 1 or is_graph_output(y, graph):
+        return None
+    target = reshape_target(view)
+    if not target or len(target) != 3 or not _static(target[2]) or target[1] == 0:
+        return None
+    width, rows = dim(x, 2), target[2]
+    kept = target[0] == 0 or same_dim(dim(y, 0), dim(x, 0)) or (
+        _static(target[0]) and same_dim(target[0], dim(x, 0)))
+    if not (kept and _static(width)) or width % rows:
+        return None
+    return x, width // rows, rows, perm4
 
 
 def lift(tensor: gs.Tensor, graph: gs.Graph, local: set[int],
@@ -167,6 +198,10 @@ def lift(tensor: gs.Tensor, graph: gs.Graph, local: set[int],
         split = split_merge_facts(node)
         if split is not None and solo:
             return Lift(None, split[1], path[::-1], split)
+        time_major = time_major_facts(node, graph, local) if solo else None
+        if time_major is not None:
+            x, heads, rows, perm4 = time_major
+            return Lift(None, heads, path[::-1], time_major=(x, heads, rows, node, perm4))
         index = _row_wise_input(node)
         if index is None or not solo:
             return None
@@ -293,10 +328,16 @@ class _Collapser:
             return chain
         context = core["context.node"].outputs[0]
         splits, others = _plan_context(context, heads, self.graph)
+        time_major = [r for r in others if _time_major_merge(r, self.graph)]
+        others = [r for r in others if r not in time_major]
         problem = self._shape_ops_problem(core, chain, context, others, heads)
         if problem:
             return problem
         self._apply(core, lifts, chain, splits, others, heads)
+        for transpose in time_major:
+            # [B,H,S,D] -> [S,B,H,D] holds the elements of [S,B*H,D] in the same order
+            transpose.attrs["perm"] = [2, 0, 1, 3]
+            transpose.outputs[0].shape = None
         return None
 
     def _shape_ops_problem(self, core, chain: Chain, context: gs.Tensor, others: list,
@@ -318,7 +359,9 @@ class _Collapser:
     def apply_lift(self, lifted: Lift) -> gs.Tensor:
         """Rewrite the path to read the 4-D source; returns the path's (now 4-D) result."""
         result = lifted.source
-        if result is None:
+        if lifted.time_major is not None:
+            result = self._time_major_heads(*lifted.time_major)
+        elif result is None:
             x, heads, rows = lifted.split
             target = gs.Constant(self.names.fresh(f"{x.name}_heads_shape"),
                                  np.array([0, heads, rows, -1], np.int64))
@@ -332,6 +375,19 @@ class _Collapser:
             result = node.outputs[0]
             result.shape = None  # re-inferred after export
         return result
+
+    def _time_major_heads(self, x: gs.Tensor, heads: int, rows: int, transpose: gs.Node,
+                          perm4: list[int]) -> gs.Tensor:
+        """Reshape(x[S,B,E], [0, 0, H, D]) read by the Transpose, now 4-D; its old Reshape
+        is left dead for the sweep."""
+        target = gs.Constant(self.names.fresh(f"{x.name}_heads_shape"),
+                             np.array([0, 0, heads, rows], np.int64))
+        split = gs.Variable(self.names.fresh(f"{x.name}_heads"), dtype=x.dtype)
+        self._add("Reshape", [x, target], split)
+        set_input(transpose, 0, split)
+        transpose.attrs["perm"] = perm4
+        transpose.outputs[0].shape = None
+        return transpose.outputs[0]
 
     def _apply(self, core, lifts, chain, splits, others, heads) -> None:
         """Make the planned edits: operands, the scores chain, then the context's readers."""
@@ -512,6 +568,23 @@ def _plan_context(context: gs.Tensor, heads, graph: gs.Graph):
     # A Shape that only computes the splits' targets goes with them.
     others = [r for r in others if not only_feeds_targets(r, splits, graph)]
     return splits, others
+
+
+def _time_major_merge(reader: gs.Node, graph: gs.Graph) -> bool:
+    """Whether ``reader`` is Transpose [1,0,2] of the batched context back to time-major
+    ``[S,B*H,D]`` read only by Reshapes that merge it whatever its rank: their targets copy
+    no dim past the first (a 0 there would copy B instead of B*H)."""
+    if reader.op != "Transpose" or transpose_perm(reader) != [1, 0, 2]:
+        return False
+    out = reader.outputs[0]
+    if is_graph_output(out, graph) or not out.outputs:
+        return False
+    for merge in out.outputs:
+        target = reshape_target(merge) if merge.op == "Reshape" else None
+        if target is None or merge.inputs[0] is not out or 0 in target[1:] \
+                or merge.attrs.get("allowzero", 0):
+            return False
+    return True
 
 
 def _static(value) -> bool:

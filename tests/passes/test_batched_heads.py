@@ -361,3 +361,18 @@ def test_real_exports_through_both_passes(exported):
     _equivalent_at_two_sizes(original, out, inputs)
     assert ops(out).get("Reshape", 0) <= ops(original).get("Reshape", 0)
     assert len(find_attention(out)) == len(find_attention(original))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nn-mha-time-major", "nn-mha-time-major-torchscript"])
+def test_time_major_mha_cross_attention_runs_on_four_dims(name, export_cache):
+    """nn.MultiheadAttention with batch_first=False and kdim/vdim splits heads time-major,
+    Transpose([1,0,2] / K^T [1,2,0]) of Reshape([S,B,E] -> [S,B*H,D]), and merges the context
+    back through Transpose [1,0,2]; both cross cores go to [B,H,S,D] with no extra Reshape."""
+    exp = small_zoo_export(name, export_cache)
+    original, inputs = onnx.load(exp.path), exp.sample()[0]
+    result = CollapseBatchedHeads()(original)
+    assert result.counts["blocks_collapsed"] == 2
+    assert [b.layout for b in find_attention(result.model)] == ["BHSD"] * 4
+    assert ops(result.model).get("Reshape", 0) <= ops(original).get("Reshape", 0)
+    _equivalent_at_two_sizes(original, result.model, inputs)

@@ -259,25 +259,13 @@ MODELS: tuple[ZooModel, ...] = (
     ZooModel("nn-transformer-decoder-fp16", "torch-nn", _DESC + ", batch_first=True, float16",
              _batch_first, exporter="dynamo", opset=18, dtype="float16",
              tags=("encoder-decoder", "fp16")),
+    ZooModel("nn-mha-time-major", "torch-nn",
+             "nn.MultiheadAttention, batch_first=False, 2 self+cross blocks ([S, B*H, D] "
+             "heads), cross K/V from a 24-wide context", _time_major, exporter="dynamo",
+             opset=18),
+    ZooModel("nn-mha-time-major-torchscript", "torch-nn",
+             "nn.MultiheadAttention, batch_first=False, 2 self+cross blocks, TorchScript "
+             "exporter, static lengths", _time_major_static, exporter="torchscript",
+             opset=17),
 )
 
-_TIME_MAJOR_GAP = (
-    "collapse-batched-heads leaves the cross-attention cores batched: their [B*H, S, D] "
-    "operands are a time-major [S, B*H, D] head split of a [S, B, E] projection, not a merge "
-    "of a 4-D tensor it can lift (every block is found and fuses)")
-#: Models kept out of MODELS because a zoo-wide property fails on them today, with why;
-#: tests/test_attention_zoo.py holds them to their truth all the same.
-KNOWN_GAPS: dict[str, tuple[ZooModel, str]] = {
-    "nn-mha-time-major": (
-        ZooModel("nn-mha-time-major", "torch-nn",
-                 "nn.MultiheadAttention, batch_first=False, 2 self+cross blocks ([S, B*H, D] "
-                 "heads), cross K/V from a 24-wide context", _time_major, exporter="dynamo",
-                 opset=18),
-        _TIME_MAJOR_GAP),
-    "nn-mha-time-major-torchscript": (
-        ZooModel("nn-mha-time-major-torchscript", "torch-nn",
-                 "nn.MultiheadAttention, batch_first=False, 2 self+cross blocks, TorchScript "
-                 "exporter, static lengths", _time_major_static, exporter="torchscript",
-                 opset=17),
-        _TIME_MAJOR_GAP),
-}
