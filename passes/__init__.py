@@ -8,6 +8,7 @@ from .batched_heads import CollapseBatchedHeads
 from .canonicalize import Canonicalize
 from .control_flow import InlineConstantIf, SpecializeInputs, UnrollControlFlow, UnrollLoops
 from .convert_precision import ConvertPrecision
+from .fold_batch_axes import FoldBatchAxes
 from .fuse_attention import FuseAttention
 from .guard_precision import GuardPrecision
 from .layout_clutter import RemoveLayoutClutter
@@ -29,6 +30,7 @@ BUILTIN_PASSES = (
     CanonicalKeyTranspose,
     SimplifyReshapes,
     CollapseBatchedHeads,
+    FoldBatchAxes,
     SplitStaticKV,
     UnrollControlFlow,
     InlineConstantIf,
@@ -40,5 +42,5 @@ BUILTIN_PASSES = (
 )
 
 __all__ = ["BUILTIN_PASSES", "CancelTransposes", "Canonicalize", "CanonicalKeyTranspose",
-           "CollapseBatchedHeads", "ConvertPrecision", "DivToMul", "EinsumToMatMul", "FuseAttention", "GuardPrecision", "NormalizeSpellings", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV",
+           "CollapseBatchedHeads", "ConvertPrecision", "DivToMul", "EinsumToMatMul", "FoldBatchAxes", "FuseAttention", "GuardPrecision", "NormalizeSpellings", "RemoveLayoutClutter", "SimplifyReshapes", "SinkTransposes", "SplitStaticKV",
            "InlineConstantIf", "SpecializeInputs", "UnrollControlFlow", "UnrollLoops"]

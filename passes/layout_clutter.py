@@ -6,6 +6,7 @@
     simplify-reshapes        Reshape chains merged, computed targets made constant,
                              Squeeze/Unsqueeze pairs and no-op Casts removed
     collapse-batched-heads   the [B*H, S, D] attention core run on [B, H, S, D]
+    fold-batch-axes          a [B, N, H, S, D] attention core run on [B*N, H, S, D]
 
 Each step is a pass of its own (usable alone, listed by ``xattn-compiler passes``); this one
 runs them in that order on one graph per round, rounds to a fixpoint, and adds up their
@@ -22,11 +23,12 @@ from xattn_compiler.passmanager import Pass
 from xattn_compiler.rewrite import GraphPass
 
 from .batched_heads import CollapseBatchedHeads
+from .fold_batch_axes import FoldBatchAxes
 from .reshapes import SimplifyReshapes
 from .transposes import CancelTransposes, CanonicalKeyTranspose, SinkTransposes
 
 STEPS: tuple[type[Pass], ...] = (CancelTransposes, SinkTransposes, CanonicalKeyTranspose,
-                                 SimplifyReshapes, CollapseBatchedHeads)
+                                 SimplifyReshapes, CollapseBatchedHeads, FoldBatchAxes)
 
 
 class RemoveLayoutClutter(GraphPass):
@@ -43,7 +45,7 @@ class RemoveLayoutClutter(GraphPass):
             step.starts_clean = True  # rewrite() below keeps the graph free of dead nodes
 
     def rewrite(self, graph: gs.Graph, path: str) -> dict[str, int]:
-        # One import and one export per round for all five steps: the graphsurgeon round trip,
+        # One import and one export per round for all six steps: the graphsurgeon round trip,
         # not the rewrites, is what costs on large graphs. A step that needs a shape an earlier
         # step invalidated leaves that spot alone; the next round (fresh shapes) takes it.
         totals: dict[str, int] = {}

@@ -257,7 +257,7 @@ def _unfused_block(core: Match, body: gs.Graph, path: str, ctx: Context) -> Atte
         scale=_scale(core, q, k), q=q, k=k, v=v, mask=_mask(core), fused=False,
         op="MatMul-Softmax-MatMul", subgraph=path, graph=body, nodes=nodes, output=output,
         core=core, num_kv_heads=kv_heads,
-        layout="BHSD" if q_shape is not None and len(q_shape) == 4 else "(BH)SD",
+        layout=_core_layout(q_shape),
     )
     block.escapes, block.shape_uses, block.kv_outputs = _escapes(block)
     return block
@@ -400,6 +400,14 @@ def _per_head_part(dim: int, after: gs.Node | None) -> int:
     if sizes is not None and sizes.size == len(after.outputs):
         return int(sizes.reshape(-1)[0]) if len(set(sizes.reshape(-1).tolist())) == 1 else dim
     return dim // len(after.outputs) if dim % len(after.outputs) == 0 else dim
+
+
+def _core_layout(q_shape) -> str:
+    """``BHSD``; ``(BH)SD`` for heads folded into the batch (or a rank not known); a core with
+    more leading axes (ProphetNet's n-gram streams) says so: ``BNHSD``."""
+    if q_shape is None or len(q_shape) <= 3:
+        return "(BH)SD"
+    return "B" + "N" * (len(q_shape) - 4) + "HSD"
 
 
 def _batched_head_split(node: gs.Node, target, in_shape, before: gs.Node | None,

@@ -9,11 +9,12 @@
   code): per-head projection weights ``einsum('bnd,dhk->bhnk')``, scores ``'bhik,bhjk->bhij'``,
   ``'bhij,bhjk->bhik'`` and the output projection merging the heads, ``'bhnk,hke->bne'`` (two
   contracted labels). Self-attention then cross-attention into ``context``.
-* ``prophetnet-einsum`` (in ``KNOWN_GAPS``, not MODELS: its n-gram predict-stream core does not
-  fuse yet): transformers' ``ProphetNetForConditionalGeneration``; every attention
+* ``prophetnet-einsum``: transformers' ``ProphetNetForConditionalGeneration``; every attention
   uses ``einsum``. Per decoder layer the n-gram self-attention holds two cores: the main stream
-  and the predict streams (all n-grams batched in one 5-D core, K/V = main stream's K/V
-  concatenated with the stream's own); each reads the one Q/K/V projection, chunked by stream.
+  and the predict streams (all n-grams batched in one 5-D core ``[batch, ngram, heads, seq,
+  2*seq]``, K/V = main stream's K/V concatenated with the stream's own; ``fold-batch-axes``
+  runs it on ``[batch*ngram, heads, ...]`` so it fuses); each reads the one Q/K/V projection,
+  chunked by stream.
 
 Inputs ``x`` [batch, seq, dim] and ``context`` [batch, ctx_len, ctx_dim] (ProphetNet:
 ``input_ids`` [batch, src_len] and ``decoder_input_ids`` [batch, tgt_len]).
@@ -249,17 +250,8 @@ MODELS: tuple[ZooModel, ...] = (
     ZooModel("einsum-head-merge", "einsum",
              "DenseGeneral attention x2 (self, cross): per-head einsum projections and a "
              "'bhnk,hke->bne' head merge", build_head_merge, tags=_TAGS),
+    ZooModel("prophetnet-einsum", "einsum",
+             "transformers ProphetNetForConditionalGeneration (einsum attention, n-gram "
+             "main/predict streams), 1+1 layers", build_prophetnet,
+             requires=("torch", "transformers"), tags=(*_TAGS, "encoder-decoder")),
 )
-
-#: Models kept out of MODELS (whose blocks must all fuse), with why; tests/test_attention_zoo.py
-#: holds them to their truth with the failing checks marked xfail(strict=True).
-KNOWN_GAPS: dict[str, tuple[ZooModel, str]] = {
-    "prophetnet-einsum": (
-        ZooModel("prophetnet-einsum", "einsum",
-                 "transformers ProphetNetForConditionalGeneration (einsum attention, n-gram "
-                 "main/predict streams), 1+1 layers", build_prophetnet,
-                 requires=("torch", "transformers"), tags=(*_TAGS, "encoder-decoder")),
-        "the n-gram predict-stream core is 5-D ([batch, ngram, heads, seq, 2*seq]); ONNX "
-        "Attention takes [B, H, S, D] and the fusion does not fold the n-gram axis into the "
-        "batch, so 3 of its 4 blocks fuse"),
-}
