@@ -104,6 +104,8 @@ class ConvertPrecision(Pass):
     # After fusion: a fused core converts whole (one Attention node with half Q/K/V), and the
     # matcher never has to see the Casts this pass adds.
     run_after = ("fuse-attention", "guard-precision")
+    # Both half types under the registered-pass properties (bf16 rounds 8x coarser).
+    property_variants = ({"precision": "fp16"}, {"precision": "bf16"})
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         precision = self.option("precision")
@@ -134,6 +136,16 @@ class ConvertPrecision(Pass):
                   + report.attention.get("bf16", 0)}
         return PassResult(out, report.changed, counts, report.details(precision))
 
+
+    def check_equivalent(self, reference: onnx.ModelProto, candidate: onnx.ModelProto,
+                         inputs=None):
+        """What semantics preservation means for this pass (the property tests use it): not
+        bitwise, but the outputs within the precision's stated tolerance of the fp32 original
+        (:func:`~xattn_compiler.precision_audit.verify_precision`, half kernels emulated)."""
+        from xattn_compiler.precision_audit import verify_precision
+
+        return verify_precision(reference, candidate, self.option("precision"), inputs=inputs,
+                                seed=self.option("seed"))
 
     def _check(self, model, out, report, audit, escapes):
         """Each block's output against fp32; a failing one gets fp32 accumulation, once."""
@@ -234,6 +246,12 @@ class _Converter:
         cores, fused = _attention_nodes(self.model)
         self.core_softmax, self.fused = cores, fused
         out = _light_copy(self.model)
+        # One namespace for the whole model: Casts made in sibling bodies (both If branches
+        # casting the same outer weight) must not define the same name twice.
+        self.names = {n for g in iter_graph_protos(out.graph) for node in g.node
+                      for n in node.output}
+        self.names |= {v.name for g in iter_graph_protos(out.graph) for v in g.input}
+        self.names |= {t.name for g in iter_graph_protos(out.graph) for t in g.initializer}
         self._graph(out.graph, outer={}, renames={}, top=True)
         if self.report.changed:
             try:
@@ -403,8 +421,7 @@ class _Scope:
         self.current: dict[str, int] = dict(outer)
         self.renames = dict(renames)
         self.casts: dict[tuple[str, int], str] = {}
-        self.names = {n for g in iter_graph_protos(graph) for node in g.node for n in node.output}
-        self.names |= {v.name for v in graph.input} | {t.name for t in graph.initializer}
+        self.names = conv.names
         self.readers = _readers(nodes)
         self.producer_op = {out: node.op_type for node in nodes for out in node.output}
         self.outputs_of_graph = {o.name for o in graph.output}
@@ -515,7 +532,8 @@ class _Scope:
                 continue
             else:
                 want = FLOAT  # a fixed float input (Resize scales)
-            have = self.current.get(name, FLOAT)
+            # the renamed tensor's type: a half graph output read here lives as ``<out>_fp16``
+            have = self.current.get(node.input[index], FLOAT)
             if have != want:
                 node.input[index] = self._cast_for(node.input[index], name, want)
         if node.op_type == "Constant":
@@ -549,6 +567,8 @@ class _Scope:
         if node.op_type == "Cast":
             to = helper.get_attribute_value(next(a for a in node.attribute if a.name == "to"))
             source = conv.types.get(node.input[0])
+            if self.top and node.output[0] in self.outputs_of_graph:
+                p = self._output_type(True)  # a graph output keeps its type (convert-io aside)
             if to == FLOAT and source not in (FLOAT16, BFLOAT16) and p != FLOAT:
                 _set_attr(node, "to", p)  # retargeted: its readers compute in half
                 conv.report.changed = True

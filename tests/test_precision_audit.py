@@ -167,3 +167,28 @@ def test_tolerances_follow_the_mantissa_and_the_depth():
     assert fp16 == pytest.approx(8 * 2 ** -11 * 2)
     assert bf16 == pytest.approx(8 * fp16)  # 3 fewer mantissa bits
     assert precision_tolerances("fp16", 16)[0] == pytest.approx(2 * fp16)
+
+
+def test_cpu_view_emulates_bf16_that_lives_only_inside_an_if_branch():
+    # An fp16 model wrapped in If, its fp32 softmax converted to bf16: the bf16 is in the
+    # branch only, and cpu_view left it to ONNX Runtime, which has no bf16 kernels.
+    from onnx import helper
+
+    def branch(name):
+        return helper.make_graph(
+            [helper.make_node("Cast", ["x"], [f"{name}_b"], to=B),
+             helper.make_node("Softmax", [f"{name}_b"], [f"{name}_p"]),
+             helper.make_node("Cast", [f"{name}_p"], [f"{name}_out"], to=H)],
+            name, [], [helper.make_tensor_value_info(f"{name}_out", H, [2, 8])])
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=branch("then"),
+                          else_branch=branch("else"))], "g",
+        [helper.make_tensor_value_info("x", H, [2, 8]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", H, [2, 8])]),
+        opset_imports=[helper.make_opsetid("", 18)])
+    x = np.linspace(-3, 3, 16, dtype=np.float16).reshape(2, 8)
+    got = run_model(cpu_view(model), {"x": x, "flag": np.array(True)})["y"]
+    e = np.exp(x.astype(np.float32) - x.max(-1, keepdims=True))
+    assert relative_error(e / e.sum(-1, keepdims=True), got) <= precision_tolerances("bf16", 1)[0]

@@ -303,8 +303,10 @@ def cpu_view(model: onnx.ModelProto) -> onnx.ModelProto:
     shapes = {v.name: v.type.tensor_type for v in (*typed.graph.input, *typed.graph.value_info,
                                                   *typed.graph.output)}
     _decompose_attention(out.graph, shapes)
+    # bf16 may live only inside an If/Loop body (an fp16 model's fp32 softmax, now bf16)
     if any(t.elem_type == TensorProto.BFLOAT16 for t in shapes.values()) or any(
-            t.data_type == TensorProto.BFLOAT16 for t in out.graph.initializer):
+            t.data_type == TensorProto.BFLOAT16 for g in iter_graph_protos(out.graph)
+            for t in g.initializer) or _has_bf16_body(typed.graph):
         retyped = infer_shapes(out)
         bf16_names = {v.name for g in iter_graph_protos(retyped.graph)
                       for v in (*g.value_info, *g.output)
@@ -312,6 +314,18 @@ def cpu_view(model: onnx.ModelProto) -> onnx.ModelProto:
         for graph in iter_graph_protos(out.graph):
             _emulate_bf16(graph, bf16_names)
     return out
+
+
+def _has_bf16_body(graph: onnx.GraphProto) -> bool:
+    for body in iter_graph_protos(graph):
+        if body is graph:
+            continue
+        if any(v.type.tensor_type.elem_type == TensorProto.BFLOAT16
+               for v in (*body.input, *body.output, *body.value_info)) or any(
+                a.t.data_type == TensorProto.BFLOAT16 or (a.name == "to" and a.i == TensorProto.BFLOAT16)
+                for n in body.node for a in n.attribute):
+            return True
+    return False
 
 
 def _decompose_attention(graph: onnx.GraphProto, shapes: Mapping[str, Any]) -> None:

@@ -390,3 +390,53 @@ def test_optimize_precision_with_specialize_verifies_against_the_pinned_original
     rtol = precision_tolerances("fp16", model_depth(onnx.load(out)))[0]
     checks = json.loads(report.read_text())["verify"]["outputs"]
     assert checks and all(check["rtol"] == pytest.approx(rtol) for check in checks)
+
+
+def test_a_cast_to_float_that_is_a_graph_output_stays_fp32():
+    # The property machine's clutter: Cast(x, to=float) written straight to an output. Its
+    # retarget to half would change the output's type.
+    model = model_of([helper.make_node("Tanh", ["x"], ["t"]),
+                      helper.make_node("Cast", ["t"], ["y"], to=F)],
+                     [helper.make_tensor_value_info("x", F, [1, 8])], [out("y", [1, 8])])
+    result = ConvertPrecision(precision="fp16").run(model)
+    assert_valid(result.model)
+    assert types(result.model)["y"] == F
+    feeds = {"x": np.linspace(-2, 2, 8, dtype=np.float32)[None]}
+    assert run_model(result.model, feeds)["y"].dtype == np.float32
+
+
+def test_an_outer_fp32_weight_read_in_both_if_branches_gets_distinct_cast_names():
+    # The property's If-wrapped stack: a LayerNorm's weight is an outer initializer and each
+    # branch casts it for its fp32 norm; the same Cast name in both branches is one name
+    # defined twice (shape inference: "Data for input 0 already exists").
+    def branch(name):
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], [f"{name}_mm"]),
+             helper.make_node("LayerNormalization", [f"{name}_mm", "gamma"], [f"{name}_out"])],
+            name, [], [out(f"{name}_out", [2, 8])])
+
+    model = model_of(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=branch("then"),
+                          else_branch=branch("else"))],
+        [helper.make_tensor_value_info("x", F, [2, 8]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [out("y", [2, 8])], [weight("w", [8, 8]), weight("gamma", [8], 1)])
+    result = ConvertPrecision(precision="fp16").run(model)
+    assert_valid(result.model)
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32),
+             "flag": np.array(False)}
+    assert converted_error(model, result.model, feeds) <= precision_tolerances("fp16", 2)[0]
+
+
+def test_a_graph_output_also_read_by_an_fp32_node_is_cast_for_that_reader():
+    # A KV cache's present is an output and the next step's operand: the property's einsum
+    # core (no bf16 Einsum kernel) read the half present with no Cast to fp32.
+    model = model_of([helper.make_node("MatMul", ["x", "w"], ["present"]),
+                      helper.make_node("LayerNormalization", ["present", "gamma"], ["y"])],
+                     [helper.make_tensor_value_info("x", F, [2, 8])],
+                     [out("present", [2, 8]), out("y", [2, 8])],
+                     [weight("w", [8, 8]), weight("gamma", [8], 1)])
+    result = ConvertPrecision(precision="fp16").run(model)
+    assert_valid(result.model)
+    feeds = {"x": np.random.default_rng(4).standard_normal((2, 8)).astype(np.float32)}
+    assert converted_error(model, result.model, feeds) <= precision_tolerances("fp16", 1)[0]
