@@ -168,3 +168,12 @@ def test_rotary_embedding_op_on_a_context_stays_cross():
     ("cos_cached", True), ("europe", False)])
 def test_which_graph_inputs_are_positions(name, positional):
     assert is_position_input(name) is positional
+
+
+def test_prompt_buffer_converted_to_fp16_classifies_its_cross_attention(export_cache):
+    # optimize --precision fp16 leaves the constant prompt as a Cast of an fp16 buffer: the
+    # walk up from K found no activation input at all and crashed (max of nothing).
+    exported = _export("constant-context-prompt-buffer", export_cache)
+    converted = xc.optimize(xc.load(exported.path), precision="fp16").model
+    blocks = xc.find_attention(converted)
+    assert len(blocks) == 4 and {b.kind for b in blocks} == {"self", "cross"}

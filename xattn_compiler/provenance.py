@@ -117,6 +117,8 @@ class Provenance:
             return None
         scope = self.order.get(id(node), (None, -1))[0]
         pending = {id(t): t for t in self.activation_inputs(node)}
+        if not pending:
+            return None  # made from constants only (a Cast of a half-precision buffer)
         for _ in range(_MAX_VISITS):
             if len(pending) == 1:
                 return next(iter(pending.values()))
