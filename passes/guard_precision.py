@@ -22,11 +22,11 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from xattn_compiler.patterns.steps import Cast, core_steps
 
 from xattn_compiler.attention import AttentionMatch, find_attention
 from xattn_compiler.ir import export_model, import_with_shapes, infer_shapes, iter_graphs
 from xattn_compiler.passmanager import Pass, PassResult
-from xattn_compiler.patterns.steps import Cast, core_steps
 
 from .reshapes import Names, onnx_dtype, set_input
 

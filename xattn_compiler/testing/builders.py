@@ -796,8 +796,10 @@ def _open_block(b: GraphBuilder, spec: AttentionSpec, query: str, context, prefi
     blk = _Block(b, spec, prefix, query, context, _Dim(query, 0, q_shape[0]),
                   _Dim(query, 1, q_shape[1]), kv_len, _make_weights(b, spec, q_shape[2], e_kv))
     source = blk.kv_source
-    blk.kv_batch = _Dim(source, 0, b.shapes[source][0]) if spec.projection != "none" \
-        else blk.batch
+    # Exporters read K/V's batch off the query stream (HF's ``bsz`` from hidden_states), which
+    # split-kv must rewire; only a batch-1 context (an initializer) has a batch of its own.
+    own_batch = spec.projection != "none" and b.shapes[source][0] != q_shape[0]
+    blk.kv_batch = _Dim(source, 0, b.shapes[source][0]) if own_batch else blk.batch
     return blk
 
 
