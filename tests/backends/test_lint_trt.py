@@ -403,3 +403,46 @@ def test_int8_without_quantize_dequantize_nodes_warns():
     [finding] = findings(unary("Relu"), precision="int8")
     assert (finding.severity, finding.code) == ("warning", "precision")
     assert findings(unary("Relu"), precision="fp16") == []
+
+
+# --- the precision audit's fp32 escape ---------------------------------------------------------
+
+def _attention_model(elem=FLOAT) -> onnx.ModelProto:
+    shape = [1, 2, 4, 16]
+    node = helper.make_node("Attention", ["q", "k", "v"], ["ctx"], name="block")
+    return model_of([node], [vi(n, shape, elem) for n in "qkv"], [vi("ctx", shape, elem)],
+                    opset=23)
+
+
+def _escaped() -> onnx.ModelProto:
+    """An fp32 Attention converted to fp16 with the audit's escape for its block."""
+    from xattn_compiler.passes import ConvertPrecision
+
+    converted = ConvertPrecision(precision="fp16", convert_io=True, escapes=("ctx:fp32",))
+    model = converted.run(_attention_model()).model
+    (node,) = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert [n.op_type for n in model.graph.node].count("Cast") == 4  # Q, K, V up; output back
+    return model
+
+
+def precision_findings(model, version):
+    return [f for f in findings(model, version) if f.code == "attention-precision"]
+
+
+@pytest.mark.parametrize("version", ["11.3", "11.5"])
+def test_the_audits_fp32_escape_is_fp32_accumulation_from_tensorrt_11_3(version):
+    [found] = precision_findings(_escaped(), version)
+    assert found.severity == "info" and "FP32 accumulation" in found.message
+    assert "will not get a half-precision fused kernel" not in found.message
+
+
+@pytest.mark.parametrize("version", ["10.14", "11.2"])
+def test_the_audits_fp32_escape_warns_that_fp32_accumulation_needs_11_3(version):
+    [found] = precision_findings(_escaped(), version)
+    assert found.severity == "warning" and "needs TensorRT 11.3" in found.message
+    assert "11.3" in found.fix
+
+
+def test_an_fp32_attention_without_the_escape_is_still_an_fp32_core_on_11_5():
+    [found] = precision_findings(_attention_model(), "11.5")
+    assert found.severity == "warning" and "half-precision fused kernel" in found.message

@@ -36,6 +36,8 @@ _TYPED_OPERAND = {"Where": ("in", 1), "Constant": ("out", 0), "ConstantOfShape":
                   "If": ("out", 0), "Loop": ("out", 0)}
 _CORE_OPS = {"MatMul", "Softmax", "Add", "Where", "Mul", "Div"}
 _HALF = {"fp16", "bf16", "int8"}
+# FP32 accumulation for FP16 fused attention (Q/K/V upcast around IAttention): 11.3 CHANGELOG.
+FP32_ACCUMULATION_SINCE = (11, 3)
 # Clutter remove-layout-clutter takes out of a core (Cast round trips included); anything else
 # inside a core (IsNaN guards of fully masked rows, for one) goes when the block is fused.
 _LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity"}
@@ -189,20 +191,52 @@ def _check_node(node: gs.Node, path: str, version: tuple[int, int], types: dict[
         yield finding(severity, "restriction", message, fix)
     if is_onnx_attention(node):
         half_build = precision in _HALF   # 10.x only: 11 refused precision above
-        yield from _attention_node(node, path, version, None if half_build else dtype, finding)
+        yield from _attention_node(node, path, version, None if half_build else dtype, finding,
+                                   _fp32_accumulation(node, types))
     if node.op in ("If", "Loop", "Scan"):
         for severity, message, fix in _control_flow(node):
             yield finding(severity, "control-flow", message, fix)
 
 
 def _attention_node(node: gs.Node, path: str, version: tuple[int, int], dtype: str | None,
-                    finding) -> Iterator[Finding]:
+                    finding, fp32_accumulation: bool = False) -> Iterator[Finding]:
     for violation in node_violations(node, path):
         yield finding(violation.severity, "attention-node", f"{violation.rule}: "
                       f"{violation.message}", violation.fix)
-    if dtype == "FLOAT":
+    if dtype != "FLOAT":
+        return
+    if not fp32_accumulation:
         yield finding(WARNING, "attention-precision", "fp32 attention core: it will not get a "
                       "half-precision fused kernel", _half_fix(version))
+    elif version >= FP32_ACCUMULATION_SINCE:
+        yield finding(INFO, "attention-precision", "half Q/K/V cast to fp32 around the node "
+                      "and back (the precision audit's escape): TensorRT "
+                      f"{trt_ops.format_version(FP32_ACCUMULATION_SINCE)}+ runs it as half-precision "
+                      "fused attention with FP32 accumulation")
+    else:
+        yield finding(WARNING, "attention-precision", "half Q/K/V cast to fp32 around the node "
+                      "(the precision audit's escape) asks for FP32 accumulation, which needs "
+                      f"TensorRT {trt_ops.format_version(FP32_ACCUMULATION_SINCE)}: TensorRT "
+                      f"{trt_ops.format_version(version)} runs an fp32 core with no "
+                      "half-precision fused kernel",
+                      f"target TensorRT >= {trt_ops.format_version(FP32_ACCUMULATION_SINCE)}, "
+                      "or convert-precision{escapes=NAME:bf16} for this block")
+
+
+def _fp32_accumulation(node: gs.Node, types: dict[str, str]) -> bool:
+    """Q, K and V each a Cast to fp32 of a half tensor and every reader of the output a Cast
+    back to half: the spelling TensorRT 11.3 reads as FP32 accumulation of a half kernel."""
+    def from_half(tensor) -> bool:
+        producers = getattr(tensor, "inputs", [])
+        return (len(producers) == 1 and producers[0].op == "Cast"
+                and producers[0].attrs.get("to") == onnx.TensorProto.FLOAT
+                and types.get(producers[0].inputs[0].name) in ("FLOAT16", "BFLOAT16"))
+
+    readers = node.outputs[0].outputs if node.outputs else []
+    return (len(node.inputs) >= 3 and all(from_half(t) for t in node.inputs[:3]) and bool(readers)
+            and all(r.op == "Cast" and r.attrs.get("to") in (onnx.TensorProto.FLOAT16,
+                                                               onnx.TensorProto.BFLOAT16)
+                    for r in readers))
 
 
 def _half_fix(version: tuple[int, int]) -> str:
