@@ -21,8 +21,14 @@ def export_cache() -> Path:
 def _package_logger_restored():
     """``cli.main`` points the package's logger at the stderr of the moment and stops it
     propagating; a later test's ``caplog`` then saw nothing (test_io's opset warning failed
-    when run after a CLI test). Every test starts from the state the previous one found."""
-    logger = logging.getLogger("xattn_compiler")
-    state = (logger.handlers[:], logger.level, logger.propagate)
+    when run after a CLI test, and again after a module-scoped fixture ran the CLI before
+    this fixture could record anything). Every test starts and ends with the logger as
+    importing the package leaves it."""
+    _reset_package_logger()
     yield
-    logger.handlers[:], logger.level, logger.propagate = state
+    _reset_package_logger()
+
+
+def _reset_package_logger() -> None:
+    logger = logging.getLogger("xattn_compiler")
+    logger.handlers[:], logger.level, logger.propagate = [], logging.NOTSET, True
