@@ -267,10 +267,14 @@ def _stop_at_shared_split(operand: Operand, inside: set[int]) -> Operand:
     """``operand`` walked only up to a Split/Slice/Gather whose other parts are read outside
     the block: that projection is shared with computation the block does not hold (GPT-NeoX's
     Q and K leave the fused QKV Split for rotary ops; ProphetNet's main stream chunks Q/K/V
-    that its predict streams read too), so the part taken is the operand's source."""
+    that its predict streams read too), so the part taken is the operand's source. A part
+    cut from a tensor the walk itself computed (a fused QKV reshaped and transposed, then
+    Gathered) is shared too when a sibling part is read outside (RoPE on Q and K only)."""
+    walked = {id(n) for n in operand.nodes}
     for index in range(len(operand.steps) - 1, -1, -1):
         step = operand.steps[index]
-        if isinstance(step, Part) and _read_outside(step.node, inside):
+        if isinstance(step, Part) and (_read_outside(step.node, inside)
+                                       or _input_read_outside(step.node, walked, inside)):
             kept = operand.steps[index + 1:]
             nodes = [s.node for s in kept]
             ids = {id(n) for n in nodes}
@@ -285,6 +289,13 @@ def _stop_at_shared_split(operand: Operand, inside: set[int]) -> Operand:
 def _read_outside(node: gs.Node, inside: set[int]) -> bool:
     return any(id(reader) not in inside and reader.op not in SHAPE_ONLY_OPS
                for out in node.outputs for reader in out.outputs)
+
+
+def _input_read_outside(node: gs.Node, walked: set[int], inside: set[int]) -> bool:
+    cut = node.inputs[0]
+    made_here = bool(cut.inputs) and id(cut.inputs[0]) in walked
+    return made_here and any(id(reader) not in inside and reader.op not in SHAPE_ONLY_OPS
+                             for reader in cut.outputs)
 
 
 def _fused_block(node: gs.Node, info: dict[str, Any], body: gs.Graph, path: str,
