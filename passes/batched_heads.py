@@ -132,6 +132,9 @@ class Lift:
     split: tuple[gs.Tensor, int, int] | None = None
     #: time-major heads: (x[S,B,E], H, D, the Transpose that put B*H first, its 4-D perm)
     time_major: tuple[gs.Tensor, int, int, gs.Node, list[int]] | None = None
+    #: a batched tensor with no merge to walk to (a folded constant K/V, a 3-D K/V input,
+    #: heads already batched by one Transpose when H = 1): viewed as Reshape(x, [-1, H, ...])
+    plain: gs.Tensor | None = None
 
 
 def split_merge_facts(node: gs.Node) -> tuple[gs.Tensor, int, int] | None:
@@ -314,12 +317,15 @@ class _Collapser:
             return "intermediate tensors are read outside the block: " + "; ".join(block.escapes)
         core = block.core
         operands = {name: core[name] for name in ("q", "k_t", "v")}
-        lifts = {}
-        for name, tensor in operands.items():
-            lifted = lift(tensor, self.graph, self.local)
-            if lifted is None:
-                return f"operand {name} '{tensor.name}' is not a merge of a 4-D tensor"
-            lifts[name] = lifted
+        lifts = {name: lift(tensor, self.graph, self.local) for name, tensor in operands.items()}
+        problem = _view_unlifted(lifts, operands, core)
+        if problem:
+            return problem
+        if (self.graph.opset or 0) < 15 and any(
+                lifted.plain is not None and not (_static(dim(lifted.plain, 1))
+                                                  and _static(dim(lifted.plain, 2)))
+                for lifted in lifts.values()):
+            return "viewing a batched operand with run-time dims as 4-D needs opset 15"
         heads = lifts["q"].heads
         if not all(same_dim(lifted.heads, heads) for lifted in lifts.values()):
             return "Q, K and V do not provably have the same number of heads"
@@ -359,7 +365,9 @@ class _Collapser:
     def apply_lift(self, lifted: Lift) -> gs.Tensor:
         """Rewrite the path to read the 4-D source; returns the path's (now 4-D) result."""
         result = lifted.source
-        if lifted.time_major is not None:
+        if lifted.plain is not None:
+            result = self._heads_view(lifted.plain, lifted.heads)
+        elif lifted.time_major is not None:
             result = self._time_major_heads(*lifted.time_major)
         elif result is None:
             x, heads, rows = lifted.split
@@ -375,6 +383,20 @@ class _Collapser:
             result = node.outputs[0]
             result.shape = None  # re-inferred after export
         return result
+
+    def _heads_view(self, x: gs.Tensor, heads: int) -> gs.Tensor:
+        """``Reshape(x[B*H,S,D], [-1, H, S, D])``, once per tensor (a shared constant K/V)."""
+        key = (id(x), heads)
+        if key not in self.masks:
+            if _static(dim(x, 1)) and _static(dim(x, 2)):
+                target = gs.Constant(self.names.fresh(f"{x.name}_heads_shape"),
+                                     np.array([-1, heads, dim(x, 1), dim(x, 2)], np.int64))
+            else:
+                target = self._target_from_shape(x, [-1, heads], start=1)
+            out = gs.Variable(self.names.fresh(f"{x.name}_heads"), dtype=x.dtype)
+            self._add("Reshape", [x, target], out)
+            self.masks[key] = out
+        return self.masks[key]
 
     def _time_major_heads(self, x: gs.Tensor, heads: int, rows: int, transpose: gs.Node,
                           perm4: list[int]) -> gs.Tensor:
@@ -491,6 +513,30 @@ class Chain:
     """The planned steps from the scores MatMul to the context MatMul."""
 
     steps: list[Step]
+
+
+def _view_unlifted(lifts: dict, operands: dict, core) -> str | None:
+    """Give each operand with no merge to walk to a plain view of its rows as ``[-1, H]``.
+
+    The batched MatMuls pair row ``i`` of Q, K and V, so once one operand's rows are proved
+    ``b*H + h`` (a merge), or the scores chain itself unbatches them to ``[B,H,Sq,Sk]``, every
+    operand with as many rows is read the same way. H must be static (the view's target) and
+    the rows provably equal (a broadcast ``[1,S,D]`` operand is not a view). Views are only
+    taken when the chain unbatches the scores (a 4-D mask): a core without one fuses batched,
+    and views would only add Reshapes."""
+    unbatch = [facts[1] for typed in core.steps if isinstance(typed, steps.Layout)
+               for facts in [split_facts(typed.node)] if facts is not None]
+    heads = next((lifted.heads for lifted in lifts.values() if lifted is not None),
+                 unbatch[0] if unbatch else None)
+    scores = core["scores.node"].outputs[0]
+    for name, tensor in operands.items():
+        if lifts[name] is not None:
+            continue
+        if not (unbatch and _static(heads) and rank(tensor) == 3
+                and same_dim(dim(tensor, 0), dim(scores, 0))):
+            return f"operand {name} '{tensor.name}' is not a merge of a 4-D tensor"
+        lifts[name] = Lift(None, heads, plain=tensor)
+    return None
 
 
 def _plan_chain(core, heads, graph: gs.Graph) -> Chain | str:

@@ -34,3 +34,25 @@ def test_fused_gather_qkv_with_rope_fuses(rope, kv_cache):
     assert_every_block_fused(Recipe(layers=(Layer((AttentionSpec(
         kind="self", num_heads=3, head_dim=4, projection="fused_gather", rope=rope,
         kv_cache=kv_cache),)),), embed=12))
+
+
+def test_time_major_heads_of_one_head_fuse():
+    # With H = 1 the clean-up drops the [S,B,E] -> [S,B*1,E] Reshape: Q, K and V are one
+    # Transpose of the projection, with no merge to walk to; the scores' own [B,1,Sq,Sk]
+    # unbatch (for the mask) says how the rows are heads.
+    assert_every_block_fused(Recipe(layers=(Layer((AttentionSpec(
+        kind="self", num_heads=1, head_layout="time_major", mask="add_input"),)),)))
+
+
+@pytest.mark.parametrize("head_layout", ["3d", "time_major"])
+def test_batched_heads_over_a_constant_context_fuse(head_layout):
+    # Learned latents expanded over a static batch: K and V fold to [B*H,S,D] constants.
+    assert_every_block_fused(Recipe(layers=(Layer((AttentionSpec(
+        kind="cross", num_heads=3, head_dim=4, head_layout=head_layout,
+        mask="where_bool_inv"),)),), embed=12, context="constant"))
+
+
+def test_batched_kv_inputs_with_a_mask_fuse():
+    # K/V graph inputs already [B*H,S,D] (projection="none"), unbatched around a 4-D mask.
+    assert_every_block_fused(Recipe(layers=(Layer((AttentionSpec(
+        kind="cross", projection="none", head_layout="3d", mask="add_input"),)),)))
