@@ -1,7 +1,7 @@
 """Half precision for TensorRT 11: ``optimize --precision`` beside ModelOpt AutoCast, one run.
 
     python benchmarks/bench_precision.py [--models decoder-10k unet-sd15] [--precision fp16]
-        [--autocast-python /path/to/python] [--workdir DIR] [--out benchmarks/results]
+        [--autocast-python /path/to/python] [--max-rss-gib 16] [--workdir DIR] [--out DIR]
 
 TensorRT 11 builds strongly typed networks: a layer runs in the type the ONNX file gives it,
 so the precision step is a graph rewrite. Two tools do it here, each in its own process on the
@@ -64,17 +64,38 @@ def model_path(name: str, workdir: Path) -> tuple[Path, Path | None]:
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
-def timed(argv: list[str]) -> dict:
-    """Run ``argv`` in a child process; its wall time, peak RSS and the tail of its stderr."""
+def timed(argv: list[str], max_rss_gib: float) -> dict:
+    """Run ``argv`` in a child process; its wall time, peak RSS and the tail of its stderr.
+    A child above ``max_rss_gib`` is killed (a row that says so, not a machine out of memory)."""
     start = time.perf_counter()
+    killed = False
     with tempfile.TemporaryFile() as err:
         child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
+        while True:  # wait4 with WNOHANG reaps the child and returns its own rusage
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if not killed and _rss_gib(child.pid) > max_rss_gib:
+                child.kill()
+                killed = True
+            time.sleep(0.5)
         err.seek(0)
         tail = err.read().decode(errors="replace").strip().splitlines()[-1:]
+    code = os.waitstatus_to_exitcode(status)
+    error = (f"killed above {max_rss_gib} GiB RSS" if killed
+             else None if code == 0 else (tail or ["failed"])[0])
     return {"seconds": round(time.perf_counter() - start, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024),
-            "error": None if os.waitstatus_to_exitcode(status) == 0 else (tail or ["failed"])[0]}
+            "peak_rss_mib": round(usage.ru_maxrss / 1024), "error": error}
+
+
+def _rss_gib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
 
 
 def error_vs_fp32(source: Path, converted: Path, inputs: Path | None) -> dict:
@@ -109,19 +130,20 @@ def autocast_python(given: str | None) -> str | None:
     return python if probe.returncode == 0 else None
 
 
-def measure(name: str, precision: str, workdir: Path, autocast: str | None) -> list[dict]:
+def measure(name: str, precision: str, workdir: Path, autocast: str | None,
+            max_rss_gib: float) -> list[dict]:
     source, inputs = model_path(name, workdir)
     rows = []
     ours = workdir / f"{name}-xattn-{precision}.onnx"
     run = timed([str(Path(sys.executable).with_name("xattn-compiler")), "optimize", str(source),
-                 "-o", str(ours), "--precision", precision])
+                 "-o", str(ours), "--precision", precision], max_rss_gib)
     rows.append({"model": name, "tool": f"xattn-compiler --precision {precision}", **run,
                  **(checked(source, ours, inputs) if run["error"] is None else {})})
     if autocast is not None:
         theirs = workdir / f"{name}-autocast-{precision}.onnx"
         run = timed([autocast, "-m", "modelopt.onnx.autocast", "--onnx_path", str(source),
                      "--output_path", str(theirs), "-t", precision, "--keep_io_types",
-                     "--providers", "cpu", "--log_level", "WARNING"])
+                     "--providers", "cpu", "--log_level", "WARNING"], max_rss_gib)
         rows.append({"model": name, "tool": f"ModelOpt AutoCast -t {precision}", **run,
                      **(checked(source, theirs, inputs) if run["error"] is None else {})})
     for row in rows:
@@ -151,6 +173,8 @@ def main() -> int:
     parser.add_argument("--precision", default="fp16", choices=("fp16", "bf16"))
     parser.add_argument("--autocast-python", default=None)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--max-rss-gib", type=float, default=16.0,
+                        help="kill a tool above this resident size (default 16: the machine has 24)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     autocast = autocast_python(args.autocast_python)
@@ -158,7 +182,7 @@ def main() -> int:
                                      "not importable here, its rows are missing"))
     with tempfile.TemporaryDirectory(prefix="xattn-precision-", dir=args.workdir) as tmp:
         rows = [row for name in args.models
-                for row in measure(name, args.precision, Path(tmp), autocast)]
+                for row in measure(name, args.precision, Path(tmp), autocast, args.max_rss_gib)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "precision.json").write_text(json.dumps({"rows": rows, "note": note}, indent=2) + "\n")
     (args.out / "precision.md").write_text(markdown(rows, note))
