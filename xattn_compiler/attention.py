@@ -249,8 +249,13 @@ def _unfused_block(core: Match, body: gs.Graph, path: str, ctx: Context) -> Atte
     heads, head_dim = _num_heads(core["q"], q), _head_dim(core["q"], q)
     kv_heads = _num_heads(core["k_t"], k, kv=True)
     inside = {id(n) for n in core.nodes + q.nodes + k.nodes + v.nodes + merge_nodes}
+    own = _own_cut_readers((q, k, v), inside, body)
+    inside |= {id(n) for n in own}
     q, k, v = (_stop_at_shared_split(operand, inside) for operand in (q, k, v))
-    nodes = _unique(core.nodes + q.nodes + k.nodes + v.nodes + merge_nodes)
+    walked = {id(n) for n in q.nodes + k.nodes + v.nodes}
+    if not any(t.inputs and id(t.inputs[0]) in walked for n in own for t in n.inputs):
+        own = []  # the cut stays outside the walks: its readers are not the block's
+    nodes = _unique(core.nodes + q.nodes + k.nodes + v.nodes + merge_nodes + own)
     q_shape = core["q"].shape
     block = AttentionMatch(
         id="", kind="self", num_heads=heads, head_dim=head_dim,
@@ -284,6 +289,51 @@ def _stop_at_shared_split(operand: Operand, inside: set[int]) -> Operand:
                            past=[t for t in operand.past
                                  if any(id(c) in ids for c in t.outputs)])
     return operand
+
+
+#: How many nodes may lie between a fused cut and the operands it feeds (RoPE's rotate-half,
+#: interleaved rotation, the head split before it).
+_MAX_OWN_READERS = 48
+
+
+def _own_cut_readers(operands, inside: set[int], graph: gs.Graph) -> list[gs.Node]:
+    """Nodes reading a fused cut on an operand's walk (its sibling parts, or the tensor a
+    Gather cuts) whose results only reach this block: RoPE on Q and K between a fused QKV
+    cut and the rotated Q/K where those walks stopped. With them inside, V's walk goes
+    through the cut (its source is the projection's input, as without RoPE) and the cut's
+    parts do not escape the block."""
+    own: dict[int, gs.Node] = {}
+    for operand in operands:
+        for step in operand.steps:
+            if not isinstance(step, Part):
+                continue
+            tensors = [*step.node.outputs, step.node.inputs[0]]
+            readers = [r for t in tensors for r in t.outputs
+                       if id(r) not in inside and r.op not in SHAPE_ONLY_OPS]
+            reached = _forward_into(readers, inside, graph)
+            if reached is not None:
+                own.update((id(n), n) for n in reached)
+    return list(own.values())
+
+
+def _forward_into(start: list[gs.Node], inside: set[int],
+                  graph: gs.Graph) -> list[gs.Node] | None:
+    """The nodes from ``start`` down to ``inside``, when every result on the way is read only
+    by them or by ``inside`` (none is a graph output); None when one leaves."""
+    reached: dict[int, gs.Node] = {}
+    pending = list(start)
+    while pending:
+        node = pending.pop()
+        if id(node) in inside or id(node) in reached:
+            continue
+        if len(reached) >= _MAX_OWN_READERS:
+            return None
+        reached[id(node)] = node
+        for out in node.outputs:
+            if is_graph_output(out, graph):
+                return None
+            pending.extend(r for r in out.outputs if r.op not in SHAPE_ONLY_OPS)
+    return list(reached.values())
 
 
 def _read_outside(node: gs.Node, inside: set[int]) -> bool:
@@ -386,6 +436,8 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
         target = reshape_target(node)
         in_shape = node.inputs[0].shape
         rank_in = len(in_shape) if in_shape is not None else None
+        if in_shape is None or (len(in_shape) == 3 and not _static_dim(in_shape, -1)):
+            in_shape = _projected_shape(operand, chain[:i + 1]) or in_shape
         batched = _batched_head_split(node, target, in_shape, chain[i - 1] if i else None,
                                       chain[i + 1] if i + 1 < len(chain) else None)
         if batched:
@@ -419,6 +471,56 @@ def _core_layout(q_shape) -> str:
     if q_shape is None or len(q_shape) <= 3:
         return "(BH)SD"
     return "B" + "N" * (len(q_shape) - 4) + "HSD"
+
+
+def _projected_shape(operand: Operand, chain: list[gs.Node]) -> list[int | None] | None:
+    """``[None, None, E]`` for the input of ``chain[-1]`` where ONNX did not infer its width
+    (inside If/Loop bodies), E being the projection's output width off its constant weight,
+    when the ops between keep the feature axis (Transposes that leave the last axis last,
+    Reshapes whose target ends in E) or cut a part of it (a fused QKV's Split or Slice on the
+    last axis). Time-major heads read H = E/D from it."""
+    weight = constant_eval(operand.weight) if operand.weight is not None else None
+    if operand.projection is None or weight is None or weight.ndim != 2:
+        return None
+    transposed = operand.projection.op == "Gemm" and operand.projection.attrs.get("transB", 0)
+    features: int | None = int(weight.shape[0] if transposed else weight.shape[1])
+    for index, node in enumerate(chain[:-1]):
+        if node.op in ("Split", "Slice"):
+            features = _part_width(node, features, chain[index + 1])
+            if features is None:
+                return None
+            continue
+        perm = node.attrs.get("perm") if node.op == "Transpose" else None
+        target = reshape_target(node) if node.op == "Reshape" else None
+        keeps = (perm is not None and list(perm)[-1] == len(perm) - 1) or (
+            target is not None and target[-1:] == [features])
+        if not keeps:
+            return None
+    return [None, None, features]
+
+
+def _part_width(cut: gs.Node, features: int, reader: gs.Node) -> int | None:
+    """The width of the part of a last-axis Split/Slice of ``features`` that ``reader`` reads."""
+    if cut.op == "Split":
+        if cut.attrs.get("axis", 0) not in (-1, 2):
+            return None
+        index = next((i for i, out in enumerate(cut.outputs)
+                      if any(t is out for t in reader.inputs)), None)
+        sizes = constant_eval(cut.inputs[1]) if len(cut.inputs) > 1 else None
+        if index is None:
+            return None
+        if sizes is not None and sizes.size == len(cut.outputs):
+            return int(sizes.reshape(-1)[index])
+        return features // len(cut.outputs) if features % len(cut.outputs) == 0 else None
+    starts, ends, axes, steps = (constant_eval(cut.inputs[i]) if len(cut.inputs) > i else None
+                                 for i in range(1, 5))
+    if starts is None or ends is None or axes is None or starts.size != 1 \
+            or int(axes.reshape(-1)[0]) not in (-1, 2) \
+            or (steps is not None and int(steps.reshape(-1)[0]) != 1):
+        return None
+    start, end = (int(v.reshape(-1)[0]) for v in (starts, ends))
+    start, end = (v + features if v < 0 else v for v in (start, end))
+    return max(min(end, features) - max(start, 0), 0) or None
 
 
 def _batched_head_split(node: gs.Node, target, in_shape, before: gs.Node | None,

@@ -1,7 +1,7 @@
 """The attention matcher on drawn graphs: exactly the planted blocks, each with the right kind,
 heads, head dim, scale, sources, static inputs and K/V origin; nothing on look-alikes.
 
-Four kinds of input are known to defeat the matcher today (see :data:`KNOWN_BUGS`: each has a
+Two kinds of input are known to defeat the matcher today (see :data:`KNOWN_BUGS`: each has a
 strict-xfail reproduction below, which fails loudly once the matcher is fixed, and the property
 excuses only examples of that kind). Everything else must hold; the bugs the properties found
 and that were fixed stay as ``@example`` regressions (:data:`FIXED_BUGS`).
@@ -37,28 +37,12 @@ KNOWN_BUGS = {
                 Layer((AttentionSpec(kind="self", head_dim=4, shape_style="computed"),)),
                 Layer((AttentionSpec(kind="self", head_dim=4, shape_style="computed"),))),
         embed=4, batch=1, q_len=1, kv_len=1, wrap=Wrap()),
-    # A fused QKV projection (Split, Slice, Gather or per head) with RoPE on Q and K: the Q/K
-    # walks stop at the rotation, so V alone reaches the shared cut; V's source is reported as
-    # its piece (and with Gather, Q's and K's Gathers read the shared Transpose from outside the
-    # block: escapes). GPT-NeoX's export has the same gap (tests/zoo llama.KNOWN_GAPS).
-    # Time-major heads ([S,B,E] -> [S,B*H,D]) inside If/Loop bodies: with no shapes there,
-    # E is unknown and the target's B*H cannot be split, so heads and head dim are unknown.
-    "time-major-heads-in-subgraph": Recipe(
-        layers=(Layer((AttentionSpec(kind="self", head_dim=4, head_layout="3d",
-                                     k_transpose="fused"),)),
-                Layer((AttentionSpec(kind="self", head_dim=4, projection="gemm",
-                                     head_layout="time_major"),))),
-        embed=4, batch=1, q_len=1, kv_len=1, wrap=Wrap()),
     # (thorough profile) RoPE inside If/Loop bodies: Q's and K's walks start at the rotated
     # heads, no head split lies on them and no shapes are known there: heads and head dim None.
     "rope-heads-in-subgraph": Recipe(
         layers=(Layer((AttentionSpec(kind="self", head_dim=4, out_projection=False,
                                      rope="rotate_half"),)),),
         batch=1, q_len=1, kv_len=1, wrap=Wrap()),
-    "fused-qkv-with-rope": Recipe(
-        layers=(Layer((AttentionSpec(kind="self", head_dim=4, projection="fused_split",
-                                     rope="rotate_half"),)),),
-        batch=1, q_len=1, kv_len=1),
 }
 
 #: Bugs the properties found and that are fixed: each reproduction stays as an ``@example``.
@@ -102,6 +86,27 @@ FIXED_BUGS = {
         dynamic=True, batch=1, q_len=1, kv_len=1,
         clutter=(Clutter("cast_same", "layers.0.cross_attn.q.split_heads.shape",
                          region="shape"),)),
+    # A fused QKV projection (Split, Slice, Gather or per head) with RoPE on Q and K: the Q/K
+    # walks stop at the rotation, so V alone reached the shared cut; V's source was reported
+    # as its piece (and with Gather, Q's and K's Gathers read the shared Transpose from outside
+    # the block: escapes). The rotation between the cut and Q/K is the block's own now.
+    "fused-qkv-with-rope": Recipe(
+        layers=(Layer((AttentionSpec(kind="self", head_dim=4, projection="fused_split",
+                                     rope="rotate_half"),)),),
+        batch=1, q_len=1, kv_len=1),
+    # Time-major heads ([S,B,E] -> [S,B*H,D]) inside If/Loop bodies: with no shapes there, E
+    # was unknown and the target's B*H could not be split; E is read off the projection's
+    # constant weight now, when the layout ops up to the head split keep the feature axis.
+    "time-major-heads-in-subgraph": Recipe(
+        layers=(Layer((AttentionSpec(kind="self", head_dim=4, head_layout="3d",
+                                     k_transpose="fused"),)),
+                Layer((AttentionSpec(kind="self", head_dim=4, projection="gemm",
+                                     head_layout="time_major"),))),
+        embed=4, batch=1, q_len=1, kv_len=1, wrap=Wrap()),
+    "fused-qkv-gather-with-rope": Recipe(
+        layers=(Layer((AttentionSpec(kind="self", head_dim=4, projection="fused_gather",
+                                     rope="interleaved"),)),),
+        batch=1, q_len=1, kv_len=1),
 }
 
 
@@ -138,12 +143,8 @@ def known_matcher_bug(ex: Example) -> str | None:
     specs = [s for layer in r.layers for s in layer.attention] + ([r.encoder] if r.encoder else [])
     if r.wrap is not None and any(s.shape_style == "computed" for s in specs):
         return "computed-target-in-subgraph"
-    if r.wrap is not None and any(s.head_layout == "time_major" for s in specs):
-        return "time-major-heads-in-subgraph"
     if r.wrap is not None and any(s.rope != "none" for s in specs):
         return "rope-heads-in-subgraph"
-    if any(s.rope != "none" and s.projection.startswith("fused") for s in specs):
-        return "fused-qkv-with-rope"
     return None
 
 
@@ -189,3 +190,32 @@ def test_known_matcher_bug(name):
     ex = build_example(KNOWN_BUGS[name])
     found = found_blocks(ex)
     assert_attention_found(_merged_by_einsum(ex, found), found)
+
+
+@pytest.mark.parametrize("projection", ["fused_split", "fused_slice", "fused_gather",
+                                        "fused_per_head"])
+@pytest.mark.parametrize("rope", ["rotate_half", "interleaved"])
+def test_fused_qkv_with_rope_reports_v_from_the_projection_input(projection, rope):
+    """GPT-NeoX-style: one QKV projection cut into Q, K, V, RoPE on Q and K. V's source is
+    the projection's input (as without RoPE), Q and K end at the rotation, nothing escapes."""
+    ex = build_example(Recipe(
+        layers=(Layer((AttentionSpec(kind="self", head_dim=4, projection=projection,
+                                     rope=rope),)),), batch=1, q_len=1, kv_len=1))
+    found = found_blocks(ex)
+    assert_attention_found(ex, found)
+    assert [block.escapes for block in found] == [[]]
+
+
+@pytest.mark.parametrize("wrap", [Wrap(), Wrap("loop")])
+@pytest.mark.parametrize("projection", ["matmul_bias", "gemm", "fused_split", "fused_slice"])
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_time_major_heads_in_a_body_report_their_heads(wrap, projection, kind):
+    """nn.MultiheadAttention's [S,B,E] -> [S,B*H,D] inside an If branch or a Loop body, where
+    ONNX infers no widths: H = E/D with E off the projection's weight."""
+    ex = build_example(Recipe(
+        layers=(Layer((AttentionSpec(kind=kind, head_dim=4, projection=projection,
+                                     head_layout="time_major"),)),),
+        embed=4, batch=1, q_len=1, kv_len=1, wrap=wrap))
+    found = found_blocks(ex)
+    assert_attention_found(ex, found)
+    assert found and all((b.num_heads, b.head_dim) == (2, 4) for b in found)
