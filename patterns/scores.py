@@ -82,6 +82,14 @@ def _rank(tensor, depth: int = 8) -> int | None:
         return None
     if node.op == "Shape":
         return 1
+    if node.op in ("Unsqueeze", "Squeeze"):  # a relative-position bias made [1,H,S,S]
+        data = _rank(node.inputs[0], depth - 1)
+        axes = node.inputs[1] if len(node.inputs) > 1 else None
+        count = (int(axes.values.size) if getattr(axes, "values", None) is not None
+                 else len(node.attrs["axes"]) if node.attrs.get("axes") is not None else None)
+        if data is None or count is None:
+            return None
+        return data + count if node.op == "Unsqueeze" else data - count
     if node.op == "Gather":
         data, index = (_rank(t, depth - 1) for t in node.inputs[:2])
         return None if data is None or index is None else data - 1 + index

@@ -61,3 +61,15 @@ def test_an_initializer_context_beside_kv_inputs_builds_with_one_mask_shape():
         Layer((AttentionSpec(kind="cross", head_dim=4, projection="none", mask="add_input"),))),
         embed=4, context="initializer", dynamic=True, batch=1, q_len=1, kv_len=1))
     assert_attention_found(ex)
+
+
+def test_softmax_on_a_positive_axis_over_a_relative_position_bias_in_a_body():
+    # (thorough profile) scores + an Unsqueeze'd [1,H,S,S] relative-position bias inside an If
+    # branch: the bias's rank was unknown (no shapes in bodies, Unsqueeze not read), so the
+    # sum's was too and Softmax(axis=3) 'failed softmax_over_last_axis'.
+    ex = build_example(Recipe(layers=(
+        Layer((AttentionSpec(kind="self", head_dim=4, projection="fused_split",
+                             mask="add_rel_bias", out_projection=False,
+                             softmax_axis="positive"),)),), batch=1, q_len=1, kv_len=1,
+        wrap=Wrap()))
+    assert_attention_found(ex)
