@@ -532,8 +532,10 @@ def _view_unlifted(lifts: dict, operands: dict, core) -> str | None:
     for name, tensor in operands.items():
         if lifts[name] is not None:
             continue
+        # With one head the view is [B,1,S,D] whatever the rows: a broadcast [1,S,D]
+        # operand becomes [1,1,S,D] and still broadcasts.
         if not (unbatch and _static(heads) and rank(tensor) == 3
-                and same_dim(dim(tensor, 0), dim(scores, 0))):
+                and (heads == 1 or same_dim(dim(tensor, 0), dim(scores, 0)))):
             return f"operand {name} '{tensor.name}' is not a merge of a 4-D tensor"
         lifts[name] = Lift(None, heads, plain=tensor)
     return None

@@ -56,3 +56,11 @@ def test_batched_kv_inputs_with_a_mask_fuse():
     # K/V graph inputs already [B*H,S,D] (projection="none"), unbatched around a 4-D mask.
     assert_every_block_fused(Recipe(layers=(Layer((AttentionSpec(
         kind="cross", projection="none", head_layout="3d", mask="add_input"),)),)))
+
+
+def test_one_head_with_dynamic_sizes_fuses():
+    # H = 1: the clean-up drops K's [B,D,S] -> [B*1,D,S] Reshape (k_transpose="pre_split"), and
+    # with dynamic sizes its rows are not provably the scores' rows; a one-head view needs not.
+    assert_every_block_fused(Recipe(layers=(Layer((AttentionSpec(
+        kind="cross", num_heads=1, head_dim=6, head_layout="3d", k_transpose="pre_split",
+        mask="add_bias_input"),)),), embed=4, dynamic=True))
