@@ -13,12 +13,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from xattn_compiler.patterns import steps
 
 import xattn_compiler as xc
 from xattn_compiler.attention import analyze_attention
 from xattn_compiler.cli import main
 from xattn_compiler.fusion.operands import plan_core
-from xattn_compiler.patterns import steps
 from xattn_compiler.zoo import cache
 from xattn_compiler.zoo.spec import Attention, Built, ZooModel
 
