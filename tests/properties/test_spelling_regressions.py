@@ -6,7 +6,7 @@ from __future__ import annotations
 from xattn_compiler.attention import find_attention
 from xattn_compiler.testing import AttentionSpec
 from xattn_compiler.testing.assertions import assert_attention_found
-from xattn_compiler.testing.strategies import Layer, Recipe, Wrap, build_example
+from xattn_compiler.testing.strategies import Clutter, Layer, Recipe, Wrap, build_example
 
 
 def _one_block(spec: AttentionSpec, **sizes) -> None:
@@ -72,4 +72,17 @@ def test_softmax_on_a_positive_axis_over_a_relative_position_bias_in_a_body():
                              mask="add_rel_bias", out_projection=False,
                              softmax_axis="positive"),)),), batch=1, q_len=1, kv_len=1,
         wrap=Wrap()))
+    assert_attention_found(ex)
+
+
+def test_seven_steps_between_the_scores_and_softmax():
+    # (thorough profile) batched heads unbatched around a Where mask and back, a scale and a
+    # cast round trip: 7 score steps, one more than the chain took, so the block was not found.
+    ex = build_example(Recipe(layers=(
+        Layer((AttentionSpec(kind="self", head_dim=1, projection="fused_split", head_layout="3d",
+                             mask="where_bool_inv"),)),), batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter(kind="cast_same", tensor="layers.0.self_attn.scores.masked",
+                         region="score"),
+                 Clutter(kind="cast_roundtrip", tensor="layers.0.self_attn.scores.masked",
+                         region="score"))))
     assert_attention_found(ex)
