@@ -192,3 +192,36 @@ def test_cpu_view_emulates_bf16_that_lives_only_inside_an_if_branch():
     got = run_model(cpu_view(model), {"x": x, "flag": np.array(True)})["y"]
     e = np.exp(x.astype(np.float32) - x.max(-1, keepdims=True))
     assert relative_error(e / e.sum(-1, keepdims=True), got) <= precision_tolerances("bf16", 1)[0]
+
+
+# --- memory: statistics come back, not tensors ----------------------------------------------
+
+def test_the_audit_of_a_unet_sized_model_returns_statistics_not_score_tensors(monkeypatch):
+    """Issue #18: the audit of the SD-1.5-sized UNet was OOM-killed at 23.8 GB, every float
+    tensor (score tensors of 1 GB each) coming back as an extra ONNX Runtime output. Now the
+    ranges and an unfused core's score statistics are reductions in the graph: nothing that
+    comes back is as large as a block's scores, and the numbers match the fused block's,
+    measured from Q and K."""
+    import xattn_compiler.verification as verification
+
+    built = attention_model(AttentionSpec(kind="self"), q_len=64, kv_len=64)
+    fused = FuseAttention().run(built.model).model
+    feeds = dict(built.inputs)
+    largest = []
+    run = verification._run
+
+    def spy(session, inputs):
+        values = run(session, inputs)
+        largest.append(max(v.size for v in values.values()))
+        return values
+
+    monkeypatch.setattr(verification, "_run", spy)
+    unfused = audit_model(built.model, "fp16", feeds)
+    runs = len(largest)
+    measured = audit_model(fused, "fp16", feeds)
+    (core,), (block,) = unfused.blocks, measured.blocks
+    scores = int(np.prod(feeds[next(iter(feeds))].shape[:1])) * 64 * 64  # per head, at least
+    assert runs >= 1 and max(largest[:runs]) < scores  # the unfused core: statistics only
+    assert core.kv_length == block.kv_length == 64
+    assert core.max_abs_score == pytest.approx(block.max_abs_score, rel=1e-5)
+    assert core.normaliser == pytest.approx(block.normaliser, rel=1e-5)

@@ -1,8 +1,9 @@
 """The data-driven precision audit, CPU views of half-precision models, and their tolerances.
 
 **Audit** (:func:`audit_model`): run the fp32 model (after fusion) in ONNX Runtime on sample
-inputs, with each attention block's Q, K and V (fused Attention nodes) or scores (unfused
-cores) exposed as extra outputs, and measure per block
+inputs and measure per block (fused Attention nodes: from Q and K, exposed as extra outputs and
+scored in float64 a few query rows at a time; unfused cores: reductions of the scores added
+to the graph, so a [2, 8, 4096, 4096] score tensor never comes back whole)
 
 * ``max_abs_score``: the largest ``|scale * Q K^T|`` before the mask. fp16 stops at 65504, and a
   kernel that stores scores in half rounds each by ``|s| * 2^-11`` (fp16) or ``|s| * 2^-8``
@@ -11,7 +12,10 @@ cores) exposed as extra outputs, and measure per block
   unnormalised fused kernel accumulates before it divides. Each term is at most 1, so the
   bound is the K/V length: 65,536 equal keys make 65,536, past fp16's 65504 (inf, then NaN);
 
-and per float tensor its range (``tensor_ranges``: the ones beyond fp16's range are reported).
+and per float tensor its range (``tensor_ranges``: ReduceMin/ReduceMax in the graph, right
+after the tensor is made; the ones beyond fp16's range are reported). Memory stays about one
+fp32 session: ONNX Runtime reads a lazily loaded model's weights from its file, and one session
+is alive at a time (issue #18: the SD-1.5-sized UNet's audit was OOM-killed at 23.8 GB).
 
 A block whose scores overflow or lose more than the tolerance gets **fp32 accumulation** (Cast
 Q/K/V to fp32 around the Attention, the output back; TensorRT 11.3+): bf16 would fix the range
@@ -111,21 +115,36 @@ def audit_model(model: onnx.ModelProto, precision: str = "fp16", inputs=None, *,
     """Measure every attention block of fp32 ``model`` on sample inputs (``inputs``: a dict, an
     NPZ path, or None for the verification inputs drawn with ``seed``) and choose an escape for
     the blocks that would overflow or lose more than ``tolerance`` in ``precision``."""
-    from .weights import has_stubs, materialize
-
-    model = materialize(model) if has_stubs(model) else model
     if tolerance is None:
         tolerance = precision_tolerances(precision, model_depth(model))[0]
     feeds = sample_feeds(model, inputs, seed)
     probes, skipped = _probes(model)
-    wanted = sorted({name for probe in probes for name in probe.tensors})
-    ranges = _float_tensors(model) if tensor_ranges else []
-    values = run_with_outputs(model, feeds, wanted + [n for n in ranges if n not in wanted])
+    # Q, K and the mask of fused blocks (V does not change the scores): linear in the length
+    wanted = sorted({name for probe in probes if probe.kind == "fused"
+                     for i, name in enumerate(probe.tensors) if name and i != 2})
+    light, store = _light(model)
+    infer_shapes(light, in_place=True)  # a copy without the weights: the value_info is ours
+    ranges = _float_tensors(light) if tensor_ranges else []
+    stats: dict[str, Any] = {probe.tensors[0]: ("scores", probe.attrs.get("scale") or 1.0)
+                             for probe in probes if probe.kind == "scores"}
+    stats.update({name: "range" for name in ranges if name not in stats})
+    values = _run_light(light, feeds, wanted, stats)
     blocks = [_measure(probe, values) for probe in probes]
     for block in blocks:
         _judge(block, precision, tolerance)
-    over = [{"tensor": name, "max_abs": top} for name in ranges
-            if (top := _largest(values.get(name))) is not None and top > FP16_MAX]
+    tops = {name: _extreme(values, name) for name in ranges}
+    del values
+    # A mask's finfo.min fill (convert-precision clips it to -65504 on purpose), NaN or inf:
+    # measured again without them, in a second run of only those tensors' statistics.
+    again = [name for name, top in tops.items() if top is not None and not top < 1e38]
+    if again:
+        light, store = _light(model)
+        infer_shapes(light, in_place=True)
+        finite = _run_light(light, feeds, [], dict.fromkeys(again, "finite"))
+        tops.update({name: _top(finite.get(f"{name}{_RANGE}")) for name in again})
+    del store, light
+    over = [{"tensor": name, "max_abs": top} for name, top in tops.items()
+            if top is not None and top > FP16_MAX]
     audit = PrecisionAudit(precision, tolerance, blocks, sorted(over, key=lambda d: -d["max_abs"]),
                            skipped)
     for block in blocks:
@@ -134,14 +153,25 @@ def audit_model(model: onnx.ModelProto, precision: str = "fp16", inputs=None, *,
     return audit
 
 
-def _largest(array: np.ndarray | None) -> float | None:
-    """Largest finite magnitude, a mask's ``finfo.min`` fill left out (it saturates to -65504
-    on purpose: convert-precision clips it)."""
-    if array is None or not array.size or not np.issubdtype(array.dtype, np.floating):
+def _extreme(values: Mapping[str, np.ndarray], name: str) -> float | None:
+    """``max(|min|, |max|)`` of a watched tensor; None when it was not measured (empty)."""
+    low, high = values.get(f"{name}{_MIN}"), values.get(f"{name}{_MAX}")
+    if low is None or high is None or not low.size or not high.size:
         return None
-    values = np.abs(array)
-    kept = values < 1e38  # NaN and inf compare False
-    return float(np.max(values, where=kept, initial=0.0)) if kept.any() else None
+    low, high = float(low.reshape(-1)[0]), float(high.reshape(-1)[0])
+    if math.isnan(low) or math.isnan(high):
+        return math.nan
+    if low > high:  # an empty tensor reduces to (+inf, -inf)
+        return None
+    return max(abs(low), abs(high))
+
+
+def _top(value: np.ndarray | None) -> float | None:
+    """A range statistic back as a float; negative (nothing finite, or an empty tensor): None."""
+    if value is None or not value.size:
+        return None
+    top = float(value.reshape(-1)[0])
+    return top if top >= 0 else None
 
 
 def sample_feeds(model: onnx.ModelProto, inputs, seed: int) -> dict[str, np.ndarray]:
@@ -187,8 +217,8 @@ def _probes(model: onnx.ModelProto) -> tuple[list[_Probe], list[str]]:
     return probes, skipped
 
 
-def _float_tensors(model: onnx.ModelProto) -> list[str]:
-    typed = infer_shapes(model)
+def _float_tensors(typed: onnx.ModelProto) -> list[str]:
+    """The fp32 tensors of a model whose shapes were inferred."""
     return [v.name for v in typed.graph.value_info
             if v.type.tensor_type.elem_type == TensorProto.FLOAT]
 
@@ -196,37 +226,235 @@ def _float_tensors(model: onnx.ModelProto) -> list[str]:
 def run_with_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
                      names: list[str]) -> dict[str, np.ndarray]:
     """ONNX Runtime outputs of ``model`` plus the intermediate tensors ``names``."""
-    from .verification import run_model
+    light, store = _light(model)
+    values = _run_light(light, feeds, names, {})
+    del store
+    return values
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in names:
-        if name and name not in present:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+
+# Suffixes of the statistics outputs: each is a scalar or one value per softmax row's batch.
+_RANGE, _ABS, _NORM, _KV = ("__audit_range", "__audit_max_abs", "__audit_normaliser",
+                            "__audit_shape")
+_MIN, _MAX = "__audit_min", "__audit_max"
+#: Rows of fused scores measured at a time (float64): a 64x64-latent self-attention's
+#: [2, 8, 4096, 4096] scores would take 2 GB at once.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def _light(model: onnx.ModelProto):
+    """A copy of ``model`` that shares its weights instead of copying them: the stubs of a
+    lazily loaded or detached model, else large initializers detached here. The store returned
+    must stay alive while the copy is used."""
+    from .weights import detach, has_stubs
+
+    if has_stubs(model):
+        light = onnx.ModelProto()
+        light.CopyFrom(model)  # stubs: a few bytes per weight
+        return light, None
+    return detach(model)
+
+
+def _run_light(light: onnx.ModelProto, feeds: Mapping[str, np.ndarray], names: list[str],
+               stats: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """Run ``light`` (modified in place) with the intermediate tensors ``names`` and, for each
+    tensor of ``stats``, its statistics (``"range"``: the largest finite magnitude below a
+    mask's fill; ``"scores"``: the largest magnitude and the softmax row sums' maximum) as
+    extra outputs. The statistics are computed in the graph right after the tensor is made,
+    so no full intermediate tensor comes back or lives longer than the model needs it."""
+    graph = light.graph
+    present = {o.name for o in graph.output}
+    extra = [name for name in names if name and name not in present]
+    nodes, outputs = _stat_nodes(light, stats)
+    _place(graph, nodes)
+    for name in (*extra, *outputs):
+        if name not in present:
+            graph.output.append(onnx.ValueInfoProto(name=name))
             present.add(name)
-    return run_model(probe, feeds)
+    return _run_stubbed(light, feeds)
+
+
+def _stat_nodes(model: onnx.ModelProto, stats: Mapping[str, Any]
+                ) -> tuple[dict[str, list[onnx.NodeProto]], list[str]]:
+    """Per watched tensor, the nodes computing its statistics; and their output names. Scores
+    that cannot be measured in the graph (not fp32) come back whole (their own name)."""
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    shapes = {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)}
+    made = {name for n in graph.node for name in n.output} | {i.name for i in graph.input} | {
+        t.name for t in graph.initializer}
+    f32 = TensorProto.FLOAT
+    consts = {"big": 1e38, "neg": -1.0}
+    for key, value in consts.items():
+        graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32),
+                                                         f"__audit_{key}"))
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "__audit_last"))
+    by_tensor: dict[str, list[onnx.NodeProto]] = {}
+    outputs = []
+    for name, kind in stats.items():
+        value = shapes.get(name)
+        if name not in made or (value is not None and (
+                value.type.tensor_type.elem_type not in (0, f32) or any(
+                d.HasField("dim_value") and d.dim_value == 0
+                for d in value.type.tensor_type.shape.dim))):
+            if kind not in ("range", "finite") and name in made:
+                outputs.append(name)  # measured in numpy as before
+            continue  # empty or not fp32: no range to measure (nor a kernel to measure it)
+        p = f"{name}__audit"
+        if kind == "range":  # the extremes: no transient the size of the tensor
+            nodes = [helper.make_node("ReduceMin", [name], [f"{name}{_MIN}"], keepdims=0),
+                     helper.make_node("ReduceMax", [name], [f"{name}{_MAX}"], keepdims=0)]
+            outputs += [f"{name}{_MIN}", f"{name}{_MAX}"]
+        elif kind == "finite":  # the largest magnitude below a mask's fill, NaN and inf left out
+            nodes = [helper.make_node("Abs", [name], [f"{p}_abs"]),
+                     helper.make_node("Less", [f"{p}_abs", "__audit_big"], [f"{p}_kept"]),
+                     helper.make_node("Where", [f"{p}_kept", f"{p}_abs", "__audit_neg"],
+                                      [f"{p}_finite"]),
+                     helper.make_node("ReduceMax", [f"{p}_finite"], [f"{name}{_RANGE}"],
+                                      keepdims=0)]
+            outputs.append(f"{name}{_RANGE}")
+        else:
+            graph.initializer.append(numpy_helper.from_array(
+                np.array(kind[1], np.float32), f"{p}_scale"))
+            nodes = [helper.make_node("Shape", [name], [f"{name}{_KV}"]),
+                     helper.make_node("ReduceMin", [name], [f"{name}{_MIN}"], keepdims=0),
+                     helper.make_node("ReduceMax", [name], [f"{name}{_MAX}"], keepdims=0),
+                     helper.make_node("Abs", [name], [f"{p}_abs"]),
+                     helper.make_node("ReduceMax", [f"{p}_abs"], [f"{name}{_ABS}"], keepdims=0),
+                     *_row_max(name, f"{p}_rowmax", opset),
+                     helper.make_node("Sub", [name, f"{p}_rowmax"], [f"{p}_shift"]),
+                     helper.make_node("Mul", [f"{p}_shift", f"{p}_scale"], [f"{p}_scaled"]),
+                     helper.make_node("Exp", [f"{p}_scaled"], [f"{p}_e"]),
+                     helper.make_node("ReduceSum", [f"{p}_e", "__audit_last"], [f"{p}_sums"],
+                                      keepdims=0),
+                     helper.make_node("ReduceMax", [f"{p}_sums"], [f"{name}{_NORM}"],
+                                      keepdims=0)]
+            outputs += [f"{name}{_KV}", f"{name}{_MIN}", f"{name}{_MAX}", f"{name}{_ABS}",
+                        f"{name}{_NORM}"]
+        by_tensor[name] = nodes
+    return by_tensor, outputs
+
+
+def _row_max(name: str, out: str, opset: int) -> list[onnx.NodeProto]:
+    if opset >= 18:
+        return [helper.make_node("ReduceMax", [name, "__audit_last"], [out], keepdims=1)]
+    return [helper.make_node("ReduceMax", [name], [out], axes=[-1], keepdims=1)]
+
+
+def _place(graph: onnx.GraphProto, stats: Mapping[str, list[onnx.NodeProto]]) -> None:
+    """Each tensor's statistics right after the node that makes it (graph inputs and
+    initializers: first), so ONNX Runtime can free the tensor when the model is done with it."""
+    order: list[onnx.NodeProto] = []
+    for name, nodes in stats.items():
+        if not any(name in n.output for n in graph.node):
+            order.extend(nodes)
+    for node in graph.node:
+        order.append(node)
+        for out in node.output:
+            order.extend(stats.get(out, ()))
+    del graph.node[:]
+    graph.node.extend(order)
+
+
+def _run_stubbed(light: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
+                 ) -> dict[str, np.ndarray]:
+    """Run a model whose weights may be stubs, in one session with no copy of the weights
+    here (:func:`_point_at_weights`); only when weights live in several folders, inline ones
+    pass protobuf's limit or plugin nodes need decomposing does the model go the way
+    :func:`~xattn_compiler.verification.run_model` takes (one materialised copy)."""
+    import onnxruntime as ort
+
+    from . import io as xio
+    from .errors import InputError, first_line
+    from .plugins import has_plugin_nodes
+    from .verification import _run, _select_inputs, run_model
+    from .weights import FileRange, is_stub, materialize, source_of, stubs
+
+    top = {tensor.name for tensor in light.graph.initializer if is_stub(tensor)}
+    folders, inline = set(), 0
+    for tensor in stubs(light):
+        source = source_of(tensor)
+        if isinstance(source, FileRange):
+            folders.add(source.path.parent)
+        elif tensor.name not in top:
+            inline += source.nbytes
+    if (len(folders) > 1 or inline + xio.weight_bytes(light) >= xio.PROTOBUF_LIMIT
+            or has_plugin_nodes(light)):
+        return run_model(materialize(light), feeds)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    # Kahn's order, lowest node index first: each tensor's statistics run right after it is
+    # made (the default order runs leaves last, which kept every watched tensor alive).
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    held = _point_at_weights(light, top, options)
+    name = f"'{light.graph.name or 'unnamed'}' (in memory)"
+    try:
+        session = ort.InferenceSession(light.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        del held  # the session holds the in-memory weights it was handed
+        wanted = [value.name for value in session.get_inputs()]
+        return _run(session, _select_inputs(feeds, wanted))
+    except InputError:
+        raise
+    except Exception as exc:  # ORT raises several unrelated pybind exception types
+        raise InputError(f"model {name}: {first_line(exc)}") from exc
+
+
+def _point_at_weights(light: onnx.ModelProto, top: set[str], options) -> list:
+    """Turn ``light``'s stubs into what ONNX Runtime reads without a copy here: a file's
+    weights as external data in that file (the folder set on ``options``), in-memory ones
+    handed over as arrays (:meth:`add_external_initializers`); inside a subgraph, inline."""
+    from .verification import _to_ort_value
+    from .weights import FileRange, source_of, stubs
+
+    names, values = [], []
+    for tensor in light.graph.initializer:
+        source = source_of(tensor)
+        if tensor.name in top and not isinstance(source, FileRange):
+            del tensor.external_data[:]
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", f"xattn-in-memory/{len(names)}"
+            names.append(tensor.name)
+            values.append(_to_ort_value(np.ascontiguousarray(source.array())))
+    for tensor in list(stubs(light)):
+        source = source_of(tensor)
+        del tensor.external_data[:]
+        if isinstance(source, FileRange):
+            for key, value in (("location", source.path.name), ("offset", str(source.offset)),
+                               ("length", str(source.length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(source.path.parent))
+        else:
+            tensor.ClearField("data_location")
+            tensor.raw_data = bytes(source.raw())
+    if names:
+        options.add_external_initializers(names, values)
+    return values
 
 
 def _measure(probe: _Probe, values: Mapping[str, np.ndarray]) -> BlockAudit:
     if probe.kind == "scores":
-        scale = probe.attrs.get("scale") or 1.0
-        scores = values[probe.tensors[0]].astype(np.float64) * scale
-        mask = None
-        causal = False
-    else:
-        q, k, _v, mask_name = (probe.tensors + ["", "", "", ""])[:4]
-        scores = _fused_scores(values[q], values[k], probe.attrs)
-        mask = values.get(mask_name) if mask_name else None
-        causal = bool(probe.attrs.get("is_causal", 0))
-    kv = scores.shape[-1]
-    top = float(np.abs(scores).max()) if scores.size else 0.0
-    norm = _normaliser(scores, mask, causal)
-    return BlockAudit(probe.name, probe.node, int(kv), top, norm, float(kv))
+        scores, scale = probe.tensors[0], probe.attrs.get("scale") or 1.0
+        if f"{scores}{_ABS}" not in values:  # not fp32: the whole tensor came back
+            s = values[scores].astype(np.float64) * scale
+            top = float(np.abs(s).max()) if s.size else 0.0
+            return BlockAudit(probe.name, probe.node, int(s.shape[-1]), top,
+                              _normaliser(s, None, False), float(s.shape[-1]))
+        kv = int(values[f"{scores}{_KV}"][-1])
+        top = float(values[f"{scores}{_ABS}"]) * abs(scale)
+        norm = float(values[f"{scores}{_NORM}"]) if kv else 0.0
+        return BlockAudit(probe.name, probe.node, kv, top, norm, float(kv))
+    q, k, _v, mask_name = (probe.tensors + ["", "", "", ""])[:4]
+    mask = values.get(mask_name) if mask_name else None
+    causal = bool(probe.attrs.get("is_causal", 0))
+    kv, top, norm = _fused_stats(values[q], values[k], mask, causal, probe.attrs)
+    return BlockAudit(probe.name, probe.node, kv, top, norm, float(kv))
 
 
-def _fused_scores(q: np.ndarray, k: np.ndarray, attrs: Mapping[str, Any]) -> np.ndarray:
-    """``scale * Q K^T`` per head, K/V heads repeated for grouped queries (float64)."""
+def _heads(q: np.ndarray, k: np.ndarray, attrs: Mapping[str, Any]):
+    """Q and K as ``[B, H, S, D]``, K/V heads repeated for grouped queries, and the scale."""
     if q.ndim == 3:
         hq, hk = int(attrs["q_num_heads"]), int(attrs["kv_num_heads"])
         q = q.reshape(q.shape[0], q.shape[1], hq, -1).transpose(0, 2, 1, 3)
@@ -234,17 +462,41 @@ def _fused_scores(q: np.ndarray, k: np.ndarray, attrs: Mapping[str, Any]) -> np.
     scale = attrs.get("scale") or 1.0 / math.sqrt(q.shape[-1])
     if k.shape[1] != q.shape[1]:
         k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
-    return np.matmul(q.astype(np.float64), np.swapaxes(k.astype(np.float64), -1, -2)) * scale
+    return q, k, scale
 
 
-def _normaliser(scores: np.ndarray, mask: np.ndarray | None, causal: bool) -> float:
+def _fused_stats(q: np.ndarray, k: np.ndarray, mask: np.ndarray | None, causal: bool,
+                 attrs: Mapping[str, Any]) -> tuple[int, float, float]:
+    """``(kv length, max |scale Q K^T|, normaliser)`` in float64, a few query rows at a time."""
+    q, k, scale = _heads(q, k, attrs)
+    kt = np.swapaxes(k.astype(np.float64), -1, -2)
+    sq, kv = q.shape[-2], kt.shape[-1]
+    full = np.broadcast_shapes(q.shape[:-2], kt.shape[:-2])
+    rows = max(1, _CHUNK_ELEMENTS // max(1, int(np.prod(full, dtype=np.int64)) * kv))
+    top = norm = 0.0
+    for start in range(0, sq, rows):
+        scores = np.matmul(q[..., start:start + rows, :].astype(np.float64), kt) * scale
+        if scores.size:
+            top = max(top, float(np.abs(scores).max()))
+        part = None
+        if mask is not None:
+            part = mask if mask.ndim < 2 or mask.shape[-2] == 1 else mask[..., start:start + rows, :]
+        norm = max(norm, _normaliser(scores, part, causal, kv - sq + start))
+    return int(kv), top, norm
+
+
+def _normaliser(scores: np.ndarray, mask: np.ndarray | None, causal: bool,
+                diagonal: int = 0) -> float:
+    """The largest row sum of ``exp(s - rowmax)``; causal rows see keys up to ``i + diagonal``."""
     s = scores
     if mask is not None:
         s = np.where(mask, s, -np.inf) if mask.dtype == bool else s + mask.astype(np.float64)
     if causal:
         sq, skv = s.shape[-2], s.shape[-1]
-        keep = np.tril(np.ones((sq, skv), bool), k=skv - sq)
+        keep = np.tril(np.ones((sq, skv), bool), k=diagonal)
         s = np.where(keep, s, -np.inf)
+    if not s.size:
+        return 0.0
     top = s.max(axis=-1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -509,10 +761,7 @@ def check_blocks(reference: onnx.ModelProto, converted: onnx.ModelProto,
     """Each attention output ``names`` of ``converted`` (through :func:`cpu_view`) against the
     fp32 ``reference`` on ``feeds``: ``{name: {"max_error", "tolerance", "ok"}}``, the error
     relative to ``max(1, max|ref|)`` as the tolerance is."""
-    from .weights import has_stubs, materialize
-
-    reference = materialize(reference) if has_stubs(reference) else reference
-    converted = materialize(converted) if has_stubs(converted) else converted
+    # One session at a time, each reading the weights where they are (no materialised copy).
     ref = run_with_outputs(reference, feeds, names)
     cand = run_with_outputs(cpu_view(converted), feeds, names)
     out = {}
