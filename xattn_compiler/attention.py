@@ -34,6 +34,7 @@ import onnx_graphsurgeon as gs
 from xattn_compiler.patterns import (
     ATTENTION_CORE,
     K_OPERAND,
+    PROBS_MAX_STEPS,
     PROBS_OPS,
     Q_OPERAND,
     V_OPERAND,
@@ -180,7 +181,7 @@ def analyze_attention(model: onnx.ModelProto | gs.Graph) -> AttentionReport:
 def _context_matmuls(softmax: gs.Node) -> Iterator[gs.Node]:
     """MatMuls reading ``softmax``'s probabilities as their first input, a few ops down."""
     frontier, seen = [softmax.outputs[0]], set()
-    for _ in range(5):
+    for _ in range(PROBS_MAX_STEPS + 1):
         following = []
         for tensor in frontier:
             for consumer in tensor.outputs:

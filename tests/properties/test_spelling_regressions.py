@@ -86,3 +86,17 @@ def test_seven_steps_between_the_scores_and_softmax():
                  Clutter(kind="cast_roundtrip", tensor="layers.0.self_attn.scores.masked",
                          region="score"))))
     assert_attention_found(ex)
+
+
+def test_a_softmax_cast_and_two_cast_round_trips_before_the_context():
+    # (thorough profile) five Casts between Softmax and the context MatMul: the walk down from
+    # Softmax stopped at five ops and the chain at four steps, so the block was not found.
+    ex = build_example(Recipe(layers=(Layer((
+        AttentionSpec(kind="self", head_layout="3d", softmax_cast=True),
+        AttentionSpec(kind="cross", head_dim=4, head_layout="3d", k_transpose="fused"))),),
+        batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter(kind="cast_roundtrip", tensor="layers.0.self_attn.probs", region="probs"),
+                 Clutter(kind="identity", tensor="hidden_states", region="outside"),
+                 Clutter(kind="cast_roundtrip", tensor="layers.0.self_attn.probs",
+                         region="probs"))))
+    assert_attention_found(ex)
