@@ -160,6 +160,8 @@ _EVAL = {
                                                   axis=node.attrs.get("axis", 0)),
     "Slice": _slice,
     "Concat": lambda node, args, unknown: np.concatenate(args, axis=node.attrs["axis"]),
+    # A Transpose of a constant (an exporter's no-op on a shape or axes constant) is still one.
+    "Transpose": lambda node, args, unknown: np.transpose(args[0], node.attrs.get("perm")),
 }
 
 
