@@ -344,8 +344,9 @@ def _place(graph: onnx.GraphProto, stats: Mapping[str, list[onnx.NodeProto]]) ->
     """Each tensor's statistics right after the node that makes it (graph inputs and
     initializers: first), so ONNX Runtime can free the tensor when the model is done with it."""
     order: list[onnx.NodeProto] = []
+    produced = {out for node in graph.node for out in node.output}
     for name, nodes in stats.items():
-        if not any(name in n.output for n in graph.node):
+        if name not in produced:
             order.extend(nodes)
     for node in graph.node:
         order.append(node)
