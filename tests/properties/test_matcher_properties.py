@@ -1,7 +1,7 @@
 """The attention matcher on drawn graphs: exactly the planted blocks, each with the right kind,
 heads, head dim, scale, sources, static inputs and K/V origin; nothing on look-alikes.
 
-Two kinds of input are known to defeat the matcher today (see :data:`KNOWN_BUGS`: each has a
+Three kinds of input are known to defeat the matcher today (see :data:`KNOWN_BUGS`: each has a
 strict-xfail reproduction below, which fails loudly once the matcher is fixed, and the property
 excuses only examples of that kind). Everything else must hold; the bugs the properties found
 and that were fixed stay as ``@example`` regressions (:data:`FIXED_BUGS`).
@@ -42,6 +42,12 @@ KNOWN_BUGS = {
     "rope-heads-in-subgraph": Recipe(
         layers=(Layer((AttentionSpec(kind="self", head_dim=4, out_projection=False,
                                      rope="rotate_half"),)),),
+        batch=1, q_len=1, kv_len=1, wrap=Wrap()),
+    # (thorough profile) Time-major heads inside If/Loop bodies with a scale on Q: E is read
+    # off the projection's weight through layout ops only, and the Mul stops that walk.
+    "time-major-scaled-q-in-subgraph": Recipe(
+        layers=(Layer((AttentionSpec(kind="self", head_dim=8, projection="gemm",
+                                     head_layout="time_major", scale="mul_q"),)),),
         batch=1, q_len=1, kv_len=1, wrap=Wrap()),
 }
 
@@ -160,6 +166,9 @@ def known_matcher_bug(ex: Example) -> str | None:
         return "computed-target-in-subgraph"
     if r.wrap is not None and any(s.rope != "none" for s in specs):
         return "rope-heads-in-subgraph"
+    if r.wrap is not None and any(s.head_layout == "time_major" and s.scale != "none"
+                                  for s in specs):
+        return "time-major-scaled-q-in-subgraph"
     return None
 
 
