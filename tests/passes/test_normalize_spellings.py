@@ -27,6 +27,7 @@ from xattn_compiler.ir import op_histogram
 from xattn_compiler.pipeline import DEFAULT_PIPELINE
 from xattn_compiler.testing.assertions import assert_pass_properties, model_bytes
 from xattn_compiler.verification import random_inputs
+from xattn_compiler.zoo.families.einsum import _ldm_classes
 
 FLOAT, FLOAT16, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
 
@@ -421,41 +422,9 @@ def test_the_default_pipeline_normalizes_spellings_after_canonicalize():
 # --- real exports: LDM's CrossAttention written with torch.einsum ---------------------------------
 
 def _ldm_cross_attention():
-    """CompVis/latent-diffusion ``ldm/modules/attention.py`` CrossAttention, with einops'
-    rearrange written as reshape/permute (the same ops in the export)."""
-    import torch
-    from torch import nn
-
-    class CrossAttention(nn.Module):
-        def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.0):
-            super().__init__()
-            inner_dim = dim_head * heads
-            context_dim = query_dim if context_dim is None else context_dim
-            self.scale = dim_head ** -0.5
-            self.heads = heads
-            self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-            self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-            self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-            self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
-
-        def forward(self, x, context=None):
-            h = self.heads
-            q = self.to_q(x)
-            context = x if context is None else context
-            k = self.to_k(context)
-            v = self.to_v(context)
-            # rearrange(t, 'b n (h d) -> (b h) n d', h=h)
-            q, k, v = (t.reshape(t.shape[0], t.shape[1], h, -1).permute(0, 2, 1, 3)
-                       .reshape(t.shape[0] * h, t.shape[1], -1) for t in (q, k, v))
-            sim = torch.einsum("b i d, b j d -> b i j", q, k) * self.scale
-            attn = sim.softmax(dim=-1)
-            out = torch.einsum("b i j, b j d -> b i d", attn, v)
-            # rearrange(out, '(b h) n d -> b n (h d)', h=h)
-            out = out.reshape(-1, h, out.shape[1], out.shape[2]).permute(0, 2, 1, 3)
-            out = out.reshape(out.shape[0], out.shape[1], -1)
-            return self.to_out(out)
-
-    return CrossAttention
+    """CompVis/latent-diffusion ``ldm/modules/attention.py`` CrossAttention, as the zoo's
+    ``ldm-transformer-einsum`` writes it (einops' rearrange as reshape/permute)."""
+    return _ldm_classes()[0]
 
 
 #: heads and head dim of the exported blocks (the truth the matcher must report)
@@ -484,7 +453,7 @@ def _cached_ldm(kind: str, cache: Path) -> Path:
     libraries' versions; written to a temporary file and renamed into place."""
     import torch
 
-    recipe = inspect.getsource(_ldm_cross_attention) + inspect.getsource(_export_ldm)
+    recipe = inspect.getsource(_ldm_classes) + inspect.getsource(_export_ldm)
     key = hashlib.sha256(f"{recipe}{torch.__version__}{onnx.__version__}{kind}".encode())
     path = cache / f"ldm-einsum-{kind}-{key.hexdigest()[:12]}.onnx"
     if not path.exists():
