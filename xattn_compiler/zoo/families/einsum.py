@@ -26,6 +26,7 @@ import functools
 from typing import Any
 
 from ..spec import Attention, Built, ZooModel
+from .bart import _wrapper_classes
 
 SEED = 0
 #: query width, context width, heads, head width, blocks: all differ so a mixed-up dim shows.
@@ -193,20 +194,9 @@ def build_head_merge(size: str) -> Built:
 
 @functools.cache
 def _prophetnet_wrapper() -> type:
-    from torch import nn
-
-    class Logits(nn.Module):
-        """ProphetNet without a cache, returning the main stream's logits."""
-
-        def __init__(self, model: nn.Module) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, decoder_input_ids):
-            return self.model(input_ids=input_ids, decoder_input_ids=decoder_input_ids,
-                              use_cache=False, return_dict=True).logits
-
-    return Logits
+    """ProphetNet without a cache, returning the main stream's logits: the same
+    ``forward(input_ids, decoder_input_ids) -> logits`` wrapper as BART's seq2seq entry."""
+    return _wrapper_classes()[1]
 
 
 def build_prophetnet(size: str) -> Built:
