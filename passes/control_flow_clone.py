@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import onnx_graphsurgeon as gs
 
-from xattn_compiler.ir import detach, iter_graphs
+from xattn_compiler.ir import detach, fresh_name, iter_graphs
 from xattn_compiler.rewrite import replace_uses
 
 Rename = Callable[[str], str]
@@ -31,12 +31,7 @@ class Names:
                 self.taken.update(t.name for t in (*node.inputs, *node.outputs))
 
     def fresh(self, name: str) -> str:
-        candidate, n = name, 0
-        while candidate in self.taken:
-            n += 1
-            candidate = f"{name}_{n}"
-        self.taken.add(candidate)
-        return candidate
+        return fresh_name(name, self.taken)
 
 
 def clone_nodes(nodes: Iterable[gs.Node], mapping: dict[int, gs.Tensor], rename: Rename,

@@ -45,7 +45,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from xattn_compiler.io import default_opset
-from xattn_compiler.ir import infer_shapes, iter_graph_protos
+from xattn_compiler.ir import fresh_name, infer_shapes, iter_graph_protos
 from xattn_compiler.passmanager import Option, Pass, PassResult
 from xattn_compiler.weights import _COLLECTING, _InMemory, is_stub, source_of
 
@@ -427,12 +427,7 @@ class _Scope:
         self.outputs_of_graph = {o.name for o in graph.output}
 
     def fresh(self, base: str) -> str:
-        name, index = base, 0
-        while name in self.names:
-            index += 1
-            name = f"{base}_{index}"
-        self.names.add(name)
-        return name
+        return fresh_name(base, self.names)
 
     # -- boundary ---------------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ from xattn_compiler.analysis import constant_eval
 from xattn_compiler.ir import (
     constant_value,
     detach,
+    fresh_name,
     is_graph_output,
     live_nodes,
     producer,
@@ -184,13 +185,7 @@ class Names:
     def fresh(self, hint: str, node: bool = False) -> str:
         """An unused tensor name (node name with ``node``) starting with ``hint``."""
         tensors, nodes = self._collect()
-        taken = nodes if node else tensors
-        name, n = hint, 0
-        while name in taken:
-            n += 1
-            name = f"{hint}_{n}"
-        taken.add(name)
-        return name
+        return fresh_name(hint, nodes if node else tensors)
 
 
 # --- edits ------------------------------------------------------------------------------------

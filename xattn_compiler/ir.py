@@ -342,6 +342,17 @@ def iter_graphs(graph: gs.Graph, path: str = "") -> Iterator[tuple[str, gs.Graph
                     yield from iter_graphs(body, f"{path}/{node.name or node.op}/{attr_name}{suffix}")
 
 
+def fresh_name(hint: str, taken: set[str]) -> str:
+    """``hint``, or ``hint_N`` with the smallest ``N`` not in ``taken`` (deterministic, so a
+    pass names what it makes the same way on every run); the name is added to ``taken``."""
+    name, n = hint, 0
+    while name in taken:
+        n += 1
+        name = f"{hint}_{n}"
+    taken.add(name)
+    return name
+
+
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     """The node that computes ``tensor``, or None for inputs and constants."""
     return tensor.inputs[0] if tensor.inputs else None
