@@ -66,8 +66,9 @@ def _rank(tensor, depth: int = 8) -> int | None:
     node = tensor.inputs[0] if tensor.inputs else None
     if node is None or depth == 0:
         return None
-    if node.op == "Transpose" and node.attrs.get("perm") is not None:
-        return len(node.attrs["perm"])
+    if node.op == "Transpose":  # no perm: the axes reversed, the rank kept
+        perm = node.attrs.get("perm")
+        return len(perm) if perm is not None else _rank(node.inputs[0], depth - 1)
     if node.op == "Reshape":
         target = node.inputs[1]
         length = _rank(target, depth - 1) == 1 and target.shape

@@ -100,3 +100,17 @@ def test_a_softmax_cast_and_two_cast_round_trips_before_the_context():
                  Clutter(kind="cast_roundtrip", tensor="layers.0.self_attn.probs",
                          region="probs"))))
     assert_attention_found(ex)
+
+
+def test_softmax_on_a_positive_axis_after_a_default_transpose_pair_in_a_body():
+    # (thorough profile) a Transpose with no perm (twice: a no-op) on Q inside an If branch:
+    # its rank was not read, so the scores' was unknown and Softmax(axis=3) did not match.
+    ex = build_example(Recipe(layers=(
+        Layer((AttentionSpec(kind="self", projection="fused_gather", mask="add_input",
+                             softmax_axis="positive"),)),), norm="pre", batch=1, q_len=1,
+        kv_len=1, clutter=(Clutter(kind="transpose_default_pair",
+                                   tensor="layers.0.self_attn.q.gather", region="operand"),
+                           Clutter(kind="unsqueeze_squeeze", tensor="const", choice=0,
+                                   region="outside")),
+        wrap=Wrap()))
+    assert_attention_found(ex)
