@@ -435,7 +435,7 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
         if node.op != "Reshape":
             continue
         target = reshape_target(node)
-        in_shape = node.inputs[0].shape
+        in_shape = _shape_before_reshapes(chain, i)
         rank_in = len(in_shape) if in_shape is not None else None
         if in_shape is None or (len(in_shape) == 3 and not _static_dim(in_shape, -1)):
             in_shape = _projected_shape(operand, chain[:i + 1]) or in_shape
@@ -453,6 +453,19 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
             return None
         return heads, _per_head_part(dim, chain[i + 1] if i + 1 < len(chain) else None)
     return None
+
+
+def _shape_before_reshapes(chain: list[gs.Node], i: int):
+    """The shape ``chain[i]`` (a Reshape) reshapes, seen through the Reshapes right before it:
+    a Reshape of a Reshape depends only on the first one's input, so a flatten-and-back of
+    rotated ``[B,H,S,D]`` heads does not read as a ``[.., H, D]`` split of a flat vector."""
+    start = i
+    while start > 0 and chain[start - 1].op == "Reshape" \
+            and chain[start].inputs[0] is chain[start - 1].outputs[0] \
+            and chain[start - 1].inputs[0].shape is not None:
+        start -= 1
+    shape = chain[start].inputs[0].shape
+    return shape if shape is not None else chain[i].inputs[0].shape
 
 
 def _per_head_part(dim: int, after: gs.Node | None) -> int:

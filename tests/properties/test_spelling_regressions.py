@@ -114,3 +114,15 @@ def test_softmax_on_a_positive_axis_after_a_default_transpose_pair_in_a_body():
                                    region="outside")),
         wrap=Wrap()))
     assert_attention_found(ex)
+
+
+def test_rotated_heads_flattened_and_back_before_batching_report_their_head_count():
+    # (thorough profile) RoPE on [B,H,S,D], a flatten-and-back Reshape pair on the rotated Q,
+    # then [B*H,S,D]: the walk from the core starts after the rotation, and the first
+    # rank-raising Reshape it met was the "back" half ([12] -> [1,3,1,4]): heads 1, not 3.
+    ex = build_example(Recipe(layers=(Layer((
+        AttentionSpec(kind="self", num_heads=3, head_dim=4, head_layout="3d", rope="rotate_half"),
+        AttentionSpec(kind="cross", head_dim=4, head_layout="3d", k_transpose="fused"))),),
+        embed=4, batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter("reshape_flatten", "layers.0.self_attn.q.rope", 0, "operand"),)))
+    assert_attention_found(ex)
