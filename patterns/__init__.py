@@ -11,8 +11,8 @@ pass.
 """
 
 from .fused import FUSED_ATTENTION_OPS, fused_operands
-from .operands import K_OPERAND, Q_OPERAND, V_OPERAND
+from .operands import K_OPERAND, ORIGIN_OPERAND, Q_OPERAND, V_OPERAND
 from .scores import ATTENTION_CORE, PROBS_MAX_STEPS, PROBS_OPS
 
 __all__ = ["ATTENTION_CORE", "FUSED_ATTENTION_OPS", "K_OPERAND", "PROBS_MAX_STEPS", "PROBS_OPS",
-           "Q_OPERAND", "V_OPERAND", "fused_operands"]
+           "ORIGIN_OPERAND", "Q_OPERAND", "V_OPERAND", "fused_operands"]

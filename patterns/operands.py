@@ -82,3 +82,5 @@ def operand(p: str) -> Pattern:
 
 
 Q_OPERAND, K_OPERAND, V_OPERAND = operand("q"), operand("k"), operand("v")
+#: The walk on from where an operand's walk stopped (a rotation's input, say) to a projection.
+ORIGIN_OPERAND = operand("origin")

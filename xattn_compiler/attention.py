@@ -34,6 +34,7 @@ import onnx_graphsurgeon as gs
 from xattn_compiler.patterns import (
     ATTENTION_CORE,
     K_OPERAND,
+    ORIGIN_OPERAND,
     PROBS_MAX_STEPS,
     PROBS_OPS,
     Q_OPERAND,
@@ -172,7 +173,9 @@ def analyze_attention(model: onnx.ModelProto | gs.Graph) -> AttentionReport:
                     blocks.append(_fused_block(node, fused, body, path, ctx))
     for index, block in enumerate(blocks):
         block.id = f"attn_{index}"
-    _classify(blocks, graph, times)
+    provenance = Provenance(graph, times, _block_outputs(blocks))
+    _classify(blocks, times, provenance)
+    _heads_past_rotations(blocks, provenance, ctx)
     return AttentionReport(blocks, misses, graph)
 
 
@@ -708,9 +711,13 @@ def _kv_output_readers(readers: list[gs.Node], graph: gs.Graph, depth: int = 4) 
 
 # --- classification ---------------------------------------------------------------------------
 
-def _classify(blocks: list[AttentionMatch], graph: gs.Graph, times: BindingTimes) -> None:
-    outputs = [b.core["context"] if b.core is not None else b.output for b in blocks]
-    provenance = Provenance(graph, times, outputs)
+def _block_outputs(blocks: list[AttentionMatch]) -> list[gs.Tensor]:
+    return [b.core["context"] if b.core is not None else b.output for b in blocks]
+
+
+def _classify(blocks: list[AttentionMatch], times: BindingTimes, provenance: Provenance) -> None:
+    graph = provenance.graph
+    outputs = _block_outputs(blocks)
     for block in blocks:
         # Self by data provenance (provenance.py): rotary tables and per-head norms between
         # the projections and the core do not make Q and K two sequences.
@@ -734,6 +741,33 @@ def _classify(blocks: list[AttentionMatch], graph: gs.Graph, times: BindingTimes
             block.kv_source_kind = "graph_input"
         else:
             block.kv_source_kind = "internal"
+
+
+def _heads_past_rotations(blocks: list[AttentionMatch], provenance: Provenance,
+                          ctx: Context) -> None:
+    """Heads and head dim where Q's (K's) walk stops at a rotation (RoPE, a per-head norm)
+    with no head split on it and no shapes to read them from: inside If/Loop bodies, or past
+    a computed target ONNX did not propagate. The head split lies on the walk beyond the
+    rotation, from the tensor provenance continues at (the rotation's input)."""
+    for block in blocks:
+        if block.fused or (block.num_heads and block.head_dim and block.num_kv_heads):
+            continue
+        q, k = (_walk_past_rotation(o, provenance, ctx) for o in (block.q, block.k))
+        split = _head_split(q) if q is not None else None
+        if split is not None:
+            block.num_heads = block.num_heads or split[0]
+            block.head_dim = block.head_dim or split[1]
+        kv_split = _head_split(k) if k is not None else None
+        if kv_split is not None and not block.num_kv_heads:
+            block.num_kv_heads = kv_split[0]
+
+
+def _walk_past_rotation(operand: Operand, provenance: Provenance,
+                        ctx: Context) -> Operand | None:
+    if operand.projection is not None:
+        return None
+    above = provenance.dominator(operand.source)
+    return _walk_operand(ORIGIN_OPERAND, above, "origin", ctx) if above is not None else None
 
 
 def _kv_chain(operand: Operand) -> list[gs.Tensor]:

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 
 import onnx_graphsurgeon as gs
 
-from xattn_compiler.patterns.operands import operand
+from xattn_compiler.patterns.operands import ORIGIN_OPERAND
 
 from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval
 from .ir import iter_graphs, producer
@@ -47,7 +47,6 @@ POSITION_INPUT = re.compile(
 #: operand gets: rotary and norm chains are a few dozen ops, not layers.
 _MAX_VISITS = 96
 _MAX_ROUNDS = 4
-_WALK = operand("origin")
 
 
 def is_position_input(name: str) -> bool:
@@ -85,7 +84,7 @@ class Provenance:
             above = self.dominator(tensor)
             if above is None:
                 return tensor
-            found = match(_WALK, above, self.ctx)
+            found = match(ORIGIN_OPERAND, above, self.ctx)
             tensor = found["origin_src"] if found is not None else above
             if found is not None and found.get("origin_proj.node") is not None:
                 return tensor

@@ -126,3 +126,19 @@ def test_rotated_heads_flattened_and_back_before_batching_report_their_head_coun
         embed=4, batch=1, q_len=1, kv_len=1,
         clutter=(Clutter("reshape_flatten", "layers.0.self_attn.q.rope", 0, "operand"),)))
     assert_attention_found(ex)
+
+
+def test_rotated_heads_behind_an_unpropagated_head_split_report_their_head_count():
+    # (thorough profile) An Identity on a head-split target shared by three layers stops ONNX's
+    # data propagation: the RoPE layer's rotated [B,H,S,D] has no known dims, and nothing on
+    # the walk from its core (batching Reshape, rotary Add) says H. The split beyond the
+    # rotation does: heads were None.
+    ex = build_example(Recipe(layers=(
+        Layer((AttentionSpec(kind="self", head_dim=4, k_transpose="fused"),)),
+        Layer((AttentionSpec(kind="cross", head_dim=4, head_layout="3d", k_transpose="fused",
+                             mask="add_input"),)),
+        Layer((AttentionSpec(kind="self", head_dim=4, head_layout="3d", mask="add_input",
+                             rope="rotate_half"),))),
+        embed=4, context="encoded", norm="pre", batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter("identity", "layers.0.self_attn.q.split_heads.shape", region="outside"),)))
+    assert_attention_found(ex)
