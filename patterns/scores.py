@@ -14,6 +14,7 @@ MatMul, then ``+ mask``), so the steps form a chain rather than a list of fixed 
 
 from __future__ import annotations
 
+from xattn_compiler.analysis import inferred_rank
 from xattn_compiler.pattern import REST, Any, Chain, Op, Or, Scalar
 
 from . import steps as step
@@ -47,73 +48,8 @@ SCORES_BHSS = Op("MatMul", Any("q"), Any("k_t"), name="scores")
 
 def softmax_over_last_axis(node) -> bool:
     axis = node.attrs.get("axis", -1)
-    rank = _rank(node.inputs[0])
+    rank = inferred_rank(node.inputs[0])
     return axis == -1 or (rank is not None and axis == rank - 1)
-
-
-#: Ops whose output rank is the largest of their inputs' (broadcasting, or rank-preserving).
-_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Softmax"})
-
-
-def _rank(tensor, depth: int = 8) -> int | None:
-    """The tensor's rank; where shapes are unknown (If/Loop bodies, computed reshape targets)
-    read off the layout ops that made it, so ``Softmax(axis=3)`` of 4-D scores is the last axis
-    there too."""
-    if tensor.shape is not None:
-        return len(tensor.shape)
-    if getattr(tensor, "values", None) is not None:
-        return tensor.values.ndim
-    node = tensor.inputs[0] if tensor.inputs else None
-    if node is None or depth == 0:
-        return None
-    if node.op == "Transpose":  # no perm: the axes reversed, the rank kept
-        perm = node.attrs.get("perm")
-        return len(perm) if perm is not None else _rank(node.inputs[0], depth - 1)
-    if node.op == "Reshape":
-        target = node.inputs[1]
-        length = _rank(target, depth - 1) == 1 and target.shape
-        if length and isinstance(target.shape[0], int):
-            return target.shape[0]
-        if getattr(target, "values", None) is not None:
-            return int(target.values.size)
-        parts = target.inputs[0] if target.inputs else None  # Concat of computed pieces
-        if parts is not None and parts.op == "Concat":
-            sizes = [_length(t) for t in parts.inputs]
-            return sum(sizes) if None not in sizes else None
-        return None
-    if node.op == "Shape":
-        return 1
-    if node.op in ("Unsqueeze", "Squeeze"):  # a relative-position bias made [1,H,S,S]
-        data = _rank(node.inputs[0], depth - 1)
-        axes = node.inputs[1] if len(node.inputs) > 1 else None
-        count = (int(axes.values.size) if getattr(axes, "values", None) is not None
-                 else len(node.attrs["axes"]) if node.attrs.get("axes") is not None else None)
-        if data is None or count is None:
-            return None
-        return data + count if node.op == "Unsqueeze" else data - count
-    if node.op == "Gather":
-        data, index = (_rank(t, depth - 1) for t in node.inputs[:2])
-        return None if data is None or index is None else data - 1 + index
-    if node.op == "MatMul" or node.op in _BROADCASTING:
-        ranks = [_rank(t, depth - 1) for t in node.inputs if t is not None and t.name]
-        return max(ranks) if ranks and None not in ranks else None
-    return None
-
-
-def _length(tensor) -> int | None:
-    """The length of a 1-D shape piece: a constant, a Slice of a Shape, an Unsqueezed scalar."""
-    if getattr(tensor, "values", None) is not None:
-        return int(tensor.values.size)
-    if tensor.shape is not None and len(tensor.shape) == 1 and isinstance(tensor.shape[0], int):
-        return tensor.shape[0]
-    node = tensor.inputs[0] if tensor.inputs else None
-    if node is not None and node.op == "Unsqueeze" and _rank(node.inputs[0], 3) == 0:
-        return 1
-    if node is not None and node.op in ("Mul", "Add"):  # B*H from B: a 1-D piece times [H]
-        sizes = [_length(t) for t in node.inputs]
-        return max(sizes) if None not in sizes else None
-    return None
-
 
 
 def _ops_in(pattern) -> set[str]:

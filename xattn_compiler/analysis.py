@@ -223,3 +223,103 @@ def _eval(tensor: gs.Tensor, unknown: int, depth: int, memo: dict) -> np.ndarray
         return None
     memo[id(tensor)] = result if result.size <= _MAX_EVAL_ELEMENTS else None
     return memo[id(tensor)]
+
+
+#: Ops whose output rank is the largest of their inputs' (broadcasting, or rank-preserving).
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Softmax"})
+#: Ops whose output has their first input's rank (normalisations over trailing axes,
+#: element-wise activations).
+_RANK_OF_FIRST_INPUT = frozenset({"LayerNormalization", "RMSNormalization", "GroupNormalization",
+                                  "InstanceNormalization", "Relu", "Gelu", "Erf", "Tanh",
+                                  "Sigmoid", "Neg", "Sqrt", "Reciprocal", "Exp", "Dropout"})
+
+
+def inferred_rank(tensor: gs.Tensor, depth: int = 8) -> int | None:
+    """The tensor's rank; where shapes are unknown (If/Loop bodies, computed reshape targets)
+    read off the layout ops that made it (so ``Softmax(axis=3)`` of 4-D scores is the last
+    axis there too, and ``Slice(Shape(x), 0, 2)`` of a 3-D x is two dims)."""
+    if tensor.shape is not None:
+        return len(tensor.shape)
+    if getattr(tensor, "values", None) is not None:
+        return tensor.values.ndim
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or depth == 0:
+        return None
+    if node.op == "Transpose":  # no perm: the axes reversed, the rank kept
+        perm = node.attrs.get("perm")
+        return len(perm) if perm is not None else inferred_rank(node.inputs[0], depth - 1)
+    if node.op == "Reshape":
+        target = node.inputs[1]
+        length = inferred_rank(target, depth - 1) == 1 and target.shape
+        if length and isinstance(target.shape[0], int):
+            return target.shape[0]
+        if getattr(target, "values", None) is not None:
+            return int(target.values.size)
+        parts = target.inputs[0] if target.inputs else None  # Concat of computed pieces
+        if parts is not None and parts.op == "Concat":
+            sizes = [piece_length(t) for t in parts.inputs]
+            return sum(sizes) if None not in sizes else None
+        return None
+    if node.op == "Shape":
+        return 1
+    if node.op in ("Unsqueeze", "Squeeze"):  # a relative-position bias made [1,H,S,S]
+        data = inferred_rank(node.inputs[0], depth - 1)
+        axes = node.inputs[1] if len(node.inputs) > 1 else None
+        count = (int(axes.values.size) if getattr(axes, "values", None) is not None
+                 else len(node.attrs["axes"]) if node.attrs.get("axes") is not None else None)
+        if data is None or count is None:
+            return None
+        return data + count if node.op == "Unsqueeze" else data - count
+    if node.op == "Gather":
+        data, index = (inferred_rank(t, depth - 1) for t in node.inputs[:2])
+        return None if data is None or index is None else data - 1 + index
+    if node.op in _RANK_OF_FIRST_INPUT:
+        return inferred_rank(node.inputs[0], depth - 1)
+    if node.op == "MatMul" or node.op in _BROADCASTING:
+        ranks = [inferred_rank(t, depth - 1) for t in node.inputs if t is not None and t.name]
+        return max(ranks) if ranks and None not in ranks else None
+    return None
+
+
+def piece_length(tensor: gs.Tensor) -> int | None:
+    """How many dims a 1-D piece of a computed reshape target holds, from its value or shape
+    or, where shape inference saw nothing (If/Loop bodies), from how it was made: a constant,
+    ``Slice(Shape(x), s, e)`` (``min(e, rank(x)) - s`` dims), ``Gather(Shape(x), [i, j])``,
+    an Unsqueezed scalar (one dim), ``B*H`` made from ``B`` (a piece times ``[H]``)."""
+    value = constant_eval(tensor)
+    if value is not None:
+        return int(value.size)
+    if tensor.shape is not None and len(tensor.shape) == 1 and isinstance(tensor.shape[0], int):
+        return tensor.shape[0]
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is None:
+        return None
+    if node.op == "Unsqueeze":
+        return 1 if inferred_rank(node.inputs[0], 3) == 0 else None
+    if node.op == "Gather":
+        index = constant_eval(node.inputs[1])
+        return index.size if index is not None and index.ndim == 1 else None
+    if node.op == "Slice":
+        return _shape_slice_length(node)
+    if node.op in ("Mul", "Add"):
+        sizes = [piece_length(t) for t in node.inputs]
+        return max(sizes) if None not in sizes else None
+    return None
+
+
+def _shape_slice_length(node: gs.Node) -> int | None:
+    bounds = [constant_eval(t) for t in node.inputs[1:3]]
+    steps = constant_eval(node.inputs[4]) if len(node.inputs) > 4 else None
+    if any(b is None or b.size != 1 for b in bounds) or (steps is not None
+                                                          and not np.all(steps == 1)):
+        return None
+    start, end = (int(b.reshape(-1)[0]) for b in bounds)
+    shape_node = producer(node.inputs[0])
+    if shape_node is None or shape_node.op != "Shape" or shape_node.attrs.get("start") \
+            or shape_node.attrs.get("end") is not None:
+        return None
+    rank = inferred_rank(shape_node.inputs[0])
+    if rank is None:
+        return None  # the rank clamps the end: without it the length is a guess
+    end = min(end, rank)
+    return end - start if 0 <= start <= end else None

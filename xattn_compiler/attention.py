@@ -43,7 +43,7 @@ from xattn_compiler.patterns import (
 )
 from xattn_compiler.patterns.steps import KeepWhere, MaskAdd, Part, Scale, Step, core_steps
 
-from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval
+from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval, piece_length
 from .ir import import_with_shapes, is_graph_output, iter_graphs
 from .pattern import Context, Failure, Match, match
 from .provenance import Provenance
@@ -490,12 +490,17 @@ def _core_layout(q_shape) -> str:
     return "B" + "N" * (len(q_shape) - 4) + "HSD"
 
 
+#: Operand steps that keep every axis: a scalar scale (the walk takes only scalar Mul/Div), a
+#: Cast, an Identity.
+_ELEMENTWISE_STEPS = ("Mul", "Div", "Cast", "Identity")
+
+
 def _projected_shape(operand: Operand, chain: list[gs.Node]) -> list[int | None] | None:
     """``[None, None, E]`` for the input of ``chain[-1]`` where ONNX did not infer its width
     (inside If/Loop bodies), E being the projection's output width off its constant weight,
     when the ops between keep the feature axis (Transposes that leave the last axis last,
-    Reshapes whose target ends in E) or cut a part of it (a fused QKV's Split or Slice on the
-    last axis). Time-major heads read H = E/D from it."""
+    Reshapes whose target ends in E, scalar scales, Casts) or cut a part of it (a fused QKV's
+    Split or Slice on the last axis). Time-major heads read H = E/D from it."""
     weight = constant_eval(operand.weight) if operand.weight is not None else None
     if operand.projection is None or weight is None or weight.ndim != 2:
         return None
@@ -506,6 +511,8 @@ def _projected_shape(operand: Operand, chain: list[gs.Node]) -> list[int | None]
             features = _part_width(node, features, chain[index + 1])
             if features is None:
                 return None
+            continue
+        if node.op in _ELEMENTWISE_STEPS:
             continue
         perm = node.attrs.get("perm") if node.op == "Transpose" else None
         target = reshape_target(node) if node.op == "Reshape" else None
@@ -590,7 +597,7 @@ def reshape_target(node: gs.Node) -> list[int | None] | None:
         value = constant_eval(part)
         if value is not None:
             target.extend(int(v) for v in value.reshape(-1))
-        elif (length := _vector_length(part)) is not None:
+        elif (length := piece_length(part)) is not None:
             target.extend([None] * length)
         else:
             return None
@@ -604,39 +611,6 @@ def _integer_to_int64(node: gs.Node) -> bool:
         return np.dtype(node.inputs[0].dtype) in (np.dtype(np.int64), np.dtype(np.int32))
     except TypeError:  # unknown, or a type numpy does not have
         return False
-
-
-def _vector_length(tensor: gs.Tensor) -> int | None:
-    """How many elements a 1-D piece of a computed target has, from its shape or, where shape
-    inference saw nothing (inside bodies), from how it was made: ``Unsqueeze(Gather(Shape(x),
-    i))`` with a scalar ``i`` is one dim."""
-    if tensor.shape is not None and len(tensor.shape) == 1 and isinstance(tensor.shape[0], int):
-        return tensor.shape[0]
-    node = tensor.inputs[0] if tensor.inputs else None
-    if node is None or node.op not in ("Unsqueeze", "Gather", "Slice"):
-        return None
-    if node.op == "Slice":  # Slice(Shape(x), [s], [e]) with 0 <= s <= e: e - s dims
-        bounds = [constant_eval(t) for t in node.inputs[1:3]]
-        steps = constant_eval(node.inputs[4]) if len(node.inputs) > 4 else None
-        if any(b is None or b.size != 1 for b in bounds) or (steps is not None and
-                                                              not np.all(steps == 1)):
-            return None
-        start, end = (int(b.reshape(-1)[0]) for b in bounds)
-        shape_node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-        if shape_node is None or shape_node.op != "Shape" or shape_node.attrs.get("start") \
-                or shape_node.attrs.get("end") is not None or shape_node.inputs[0].shape is None:
-            return None  # the rank clamps the end: without it the length is a guess
-        end = min(end, len(shape_node.inputs[0].shape))
-        return end - start if 0 <= start <= end else None
-    if node.op == "Gather":
-        index = constant_eval(node.inputs[1])
-        return index.size if index is not None and index.ndim == 1 else None
-    axes = constant_eval(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("axes")
-    source = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-    if axes is None or np.asarray(axes).size != 1 or source is None or source.op != "Gather":
-        return None
-    index = constant_eval(source.inputs[1])
-    return 1 if index is not None and index.ndim == 0 else None
 
 
 def _scale(core: Match, q: Operand, k: Operand) -> float | None:

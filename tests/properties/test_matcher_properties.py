@@ -1,9 +1,9 @@
 """The attention matcher on drawn graphs: exactly the planted blocks, each with the right kind,
 heads, head dim, scale, sources, static inputs and K/V origin; nothing on look-alikes.
 
-Two kinds of input are known to defeat the matcher today (see :data:`KNOWN_BUGS`: each has a
-strict-xfail reproduction below, which fails loudly once the matcher is fixed, and the property
-excuses only examples of that kind). Everything else must hold; the bugs the properties found
+No input is known to defeat the matcher today. A bug found goes into :data:`KNOWN_BUGS` (with
+a strict-xfail reproduction below, which fails loudly once the matcher is fixed, and the
+property excuses only examples of that kind) until it is fixed; the bugs the properties found
 and that were fixed stay as ``@example`` regressions (:data:`FIXED_BUGS`).
 """
 
@@ -28,25 +28,25 @@ SELF = AttentionSpec(kind="self")
 STRICT = os.environ.get("XATTN_STRICT_PROPERTIES") == "1"
 
 #: Minimal reproductions (shrunk by hypothesis) of matcher bugs, by the reason they fail.
-KNOWN_BUGS = {
+KNOWN_BUGS: dict[str, Recipe] = {}
+
+#: Bugs the properties found and that are fixed: each reproduction stays as an ``@example``.
+FIXED_BUGS = {
     # ONNX propagates neither data nor, past a Reshape with a computed target, ranks inside
     # If/Loop bodies: a later layer's head split reads Slice(Shape(x)) of an x of unknown rank,
-    # and how many dims that slice holds (so where H and D sit in the target) is unknown.
+    # and how many dims that slice holds (so where H and D sit in the target) was unknown.
+    # x's rank is read off the ops that made it now (analysis.inferred_rank).
     "computed-target-in-subgraph": Recipe(
         layers=(Layer((AttentionSpec(kind="self", head_dim=4, projection="fused_gather"),)),
                 Layer((AttentionSpec(kind="self", head_dim=4, shape_style="computed"),)),
                 Layer((AttentionSpec(kind="self", head_dim=4, shape_style="computed"),))),
         embed=4, batch=1, q_len=1, kv_len=1, wrap=Wrap()),
-    # (thorough profile) Time-major heads inside If/Loop bodies with a scale on Q: E is read
-    # off the projection's weight through layout ops only, and the Mul stops that walk.
+    # (thorough profile) Time-major heads inside If/Loop bodies with a scale on Q: E was read
+    # off the projection's weight through layout ops only, and the Mul stopped that walk.
     "time-major-scaled-q-in-subgraph": Recipe(
         layers=(Layer((AttentionSpec(kind="self", head_dim=8, projection="gemm",
                                      head_layout="time_major", scale="mul_q"),)),),
         batch=1, q_len=1, kv_len=1, wrap=Wrap()),
-}
-
-#: Bugs the properties found and that are fixed: each reproduction stays as an ``@example``.
-FIXED_BUGS = {
     # (thorough profile) RoPE inside If/Loop bodies: Q's and K's walks start at the rotated
     # heads, no head split lies on them and no shapes are known there: heads and head dim were
     # None. They are read on the walk beyond the rotation now (from its input, as provenance).
