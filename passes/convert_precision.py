@@ -77,8 +77,9 @@ _ANY_TYPE_INPUTS = {"Cast": (0,), "CastLike": (0, 1), "Shape": (0,), "Size": (0,
 _STAT_STEPS = frozenset({"Add", "Sqrt", "Reciprocal", "Div", "Mul", "Pow", "Cast", "Sub"})
 # Outputs bounded by 1 in magnitude: no saturation needed before a fp16 Cast.
 _BOUNDED_OPS = frozenset({"Sin", "Cos", "Tanh", "Sigmoid", "Softmax"})
-# Table lookups read learned weights by index: layers, not index arithmetic.
-_LOOKUPS = frozenset({"Gather", "GatherElements", "GatherND"})
+# Table lookups read learned or precomputed values by index (an embedding, a rotary table cut
+# to the sequence length): the table's values, not index arithmetic.
+_LOOKUPS = frozenset({"Gather", "GatherElements", "GatherND", "Slice"})
 _INT_TYPES = frozenset({TensorProto.INT64, TensorProto.INT32, TensorProto.INT16,
                         TensorProto.INT8, TensorProto.UINT8, TensorProto.UINT16,
                         TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL})
@@ -371,6 +372,10 @@ class _Converter:
                 constants.update(node.output)
             elif node.op_type == "Cast" and outs and self.types.get(node.input[0]) in _INT_TYPES:
                 derived.update(outs)
+            elif node.op_type == "Cast" and node.input[0] in constants:
+                # A converted constant's fp32 copy (a first run's Cast of the half weight)
+                # is the constant it was: a second run plans as the first did.
+                constants.update(node.output)
             elif node.op_type in _CONTROL_OPS or self._is_fused(node) or self._is_layer(node):
                 continue
             elif floats and any(n in derived for n in floats) and all(

@@ -33,6 +33,7 @@ from xattn_compiler.testing.assertions import (
     assert_idempotent,
     assert_valid,
 )
+from xattn_compiler.testing.strategies import Layer, Recipe, build_example
 from xattn_compiler.verification import run_model
 from xattn_compiler.zoo import cached_export
 
@@ -269,6 +270,39 @@ def test_index_arithmetic_stays_fp32_and_joins_through_a_saturating_cast():
              "keep": np.arange(16).reshape(2, 8) % 3 > 0}
     got = run_model(result.model, feeds)["y"]
     assert np.isfinite(got).all() and got.min() < -60000  # -65504, not -inf
+
+
+def test_a_rotary_table_cut_to_the_sequence_length_is_a_lookup():
+    # Slice(cos_table, 0, Shape(x)[1]): the table's values picked by a shape, as Gather picks
+    # them by position ids, so the table goes half and no fp32 copy of it is kept.
+    table = numpy_helper.from_array(np.cos(np.arange(64, dtype=np.float32)).reshape(8, 8),
+                                    "cos_table")
+    starts = numpy_helper.from_array(np.array([0], np.int64), "starts")
+    one = numpy_helper.from_array(np.array([1], np.int64), "one")
+    model = model_of(
+        [helper.make_node("Shape", ["x"], ["len"], start=0, end=1),
+         helper.make_node("Slice", ["cos_table", "starts", "len", "starts"], ["cos"]),
+         helper.make_node("MatMul", ["x", "w"], ["h"]),
+         helper.make_node("Mul", ["h", "cos"], ["y"])],
+        [helper.make_tensor_value_info("x", F, [4, 8])], [out("y", [4, 8])],
+        [table, starts, one, weight("w", [8, 8])])
+    result = ConvertPrecision(precision="bf16").run(model)
+    seen = types(result.model)
+    assert seen["cos_table"] == seen["cos"] == B
+    assert result.details["kept_fp32"] == {}
+
+
+def test_convert_precision_is_idempotent_on_a_table_shared_by_a_gather_and_a_shape_cut_slice():
+    # (thorough profile, bf16) Two RoPE layers share a cos/sin table: one Gathers it by
+    # position ids, the other Slices it to the sequence length. The Slice stayed fp32 as
+    # "constants picked by ints" and read an fp32 Cast of the converted table; a second run saw
+    # a Cast, not a constant, converted the Slice and added two Casts.
+    recipe = Recipe(layers=(
+        Layer((AttentionSpec(kind="self", head_layout="3d", rope="rotate_half"),)),
+        Layer((AttentionSpec(kind="self", projection="fused_split", head_layout="3d",
+                             rope="rotate_half", rope_table="constant"),))),
+        batch=1, q_len=1, kv_len=1)
+    assert_idempotent(ConvertPrecision(precision="bf16"), build_example(recipe).model)
 
 
 def test_a_cast_from_int_read_only_by_half_nodes_is_retargeted():
