@@ -253,8 +253,9 @@ def inferred_rank(tensor: gs.Tensor, depth: int = 8) -> int | None:
         length = inferred_rank(target, depth - 1) == 1 and target.shape
         if length and isinstance(target.shape[0], int):
             return target.shape[0]
-        if getattr(target, "values", None) is not None:
-            return int(target.values.size)
+        value = constant_eval(target)  # a constant behind an Identity or Cast too
+        if value is not None:
+            return int(value.size)
         parts = target.inputs[0] if target.inputs else None  # Concat of computed pieces
         if parts is not None and parts.op == "Concat":
             sizes = [piece_length(t) for t in parts.inputs]
@@ -264,8 +265,8 @@ def inferred_rank(tensor: gs.Tensor, depth: int = 8) -> int | None:
         return 1
     if node.op in ("Unsqueeze", "Squeeze"):  # a relative-position bias made [1,H,S,S]
         data = inferred_rank(node.inputs[0], depth - 1)
-        axes = node.inputs[1] if len(node.inputs) > 1 else None
-        count = (int(axes.values.size) if getattr(axes, "values", None) is not None
+        axes = constant_eval(node.inputs[1]) if len(node.inputs) > 1 else None
+        count = (int(axes.size) if axes is not None
                  else len(node.attrs["axes"]) if node.attrs.get("axes") is not None else None)
         if data is None or count is None:
             return None

@@ -142,3 +142,16 @@ def test_rotated_heads_behind_an_unpropagated_head_split_report_their_head_count
         embed=4, context="encoded", norm="pre", batch=1, q_len=1, kv_len=1,
         clutter=(Clutter("identity", "layers.0.self_attn.q.split_heads.shape", region="outside"),)))
     assert_attention_found(ex)
+
+
+def test_softmax_on_a_positive_axis_over_a_bias_unsqueezed_by_an_identity_axes():
+    # (thorough profile) The relative-position bias's Unsqueeze reads its axes through an
+    # Identity: ONNX infers no rank for the bias, and the rank read off the Unsqueeze took
+    # only a literal constant for the axes, so Softmax(axis=3) failed softmax_over_last_axis.
+    ex = build_example(Recipe(layers=(
+        Layer((AttentionSpec(kind="cross", head_dim=4, mask="add_rel_bias", out_projection=False,
+                             kv_groups=2),)),
+        Layer((AttentionSpec(kind="cross", head_dim=4, mask="add_rel_bias", out_projection=False,
+                             softmax_axis="positive"),))),
+        batch=1, q_len=1, kv_len=1, clutter=(Clutter("identity", "const_6", region="outside"),)))
+    assert_attention_found(ex)
