@@ -442,8 +442,8 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
         rank_in = len(in_shape) if in_shape is not None else None
         if in_shape is None or (len(in_shape) == 3 and not _static_dim(in_shape, -1)):
             in_shape = _projected_shape(operand, chain[:i + 1]) or in_shape
-        batched = _batched_head_split(node, target, in_shape, chain[i - 1] if i else None,
-                                      chain[i + 1] if i + 1 < len(chain) else None)
+        batched = _batched_head_split(node, target, in_shape, _previous_moving(chain, i),
+                                      _next_moving(chain, i))
         if batched:
             return batched
         if not target or len(target) < 4 or (rank_in is not None and len(target) <= rank_in):
@@ -454,7 +454,7 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
         features = _static_dim(in_shape, -1)
         if features and rank_in == len(target) - 1 and features != heads * dim:
             return None
-        return heads, _per_head_part(dim, chain[i + 1] if i + 1 < len(chain) else None)
+        return heads, _per_head_part(dim, _next_moving(chain, i))
     return None
 
 
@@ -469,6 +469,17 @@ def _shape_before_reshapes(chain: list[gs.Node], i: int):
         start -= 1
     shape = chain[start].inputs[0].shape
     return shape if shape is not None else chain[i].inputs[0].shape
+
+
+def _next_moving(chain: list[gs.Node], i: int) -> gs.Node | None:
+    """The first node after ``chain[i]`` that is not an Identity or a Cast (they keep every
+    axis, so what the head split feeds is what comes after them)."""
+    return next((node for node in chain[i + 1:] if node.op not in ("Identity", "Cast")), None)
+
+
+def _previous_moving(chain: list[gs.Node], i: int) -> gs.Node | None:
+    return next((node for node in reversed(chain[:i])
+                 if node.op not in ("Identity", "Cast")), None)
 
 
 def _per_head_part(dim: int, after: gs.Node | None) -> int:

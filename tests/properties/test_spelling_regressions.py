@@ -155,3 +155,28 @@ def test_softmax_on_a_positive_axis_over_a_bias_unsqueezed_by_an_identity_axes()
                              softmax_axis="positive"),))),
         batch=1, q_len=1, kv_len=1, clutter=(Clutter("identity", "const_6", region="outside"),)))
     assert_attention_found(ex)
+
+
+def test_a_per_head_fused_qkv_split_behind_an_identity_in_a_body_reports_its_head_dim():
+    # (thorough profile) [B,S,H,3D] cut per head by a Split, an Identity between the Reshape
+    # and the Split, inside an If branch (no shapes): the part was looked for right after the
+    # Reshape only, so the head dim was read as 3D (12 for 4).
+    ex = build_example(Recipe(layers=(Layer((
+        AttentionSpec(kind="self", head_dim=4, projection="fused_per_head", out_projection=False,
+                      kv_cache=True),)),), batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter("identity", "layers.0.self_attn.qkv_proj.split_heads", region="operand"),),
+        wrap=Wrap()))
+    assert_attention_found(ex)
+
+
+def test_time_major_heads_behind_an_identity_report_their_head_count():
+    # The same class: Identities on both sides of the Reshape to [S,B*H,D], between it and
+    # the Transposes that say the heads are time-major (before: [B,S,E] -> [S,B,E]; after:
+    # [S,B*H,D] -> [B*H,S,D]); in a body, where no shapes say it either.
+    ex = build_example(Recipe(layers=(Layer((
+        AttentionSpec(kind="self", head_dim=4, head_layout="time_major"),)),),
+        batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter("identity", "layers.0.self_attn.q.time_major", region="operand"),
+                 Clutter("identity", "layers.0.self_attn.q.split_heads", region="operand")),
+        wrap=Wrap()))
+    assert_attention_found(ex)
