@@ -3,7 +3,7 @@
     context_BHSD = MatMul(probs_BHSS, v_BHSD)
     probs_BHSS   = [Cast | Where(IsNaN(p), 0, p) | Dropout | Identity]* (Softmax(s, axis=-1))
     s            = [Cast | Reshape | Div(., c) | Mul(., c) | Add(., mask) | Where(cond, ., fill)
-                    | Max(., mask value)]* (scores)
+                    | Max(., mask value) | Tanh (softcap)]* (scores)
     scores_BHSS  = MatMul(q_BHSD, k_BHDS)
 
 Shapes in names use B batch, H heads, S sequence, D head dim; the 3-D batched-heads form
@@ -32,6 +32,8 @@ SCORE_STEPS = (
     # LLaMA/OPT in transformers 4.2x: torch.max(scores + mask, finfo.min) keeps -inf out of
     # masked scores and changes nothing else.
     Op("Max", REST, Scalar(check=step.at_mask_value), commutative=True, meaning=step.Identity),
+    # Gemma 2's logit softcapping: c * tanh(scores / c), before the mask.
+    Op("Tanh", REST, meaning=step.Softcap),
 )
 
 #: Steps between Softmax and the context MatMul. The Where(IsNaN) guard is HF's SDPA export

@@ -140,6 +140,17 @@ class KeepWhere(Step):
 
 
 @dataclass(eq=False)
+class Softcap(Step):
+    """``tanh`` of the scores: logit softcapping, ``c * tanh(s / c)`` (Gemma 2, Grok), the
+    ``c`` and ``1/c`` around it being Scale steps. ONNX's Attention has a ``softcap``
+    attribute, TensorRT's parser takes none, so no fused target computes it."""
+
+    def problem(self):
+        return (f"Tanh '{self.node.name}' caps the scores (logit softcapping): the Attention "
+                "TensorRT parses has no softcap")
+
+
+@dataclass(eq=False)
 class Cast(Step):
     """A change of precision (``to``: the ONNX type)."""
 
@@ -244,4 +255,4 @@ def branching(steps: list[Step], nodes: list[gs.Node]) -> gs.Tensor | None:
 
 
 __all__ = ["MASK_FILL_LIMIT", "Cast", "Dropout", "Guard", "Identity", "KeepWhere", "Layout",
-           "MaskAdd", "Part", "Scale", "Softmax", "Step", "at_mask_value", "branching", "core_steps"]
+           "MaskAdd", "Part", "Scale", "Softcap", "Softmax", "Step", "at_mask_value", "branching", "core_steps"]

@@ -133,6 +133,33 @@ def test_a_block_whose_probabilities_escape_is_left_alone():
     assert "escape" in reason and softmax.output[0] in reason
 
 
+def _softcapped(model: onnx.ModelProto, cap: float = 50.0) -> onnx.ModelProto:
+    """Gemma 2's logit softcapping, ``cap * tanh(scores / cap)``, just before the Softmax."""
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    scores = softmax.input[0]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(cap, np.float32), "cap"))
+    at = list(model.graph.node).index(softmax)
+    for offset, node in enumerate([helper.make_node("Div", [scores, "cap"], ["capped.div"]),
+                                   helper.make_node("Tanh", ["capped.div"], ["capped.tanh"]),
+                                   helper.make_node("Mul", ["capped.tanh", "cap"], ["capped"])]):
+        model.graph.node.insert(at + offset, node)
+    softmax.input[0] = "capped"
+    return model
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_a_softcapped_block_is_found_and_left_with_the_reason(target):
+    # Softcapping bounds the scores by a tanh no fused target computes (TensorRT's Attention
+    # has no softcap attribute): the block is attention all the same, reported and left.
+    model = _softcapped(attention_model(AttentionSpec(kind="self")).model)
+    (block,) = find_attention(model)
+    assert block.kind == "self" and block.num_heads == 2
+    result = FuseAttention(target=target).run(model)
+    assert not result.changed
+    (reason,) = result.details["skipped"]
+    assert "softcap" in reason and "Tanh" in reason
+
+
 def test_a_where_that_fills_with_a_small_value_is_not_a_mask():
     built = attention_model(AttentionSpec(kind="self", mask="where_bool"))
     model = built.model
