@@ -51,6 +51,7 @@ from .reshapes import (
     move_readers,
     rank,
     same_dim,
+    same_product,
     set_input,
     sweep_dead,
 )
@@ -83,9 +84,14 @@ def split_facts(node: gs.Node) -> tuple[object, object] | None:
     if node.op != "Reshape":
         return None
     y, z = node.inputs[0], node.outputs[0]
-    if rank(y) != 3 or rank(z) != 4:
+    if rank(y) != 3 or rank(z) != 4 or not same_dim(dim(z, 2), dim(y, 1)):
         return None
-    if not (same_dim(dim(z, 2), dim(y, 1)) and same_dim(dim(z, 3), dim(y, 2))):
+    # The last dim kept: equal, or a -1 that can only be it, since B*H and S are kept (BLOOM's
+    # exporter names the -1 '((s**2)//s)').
+    target = reshape_target(node)
+    inferred = (target is not None and len(target) == 4 and target[3] == -1
+                and same_product([dim(z, 0), dim(z, 1)], [dim(y, 0)]))
+    if not (same_dim(dim(z, 3), dim(y, 2)) or inferred):
         return None
     return dim(z, 0), dim(z, 1)
 
@@ -251,6 +257,16 @@ class CollapseBatchedHeads(GraphPass):
         return _Collapser(graph, path, starts_clean=self.starts_clean).run()
 
 
+def _may_be_batched(softmax: gs.Node) -> bool:
+    """Softmax of 3-D (or unknown) scores, or of 4-D ones batched again right after (BLOOM
+    views its [B,H,Sq,Sk] probabilities as [B*H,Sq,Sk] for the context bmm)."""
+    if rank(softmax.inputs[0]) in (None, 3):
+        return True
+    readers = list(softmax.outputs[0].outputs)
+    readers += [r for cast in readers if cast.op == "Cast" for r in cast.outputs[0].outputs]
+    return any(reader.op == "Reshape" for reader in readers)
+
+
 class _Collapser:
     """One graph's rewrite: batched cores first (they need the matcher), then detours."""
 
@@ -283,7 +299,7 @@ class _Collapser:
     def _batched_blocks(self) -> list[AttentionMatch]:
         """The blocks of this graph whose core runs on 3-D tensors. Matching is the costly
         part, so it runs only when some Softmax reads a tensor that may be 3-D."""
-        if not any(node.op == "Softmax" and rank(node.inputs[0]) in (None, 3)
+        if not any(node.op == "Softmax" and _may_be_batched(node)
                    for node in self.graph.nodes if node.inputs):
             return []
         return [block for block in find_attention(self.graph)

@@ -47,7 +47,7 @@ from onnx import TensorProto, helper, numpy_helper
 from xattn_compiler.io import default_opset
 from xattn_compiler.ir import fresh_name, infer_shapes, iter_graph_protos
 from xattn_compiler.passmanager import Option, Pass, PassResult
-from xattn_compiler.weights import _COLLECTING, _InMemory, is_stub, source_of
+from xattn_compiler.weights import _COLLECTING, _InMemory, is_stub, values_of
 
 log = logging.getLogger(__name__)
 
@@ -501,13 +501,13 @@ class _Scope:
         return not readers
 
     def _convert_tensor(self, tensor: onnx.TensorProto) -> None:
-        values = _values(tensor)
+        values = values_of(tensor)
         converted, clipped = _to_half(values, self.conv.half)
         if clipped:
             self.conv.report.clipped.append(
                 {"tensor": tensor.name, "values": clipped,
                  "max_abs": float(np.nanmax(np.abs(values[np.isfinite(values)])))})
-        _replace_values(tensor, converted, self.conv.half)
+        _replacevalues_of(tensor, converted, self.conv.half)
         self.conv.report.constants += 1
         self.conv.report.changed = True
 
@@ -788,13 +788,6 @@ def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _values(tensor: onnx.TensorProto) -> np.ndarray:
-    source = source_of(tensor) if is_stub(tensor) else None
-    if source is not None:
-        return np.asarray(source.array())
-    return numpy_helper.to_array(tensor)
-
-
 def _to_half(values: np.ndarray, half: int) -> tuple[np.ndarray, int]:
     """``values`` in the half type; fp16 saturates finite values beyond its range."""
     clipped = 0
@@ -809,7 +802,7 @@ def _to_half(values: np.ndarray, half: int) -> tuple[np.ndarray, int]:
     return values.astype(ml_dtypes.bfloat16), 0
 
 
-def _replace_values(tensor: onnx.TensorProto, values: np.ndarray, half: int) -> None:
+def _replacevalues_of(tensor: onnx.TensorProto, values: np.ndarray, half: int) -> None:
     """``tensor`` holding ``values``; a stub becomes a stub of the collecting store."""
     was_stub = is_stub(tensor)
     new = onnx.TensorProto()

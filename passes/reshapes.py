@@ -106,6 +106,29 @@ def same_dim(a, b) -> bool:
     return isinstance(a, str) and isinstance(b, str) and bool(a) and a == b
 
 
+def same_product(a: list, b: list) -> bool:
+    """Whether two lists of dims provably multiply to the same: each dim an int, a symbol, or
+    a product of them as exporters name dims (``4*b``); ``[b, 4]`` and ``[4*b]`` do."""
+    left, right = _named_product(a), _named_product(b)
+    return left is not None and left == right
+
+
+def _named_product(dims: list) -> Monomial | None:
+    """The product of ``dims`` as a monomial, reading a symbol named ``4*b`` as ``4 * b``
+    (a sum, a quotient or a power in a name is not provable: None)."""
+    total: Monomial | None = (1, ())
+    for size in dims:
+        if isinstance(size, str) and "*" in size:
+            factors = [f.strip() for f in size.split("*")]
+            if not all(f.isdigit() or f.isidentifier() for f in factors):
+                return None
+            for factor in factors:
+                total = _times(total, _monomial(int(factor) if factor.isdigit() else factor))
+        else:
+            total = _times(total, _monomial(size))
+    return total
+
+
 def same_shape(a, b) -> bool:
     """Whether two shapes are provably equal dim by dim (both known, same rank)."""
     return (a is not None and b is not None and len(a) == len(b)

@@ -1,7 +1,7 @@
 """The attention core, as exporters spell it::
 
     context_BHSD = MatMul(probs_BHSS, v_BHSD)
-    probs_BHSS   = [Cast | Where(IsNaN(p), 0, p) | Dropout | Identity]* (Softmax(s, axis=-1))
+    probs_BHSS   = [Cast | Where(IsNaN(p), 0, p) | Dropout | Identity | Reshape]* (Softmax(s, axis=-1))
     s            = [Cast | Reshape | Div(., c) | Mul(., c) | Add(., mask) | Where(cond, ., fill)
                     | Max(., mask value) | Tanh (softcap)]* (scores)
     scores_BHSS  = MatMul(q_BHSD, k_BHDS)
@@ -43,6 +43,8 @@ PROBS_STEPS = (
     Op("Where", Op("IsNaN", Any()), Any(), REST, meaning=step.Guard),
     Op("Dropout", REST, ..., meaning=step.Dropout),
     Op("Identity", REST, meaning=step.Identity),
+    # BLOOM's eager attention: probabilities [B,H,Sq,Sk] viewed back as [B*H,Sq,Sk] for bmm.
+    Op("Reshape", REST, Any(), meaning=step.Layout),
 )
 
 SCORES_BHSS = Op("MatMul", Any("q"), Any("k_t"), name="scores")

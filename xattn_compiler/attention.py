@@ -448,13 +448,16 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
             return batched
         if not target or len(target) < 4 or (rank_in is not None and len(target) <= rank_in):
             continue
-        heads, dim = target[-2], target[-1]
+        after = _next_moving(chain, i)
+        # BLOOM's fused QKV, [B,S,H,3,D], Q/K/V picked from the axis before D: H is before it.
+        parts = len(target) >= 5 and _cuts_axis(after, len(target) - 2, len(target))
+        heads, dim = (target[-3] if parts else target[-2]), target[-1]
         if not (isinstance(heads, int) and heads > 0 and isinstance(dim, int) and dim > 0):
             return None
         features = _static_dim(in_shape, -1)
         if features and rank_in == len(target) - 1 and features != heads * dim:
             return None
-        return heads, _per_head_part(dim, _next_moving(chain, i))
+        return heads, dim if parts else _per_head_part(dim, after)
     return None
 
 
@@ -475,6 +478,19 @@ def _next_moving(chain: list[gs.Node], i: int) -> gs.Node | None:
     """The first node after ``chain[i]`` that is not an Identity or a Cast (they keep every
     axis, so what the head split feeds is what comes after them)."""
     return next((node for node in chain[i + 1:] if node.op not in ("Identity", "Cast")), None)
+
+
+def _cuts_axis(node: gs.Node | None, axis: int, rank: int) -> bool:
+    """Whether ``node`` takes a part of ``axis`` of its rank-``rank`` input (Gather, Split or
+    Slice on it): there the axis holds Q, K and V, not heads."""
+    if node is None or node.op not in ("Gather", "Split", "Slice"):
+        return False
+    if node.op == "Slice":
+        axes = constant_eval(node.inputs[3]) if len(node.inputs) > 3 else None
+        found = [int(a) for a in axes.reshape(-1)] if axes is not None else []
+    else:
+        found = [int(node.attrs.get("axis", 0))]
+    return [a + rank if a < 0 else a for a in found] == [axis]
 
 
 def _previous_moving(chain: list[gs.Node], i: int) -> gs.Node | None:

@@ -724,10 +724,12 @@ def _emulate_bf16(graph: onnx.GraphProto, bf16_names: set[str]) -> None:
     """bf16 tensors as fp32 values rounded to bf16 after every node (ORT CPU has no bf16
     kernels; GPU kernels accumulate bf16 in fp32 and store bf16, which this reproduces)."""
     bf16, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+    from .weights import values_of
+
     for tensor in graph.initializer:
-        if tensor.data_type == bf16:
+        if tensor.data_type == bf16:  # a detached weight's values come from its store
             tensor.CopyFrom(numpy_helper.from_array(
-                numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+                values_of(tensor).astype(np.float32), tensor.name))
     for value in (*graph.input, *graph.output, *graph.value_info):
         if value.type.tensor_type.elem_type == bf16:
             value.type.tensor_type.elem_type = f32

@@ -135,6 +135,14 @@ def source_of(tensor: onnx.TensorProto) -> _InMemory | FileRange | None:
     return store.sources[int(index)]
 
 
+def values_of(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values: a stub's read from its store (memory-mapped for a file range)."""
+    source = source_of(tensor) if is_stub(tensor) else None
+    if source is not None:
+        return np.asarray(source.array())
+    return numpy_helper.to_array(tensor)
+
+
 def is_stub(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
         e.key == "location" and e.value.startswith(STUB_PREFIX) for e in tensor.external_data)

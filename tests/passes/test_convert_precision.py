@@ -305,6 +305,21 @@ def test_convert_precision_is_idempotent_on_a_table_shared_by_a_gather_and_a_sha
     assert_idempotent(ConvertPrecision(precision="bf16"), build_example(recipe).model)
 
 
+def test_bf16_with_the_audit_on_an_external_data_model(tmp_path):
+    # (BLOOM, held-out check: torch's dynamo export writes external data) Weights of 64 KiB
+    # or more in external data are read lazily, as stubs, and converted into the run's weight
+    # store; the audit's bf16 emulation read stubs as if they held their bytes: "Data of
+    # TensorProto ... should be stored in xattn-detached-weights/...".
+    built = attention_model(AttentionSpec(kind="self", num_heads=4, head_dim=32))
+    assert max(len(t.raw_data) for t in built.model.graph.initializer) >= 64 << 10
+    source, out = tmp_path / "model.onnx", tmp_path / "out" / "model.onnx"
+    onnx.save(built.model, source, save_as_external_data=True, location="model.onnx.data",
+              size_threshold=1024)
+    assert main(["optimize", str(source), "-o", str(out), "--precision", "bf16", "--verify",
+                 "-q"]) == 0
+    assert types(onnx.load(out))[built.model.graph.initializer[0].name] == B
+
+
 def test_a_cast_from_int_read_only_by_half_nodes_is_retargeted():
     model = model_of(
         [helper.make_node("Cast", ["count"], ["countf"], to=F),

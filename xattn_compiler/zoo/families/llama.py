@@ -1,5 +1,5 @@
-"""Rotary-position (RoPE) decoders from transformers: Llama, Mllama's text model, and the
-other rotary spellings (GPT-J, GPT-NeoX, Phi).
+"""Decoder-only LMs from transformers: rotary-position (RoPE) Llama, Mllama's text model and
+the other rotary spellings (GPT-J, GPT-NeoX, Phi), BLOOM's ALiBi, Gemma 2's softcapping.
 
 Both apply rotary embeddings to Q and K after the head split (``q * cos + rotate_half(q) *
 sin``, cos/sin computed from the position ids), so Q and K of a self-attention reach the core
@@ -21,6 +21,9 @@ matcher classifying self/cross by data provenance from one that compares tensors
   (``rotary_pct`` 0.5) with the rest concatenated back.
 * ``phi-decoder``: rotate-half on half of each head (``partial_rotary_factor`` 0.5),
   projections with biases.
+* ``bloom-decoder``: no rotary, ALiBi (a per-head linear bias on the batched scores), the
+  eager attention's probabilities viewed back from ``[B,H,S,S]`` to ``[B*H,S,S]`` for bmm,
+  and a fused QKV viewed as ``[B,S,H,3,D]`` with Q, K, V Gathered from the axis before D.
 * ``gemma2-decoder`` (a ``KNOWN_GAPS`` recipe): Gemma 2's logit softcapping, ``c *
   tanh(scores / c)`` between the scaled scores and the mask, with a sliding-window layer.
   Found and classified like the others; left unfused by design (TensorRT's Attention has no
@@ -59,13 +62,15 @@ OTHER_SMALL: dict[str, dict[str, Any]] = {
     "gpt_neox": {**_COMMON, "rotary_pct": 0.5},
     "phi": {**_COMMON, "partial_rotary_factor": 0.5},
     "gemma2": GEMMA2_SMALL,
+    "bloom": {"vocab_size": 128, "hidden_size": 64, "n_layer": 2, "n_head": 4},
 }
 _OTHER_CLASSES = {"gptj": ("GPTJConfig", "GPTJForCausalLM"),
                   "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
                   "phi": ("PhiConfig", "PhiForCausalLM"),
-                  "gemma2": ("Gemma2Config", "Gemma2ForCausalLM")}
-#: Softcapping is computed by the eager attention only (SDPA has no softcap).
-_ATTENTION = {"gemma2": "eager"}
+                  "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+                  "bloom": ("BloomConfig", "BloomForCausalLM")}
+#: Eager where SDPA is not there: Gemma 2's softcapping, BLOOM (no SDPA in transformers).
+_ATTENTION = {"gemma2": "eager", "bloom": "eager"}
 #: Sample (batch, seq, img_len): all different so a mixed-up dim shows.
 SAMPLE_SHAPES = {"small": (2, 5, 12)}
 DYNAMIC_DIMS = {"input_ids": {0: "batch", 1: "seq"},
@@ -242,6 +247,10 @@ def _phi(size: str) -> Built:
     return build_other(size, "phi")
 
 
+def _bloom(size: str) -> Built:
+    return build_other(size, "bloom")
+
+
 def _gemma2(size: str) -> Built:
     return build_other(size, "gemma2")
 
@@ -276,6 +285,10 @@ MODELS = (
     ZooModel("phi-decoder", "phi",
              "Phi causal LM: rotate-half on half of each head, projections with biases",
              _phi, requires=_REQUIRES, tags=_SELF_ONLY),
+    ZooModel("bloom-decoder", "bloom",
+             "BLOOM causal LM: ALiBi added to the batched [B*H,S,S] scores (baddbmm), the "
+             "probabilities viewed back to [B*H,S,S] for the context bmm, a fused QKV "
+             "[B,S,H,3,D] cut by Gather", _bloom, requires=_REQUIRES, tags=_SELF_ONLY),
     ZooModel("mllama-text-eager", "llama",
              "Mllama text model: RoPE self-attention and a gated cross-attention layer on "
              "cross_attention_states, eager attention",
