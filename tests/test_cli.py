@@ -271,3 +271,20 @@ def test_usage_error_is_one_line_with_exit_2(capsys, argv, word):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("xattn-compiler: error: "), err
     assert word in err and "\x1b" not in err
+
+
+def test_optimize_verify_on_an_export_onnx_runtime_rejects_names_the_input(tmp_path, capsys):
+    # (held-out: diffusers PixArt, dynamo export) A valid ONNX file ONNX Runtime will not load
+    # (Squeeze of a dim that is 16): --verify has nothing to compare against. The one line
+    # names the input file, not "'main_graph' (in memory)", and nothing is written.
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Squeeze", ["y", "axes"], ["z"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 16, 4])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    source, out = tmp_path / "export.onnx", tmp_path / "out.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), source)
+    assert main(["optimize", str(source), "-o", str(out), "--verify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(source) in err and "(the input)" in err
+    assert "without --verify" in err and not out.exists()

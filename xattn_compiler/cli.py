@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__, outputs
 from .backends.cli import add_backend_commands
-from .errors import CheckFailed, InputError, OutputError, PassError
+from .errors import CheckFailed, InputError, OutputError, PassError, ReferenceRunError
 from .io import load
 from .passmanager import Listener, Pass, PassRecord
 from .pipeline import DEFAULT_PIPELINE, QKV_LAYOUTS, TARGETS, model_summary, optimize
@@ -312,7 +312,12 @@ def _verify_written(model: Any, model_path: Path, written: Path, inputs: str | N
 
         return verify_specialized(model, candidate, specialize,
                                   inputs=load_inputs(inputs) if inputs else None)
-    return _verify(_reference(model, model_path), str(written), inputs)
+    try:
+        return _verify(_reference(model, model_path), str(written), inputs)
+    except ReferenceRunError as exc:
+        raise ReferenceRunError(f"{model_path} (the input)", exc.reason + "; --verify "
+                                "has nothing to run the rewrite against (optimize without "
+                                "--verify, or fix the export)") from exc
 
 
 def _reference(model: Any, model_path: Path) -> Any:

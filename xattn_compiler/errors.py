@@ -46,6 +46,17 @@ class GraphStructureError(InputError):
         super().__init__(one_line(reason))
 
 
+class ReferenceRunError(InputError):
+    """The model a candidate is compared with does not run in ONNX Runtime (an export that
+    ORT rejects): verification has nothing to compare against."""
+
+    def __init__(self, described: str, reason: str):
+        self.described = described
+        self.reason = one_line(reason)
+        super().__init__(f"reference model {described} does not load in ONNX Runtime: "
+                         f"{self.reason}")
+
+
 class OutputError(InputError):
     """The requested output location is unusable (for example, it is the input file)."""
 

@@ -35,7 +35,7 @@ import onnx
 import onnxruntime as ort
 
 from . import io as xio
-from .errors import InputError, first_line
+from .errors import InputError, ReferenceRunError, first_line
 from .ir import iter_tensors
 from .verification_inputs import (  # noqa: F401  (re-exported: the inputs are part of this API)
     ANONYMOUS_DIM,
@@ -546,9 +546,7 @@ def _reference_runs(reference: ModelLike, inputs, seed: int, dims: Mapping[str, 
         try:
             session = stack.enter_context(_session(reference))
         except _OrtFailure as exc:
-            raise InputError(
-                f"reference model {_describe(reference)} does not load in ONNX Runtime: {exc}"
-            ) from exc
+            raise ReferenceRunError(_describe(reference), str(exc)) from exc
         names = [value.name for value in session.get_inputs()]
         if inputs is not None:
             given = InputSet("given", {}, _given_inputs(inputs, reference, names))
