@@ -295,6 +295,8 @@ def piece_length(tensor: gs.Tensor) -> int | None:
     node = tensor.inputs[0] if tensor.inputs else None
     if node is None:
         return None
+    if node.op == "Identity":
+        return piece_length(node.inputs[0])
     if node.op == "Unsqueeze":
         return 1 if inferred_rank(node.inputs[0], 3) == 0 else None
     if node.op == "Gather":
@@ -316,6 +318,8 @@ def _shape_slice_length(node: gs.Node) -> int | None:
         return None
     start, end = (int(b.reshape(-1)[0]) for b in bounds)
     shape_node = producer(node.inputs[0])
+    while shape_node is not None and shape_node.op == "Identity":
+        shape_node = producer(shape_node.inputs[0])
     if shape_node is None or shape_node.op != "Shape" or shape_node.attrs.get("start") \
             or shape_node.attrs.get("end") is not None:
         return None

@@ -180,3 +180,17 @@ def test_time_major_heads_behind_an_identity_report_their_head_count():
                  Clutter("identity", "layers.0.self_attn.q.split_heads", region="operand")),
         wrap=Wrap()))
     assert_attention_found(ex)
+
+
+def test_a_computed_head_split_target_read_through_identities_on_its_shape_pieces():
+    # (thorough profile) Identities on Shape(x) and on the Slice's bounds of a computed
+    # target: the piece Slice(Identity(Shape(x)), 0, 2) had no known length, so neither
+    # target was readable and the heads came out None.
+    ex = build_example(Recipe(layers=(Layer((
+        AttentionSpec(kind="self", num_heads=1, head_dim=4, projection="fused_gather",
+                      head_layout="3d", shape_style="computed"),)),),
+        dynamic=True, batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter("identity", "layers.0.self_attn.qkv_proj.split_heads.shape_of",
+                         region="shape"),
+                 Clutter("identity", "const", region="outside"))))
+    assert_attention_found(ex)
