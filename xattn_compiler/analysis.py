@@ -248,19 +248,8 @@ def inferred_rank(tensor: gs.Tensor, depth: int = 8) -> int | None:
     if node.op == "Transpose":  # no perm: the axes reversed, the rank kept
         perm = node.attrs.get("perm")
         return len(perm) if perm is not None else inferred_rank(node.inputs[0], depth - 1)
-    if node.op == "Reshape":
-        target = node.inputs[1]
-        length = inferred_rank(target, depth - 1) == 1 and target.shape
-        if length and isinstance(target.shape[0], int):
-            return target.shape[0]
-        value = constant_eval(target)  # a constant behind an Identity or Cast too
-        if value is not None:
-            return int(value.size)
-        parts = target.inputs[0] if target.inputs else None  # Concat of computed pieces
-        if parts is not None and parts.op == "Concat":
-            sizes = [piece_length(t) for t in parts.inputs]
-            return sum(sizes) if None not in sizes else None
-        return None
+    if node.op == "Reshape":  # as many dims as its target has elements
+        return piece_length(node.inputs[1])
     if node.op == "Shape":
         return 1
     if node.op in ("Unsqueeze", "Squeeze"):  # a relative-position bias made [1,H,S,S]
@@ -283,10 +272,11 @@ def inferred_rank(tensor: gs.Tensor, depth: int = 8) -> int | None:
 
 
 def piece_length(tensor: gs.Tensor) -> int | None:
-    """How many dims a 1-D piece of a computed reshape target holds, from its value or shape
-    or, where shape inference saw nothing (If/Loop bodies), from how it was made: a constant,
-    ``Slice(Shape(x), s, e)`` (``min(e, rank(x)) - s`` dims), ``Gather(Shape(x), [i, j])``,
-    an Unsqueezed scalar (one dim), ``B*H`` made from ``B`` (a piece times ``[H]``)."""
+    """How many elements a 1-D shape tensor (a computed reshape target or a piece of one)
+    holds, from its value or shape or, where shape inference saw nothing (If/Loop bodies),
+    from how it was made: a constant, ``Slice(Shape(x), s, e)`` (``min(e, rank(x)) - s``
+    dims), ``Gather(Shape(x), [i, j])``, an Unsqueezed scalar (one dim), ``B*H`` made from
+    ``B`` (a piece times ``[H]``), a Concat of pieces, any of them behind Identities."""
     value = constant_eval(tensor)
     if value is not None:
         return int(value.size)
@@ -307,6 +297,9 @@ def piece_length(tensor: gs.Tensor) -> int | None:
     if node.op in ("Mul", "Add"):
         sizes = [piece_length(t) for t in node.inputs]
         return max(sizes) if None not in sizes else None
+    if node.op == "Concat":  # a computed target: its pieces end to end
+        sizes = [piece_length(t) for t in node.inputs]
+        return sum(sizes) if None not in sizes else None
     return None
 
 

@@ -194,3 +194,17 @@ def test_a_computed_head_split_target_read_through_identities_on_its_shape_piece
                          region="shape"),
                  Clutter("identity", "const", region="outside"))))
     assert_attention_found(ex)
+
+
+def test_softmax_on_a_positive_axis_of_scores_rebatched_by_a_target_behind_an_identity():
+    # (thorough profile) The scores batched again to [B*H,Sq,Sk] by a computed target with an
+    # Identity on it: the rank read off that Reshape did not look through the Identity, so
+    # Softmax(axis=2) was not known to be the last axis and the block was not found.
+    ex = build_example(Recipe(layers=(Layer((
+        AttentionSpec(kind="self", num_heads=1, head_dim=4, projection="fused_gather",
+                      head_layout="3d", mask="add_input", shape_style="computed",
+                      softmax_axis="positive"),)),), dynamic=True, batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter("identity", "layers.0.self_attn.scores.batch_heads.shape",
+                         region="shape"),
+                 Clutter("identity", "const", region="outside"))))
+    assert_attention_found(ex)
