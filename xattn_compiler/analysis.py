@@ -228,10 +228,12 @@ def _eval(tensor: gs.Tensor, unknown: int, depth: int, memo: dict) -> np.ndarray
 #: Ops whose output rank is the largest of their inputs' (broadcasting, or rank-preserving).
 _BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Identity", "Softmax"})
 #: Ops whose output has their first input's rank (normalisations over trailing axes,
-#: element-wise activations).
+#: element-wise activations, and cuts and joins along an axis: a fused QKV's Split, rotary
+#: halves' Slice and Concat).
 _RANK_OF_FIRST_INPUT = frozenset({"LayerNormalization", "RMSNormalization", "GroupNormalization",
                                   "InstanceNormalization", "Relu", "Gelu", "Erf", "Tanh",
-                                  "Sigmoid", "Neg", "Sqrt", "Reciprocal", "Exp", "Dropout"})
+                                  "Sigmoid", "Neg", "Sqrt", "Reciprocal", "Exp", "Dropout",
+                                  "Split", "Slice", "Concat", "Tile", "Clip", "Abs"})
 
 
 def inferred_rank(tensor: gs.Tensor, depth: int = 8) -> int | None:

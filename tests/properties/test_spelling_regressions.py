@@ -208,3 +208,17 @@ def test_softmax_on_a_positive_axis_of_scores_rebatched_by_a_target_behind_an_id
                          region="shape"),
                  Clutter("identity", "const", region="outside"))))
     assert_attention_found(ex)
+
+
+def test_softmax_on_a_positive_axis_after_a_fused_qkv_split_with_sizes_behind_an_identity():
+    # (thorough profile) A per-head fused QKV Split whose sizes come through an Identity: ONNX
+    # infers no shapes for its parts, so nothing down to the scores had a rank, and the rank
+    # read off the ops stopped at the Split (and at RoPE's Slice/Concat): Softmax(axis=3)
+    # was not known to be the last axis.
+    ex = build_example(Recipe(layers=(
+        Layer((AttentionSpec(kind="self", projection="fused_per_head", shape_style="computed",
+                             rope="rotate_half", rope_table="constant"),)),
+        Layer((AttentionSpec(kind="self", projection="fused_per_head", rope="rotate_half",
+                             rope_table="constant", softmax_axis="positive"),))),
+        batch=1, q_len=1, kv_len=1, clutter=(Clutter("identity", "const_2", region="outside"),)))
+    assert_attention_found(ex)
