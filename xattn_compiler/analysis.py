@@ -267,6 +267,11 @@ def inferred_rank(tensor: gs.Tensor, depth: int = 8) -> int | None:
         return None if data is None or index is None else data - 1 + index
     if node.op in _RANK_OF_FIRST_INPUT:
         return inferred_rank(node.inputs[0], depth - 1)
+    if node.op == "Expand":  # broadcast to a shape: the larger of the two ranks
+        data, shape = inferred_rank(node.inputs[0], depth - 1), piece_length(node.inputs[1])
+        return None if data is None or shape is None else max(data, shape)
+    if node.op == "Flatten":
+        return 2
     if node.op == "MatMul" or node.op in _BROADCASTING:
         ranks = [inferred_rank(t, depth - 1) for t in node.inputs if t is not None and t.name]
         return max(ranks) if ranks and None not in ranks else None
@@ -289,6 +294,13 @@ def piece_length(tensor: gs.Tensor) -> int | None:
         return None
     if node.op == "Identity":
         return piece_length(node.inputs[0])
+    if node.op == "Shape":  # Reshape(x, Shape(y)): as many dims as y has (start/end applied)
+        rank = inferred_rank(node.inputs[0])
+        if rank is None:
+            return None
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", rank)
+        start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
+        return max(end - start, 0)
     if node.op == "Unsqueeze":
         return 1 if inferred_rank(node.inputs[0], 3) == 0 else None
     if node.op == "Gather":

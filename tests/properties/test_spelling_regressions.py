@@ -222,3 +222,16 @@ def test_softmax_on_a_positive_axis_after_a_fused_qkv_split_with_sizes_behind_an
                              rope_table="constant", softmax_axis="positive"),))),
         batch=1, q_len=1, kv_len=1, clutter=(Clutter("identity", "const_2", region="outside"),)))
     assert_attention_found(ex)
+
+
+def test_softmax_on_a_positive_axis_after_interleaved_rope_reshaped_by_a_shape():
+    # (thorough profile) Interleaved RoPE stacks the rotated pairs and reshapes them back with
+    # Reshape(pairs, Shape(q)); where ONNX inferred nothing (a fused QKV Split whose sizes sit
+    # behind an Identity), that Reshape's rank was unknown: Shape(q) has rank(q) elements.
+    ex = build_example(Recipe(layers=(
+        Layer((AttentionSpec(kind="self", projection="fused_per_head", shape_style="computed",
+                             rope="rotate_half", rope_table="constant"),)),
+        Layer((AttentionSpec(kind="self", projection="fused_per_head", rope="interleaved",
+                             rope_table="constant", softmax_axis="positive"),))),
+        batch=1, q_len=1, kv_len=1, clutter=(Clutter("identity", "const_2", region="outside"),)))
+    assert_attention_found(ex)
