@@ -525,16 +525,17 @@ _ELEMENTWISE_STEPS = ("Mul", "Div", "Cast", "Identity")
 def _projected_shape(operand: Operand, chain: list[gs.Node]) -> list[int | None] | None:
     """``[None, None, E]`` for the input of ``chain[-1]`` where ONNX did not infer its width
     (inside If/Loop bodies), E being the projection's output width off its constant weight,
-    when the ops between keep the feature axis (Transposes that leave the last axis last,
-    Reshapes whose target ends in E, scalar scales, Casts) or cut a part of it (a fused QKV's
-    Split or Slice on the last axis). Time-major heads read H = E/D from it."""
+    when the ops between keep the feature axis last (Transposes that leave it there or bring
+    it back, Reshapes whose target ends in E, scalar scales, Casts) or cut a part of it (a
+    fused QKV's Split or Slice on the last axis). Time-major heads read H = E/D from it."""
     weight = constant_eval(operand.weight) if operand.weight is not None else None
     if operand.projection is None or weight is None or weight.ndim != 2:
         return None
     transposed = operand.projection.op == "Gemm" and operand.projection.attrs.get("transB", 0)
     features: int | None = int(weight.shape[0] if transposed else weight.shape[1])
+    moved: tuple[int, int] | None = None  # (rank, where the feature axis is) once transposed
     for index, node in enumerate(chain[:-1]):
-        if node.op in ("Split", "Slice"):
+        if node.op in ("Split", "Slice") and moved is None:
             features = _part_width(node, features, chain[index + 1])
             if features is None:
                 return None
@@ -542,12 +543,17 @@ def _projected_shape(operand: Operand, chain: list[gs.Node]) -> list[int | None]
         if node.op in _ELEMENTWISE_STEPS:
             continue
         perm = node.attrs.get("perm") if node.op == "Transpose" else None
+        if perm is not None:  # follow the feature axis (a Transpose pair may bring it back)
+            rank, axis = moved or (len(perm), len(perm) - 1)
+            if len(perm) != rank:
+                return None
+            axis = list(perm).index(axis)
+            moved = None if axis == rank - 1 else (rank, axis)
+            continue
         target = reshape_target(node) if node.op == "Reshape" else None
-        keeps = (perm is not None and list(perm)[-1] == len(perm) - 1) or (
-            target is not None and target[-1:] == [features])
-        if not keeps:
+        if moved is not None or target is None or target[-1:] != [features]:
             return None
-    return [None, None, features]
+    return [None, None, features] if moved is None else None
 
 
 def _part_width(cut: gs.Node, features: int, reader: gs.Node) -> int | None:

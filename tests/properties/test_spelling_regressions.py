@@ -235,3 +235,15 @@ def test_softmax_on_a_positive_axis_after_interleaved_rope_reshaped_by_a_shape()
                              rope_table="constant", softmax_axis="positive"),))),
         batch=1, q_len=1, kv_len=1, clutter=(Clutter("identity", "const_2", region="outside"),)))
     assert_attention_found(ex)
+
+
+def test_time_major_heads_in_a_body_behind_a_transpose_pair_on_a_gemm_projection():
+    # (thorough profile) A [1,0] Transpose pair on a Gemm projection's 2-D output inside an If
+    # branch: each Transpose moves the feature axis, the pair brings it back; E (off the
+    # weight) was given up at the first, so the time-major heads read as None.
+    ex = build_example(Recipe(layers=(Layer((
+        AttentionSpec(kind="self", projection="gemm", head_layout="time_major", scale="none"),)),),
+        batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter("transpose_pair", "layers.0.self_attn.q_proj", (1, 0), "operand"),),
+        wrap=Wrap()))
+    assert_attention_found(ex)
