@@ -139,3 +139,23 @@ def test_exporting_a_new_domain_leaves_the_imported_model_alone():
     out = export_model(graph, model)
     assert "com.microsoft" in {o.domain for o in out.opset_import}
     assert model.SerializeToString() == before
+
+
+def test_shapes_flow_through_an_identity_of_a_shape_constant():
+    # ONNX propagates no data through Identity: Reshape(x, Identity([2, 3, 4])) had no shape
+    # (exporters' clutter on shared shape constants hid every later layer's heads).
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from xattn_compiler.ir import import_with_shapes
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["target"], ["target_copy"]),
+         helper.make_node("Reshape", ["x", "target_copy"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([2, 3, 4], np.int64), "target")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    imported = import_with_shapes(model)
+    assert imported.tensors()["y"].shape == [2, 3, 4]
+    assert [node.op for node in imported.nodes] == ["Identity", "Reshape"]  # the graph as it is

@@ -487,8 +487,9 @@ def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16,
                        if node.op_type == "Constant" and _large_constant(node, stays)
                        ] if data_prop else []
     long_inputs = data_prop and any(_long_1d(value) for value in source.input)
+    held = _identities_of_constants(source, stays) if data_prop else {}
     if all(stays(tensor) for tensor in source.initializer) and not large_constants \
-            and not long_inputs:
+            and not long_inputs and not held:
         return model
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
@@ -512,8 +513,31 @@ def _skeleton(model: onnx.ModelProto, threshold: int = 1 << 16,
         inputs.append(onnx.helper.make_tensor_value_info(feed, value.data_type, list(value.dims)))
         graph.node[index].CopyFrom(onnx.helper.make_node(
             "Identity", [feed], [node.output[0]], name=node.name))
+    for index, value in held.items():
+        # ONNX propagates no data through Identity: a shape constant behind one (exporters'
+        # clutter) would leave every Reshape reading it without a shape. Same position,
+        # same output, the constant's value.
+        node = graph.node[index]
+        graph.node[index].CopyFrom(onnx.helper.make_node(
+            "Constant", [], [node.output[0]], name=node.name, value=value))
     graph.input.extend(_with_symbolic_length(v) if data_prop else v for v in inputs)
     return skeleton
+
+
+def _identities_of_constants(graph: onnx.GraphProto, stays) -> dict[int, onnx.TensorProto]:
+    """Node index -> value, for each Identity of a small initializer or Constant of ``graph``."""
+    values = {t.name: t for t in graph.initializer if stays(t)}
+    found: dict[int, onnx.TensorProto] = {}
+    for index, node in enumerate(graph.node):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output \
+                and len(node.attribute) == 1 and node.attribute[0].name == "value" \
+                and stays(node.attribute[0].t):
+            values[node.output[0]] = node.attribute[0].t
+        elif (node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input
+              and node.input[0] in values and node.output):
+            found[index] = values[node.input[0]]
+            values[node.output[0]] = values[node.input[0]]
+    return found
 
 
 def _large_constant(node: onnx.NodeProto, stays) -> bool:

@@ -247,3 +247,23 @@ def test_time_major_heads_in_a_body_behind_a_transpose_pair_on_a_gemm_projection
         clutter=(Clutter("transpose_pair", "layers.0.self_attn.q_proj", (1, 0), "operand"),),
         wrap=Wrap()))
     assert_attention_found(ex)
+
+
+def test_heads_behind_an_identity_on_a_shape_constant_three_layers_on():
+    # (thorough profile) An Identity on a shape constant shared by every layer: ONNX
+    # propagated no data through it, so a computed-target cross-attention two layers on had no
+    # shapes to read its heads from. Shape inference now sees the Identity's constant.
+    ex = build_example(Recipe(layers=(
+        Layer((AttentionSpec(kind="self", head_layout="3d", k_transpose="fused",
+                             shape_style="computed"),
+               AttentionSpec(kind="cross", head_layout="time_major", mask="add_bias_input"))),
+        Layer((AttentionSpec(kind="self", head_dim=1, projection="fused_split",
+                             head_layout="3d"),)),
+        Layer((AttentionSpec(kind="self", head_layout="3d", k_transpose="fused",
+                             mask="add_input"),
+               AttentionSpec(kind="cross", head_layout="3d", k_transpose="fused",
+                             mask="add_input", shape_style="computed")))),
+        context="internal", encoder=AttentionSpec(kind="self", head_layout="3d",
+                                                  k_transpose="fused"),
+        batch=1, q_len=1, kv_len=1, clutter=(Clutter("identity", "const_1", region="outside"),)))
+    assert_attention_found(ex)
