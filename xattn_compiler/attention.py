@@ -43,7 +43,7 @@ from xattn_compiler.patterns import (
 )
 from xattn_compiler.patterns.steps import KeepWhere, MaskAdd, Part, Scale, Step, core_steps
 
-from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval, piece_length
+from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval, inferred_rank, piece_length
 from .ir import import_with_shapes, is_graph_output, iter_graphs
 from .pattern import Context, Failure, Match, match
 from .provenance import Provenance
@@ -542,7 +542,9 @@ def _projected_shape(operand: Operand, chain: list[gs.Node]) -> list[int | None]
             continue
         if node.op in _ELEMENTWISE_STEPS:
             continue
-        perm = node.attrs.get("perm") if node.op == "Transpose" else None
+        perm = _transpose_perm(node) if node.op == "Transpose" else None
+        if node.op == "Transpose" and perm is None:
+            return None
         if perm is not None:  # follow the feature axis (a Transpose pair may bring it back)
             rank, axis = moved or (len(perm), len(perm) - 1)
             if len(perm) != rank:
@@ -554,6 +556,15 @@ def _projected_shape(operand: Operand, chain: list[gs.Node]) -> list[int | None]
         if moved is not None or target is None or target[-1:] != [features]:
             return None
     return [None, None, features] if moved is None else None
+
+
+def _transpose_perm(node: gs.Node) -> list[int] | None:
+    """A Transpose's perm; with none given, the axes reversed (the input's rank known)."""
+    perm = node.attrs.get("perm")
+    if perm is not None:
+        return list(perm)
+    rank = inferred_rank(node.inputs[0])
+    return list(range(rank))[::-1] if rank is not None else None
 
 
 def _part_width(cut: gs.Node, features: int, reader: gs.Node) -> int | None:

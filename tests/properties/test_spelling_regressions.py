@@ -267,3 +267,13 @@ def test_heads_behind_an_identity_on_a_shape_constant_three_layers_on():
                                                   k_transpose="fused"),
         batch=1, q_len=1, kv_len=1, clutter=(Clutter("identity", "const_1", region="outside"),)))
     assert_attention_found(ex)
+
+
+def test_time_major_heads_in_a_body_behind_a_default_transpose_pair_on_a_gemm_projection():
+    # (thorough profile) The same with Transposes that give no perm (the axes reversed).
+    ex = build_example(Recipe(layers=(Layer((
+        AttentionSpec(kind="self", projection="gemm", head_layout="time_major", scale="none"),)),),
+        batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter("transpose_default_pair", "layers.0.self_attn.q_proj", region="operand"),),
+        wrap=Wrap()))
+    assert_attention_found(ex)
