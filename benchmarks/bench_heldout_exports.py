@@ -84,12 +84,9 @@ def _dim(name: str, low: int = 1, high: int = 64):
     return torch.export.Dim(name, min=low, max=high)
 
 
-def _causal(name: str):
+def _causal_logits(lm):
+    """``forward(input_ids) -> logits`` of a causal LM, no cache."""
     import torch
-    import transformers
-
-    config, model, fields = CAUSAL[name]
-    lm = getattr(transformers, model)(getattr(transformers, config)(**fields)).eval()
 
     class Logits(torch.nn.Module):
         def __init__(self):
@@ -99,7 +96,16 @@ def _causal(name: str):
         def forward(self, input_ids):
             return self.lm(input_ids=input_ids, use_cache=False).logits
 
-    return (Logits(), (torch.randint(3, 100, (2, 7)),),
+    return Logits()
+
+
+def _causal(name: str):
+    import torch
+    import transformers
+
+    config, model, fields = CAUSAL[name]
+    lm = getattr(transformers, model)(getattr(transformers, config)(**fields)).eval()
+    return (_causal_logits(lm), (torch.randint(3, 100, (2, 7)),),
             {"input_ids": {0: _dim("b"), 1: _dim("s", 2)}}, (2, 0))
 
 
@@ -134,16 +140,8 @@ def _gemma2():
                                         sliding_window=8, attn_logit_softcapping=50.0,
                                         final_logit_softcapping=30.0,
                                         attn_implementation="eager")).eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, input_ids):
-            return self.lm(input_ids=input_ids, use_cache=False).logits
-
-    return Logits(), (torch.randint(0, 128, (1, 12)),), {"input_ids": {1: _dim("s", 2)}}, (2, 0)
+    return (_causal_logits(lm), (torch.randint(0, 128, (1, 12)),),
+            {"input_ids": {1: _dim("s", 2)}}, (2, 0))
 
 
 def _qformer():

@@ -3,6 +3,8 @@ minimal model hypothesis shrank it to; every test failed before its fix."""
 
 from __future__ import annotations
 
+import pytest
+
 from xattn_compiler.attention import find_attention
 from xattn_compiler.testing import AttentionSpec
 from xattn_compiler.testing.assertions import assert_attention_found
@@ -210,42 +212,33 @@ def test_softmax_on_a_positive_axis_of_scores_rebatched_by_a_target_behind_an_id
     assert_attention_found(ex)
 
 
-def test_softmax_on_a_positive_axis_after_a_fused_qkv_split_with_sizes_behind_an_identity():
+@pytest.mark.parametrize("rope", ["rotate_half", "interleaved"])
+def test_softmax_on_a_positive_axis_after_a_fused_qkv_split_with_sizes_behind_an_identity(rope):
     # (thorough profile) A per-head fused QKV Split whose sizes come through an Identity: ONNX
     # infers no shapes for its parts, so nothing down to the scores had a rank, and the rank
-    # read off the ops stopped at the Split (and at RoPE's Slice/Concat): Softmax(axis=3)
-    # was not known to be the last axis.
+    # read off the ops stopped at the Split, at rotate-half's Slice/Concat, and at interleaved
+    # RoPE's Reshape(pairs, Shape(q)) (rank(q) dims): Softmax(axis=3) was not known to be last.
     ex = build_example(Recipe(layers=(
         Layer((AttentionSpec(kind="self", projection="fused_per_head", shape_style="computed",
                              rope="rotate_half", rope_table="constant"),)),
-        Layer((AttentionSpec(kind="self", projection="fused_per_head", rope="rotate_half",
+        Layer((AttentionSpec(kind="self", projection="fused_per_head", rope=rope,
                              rope_table="constant", softmax_axis="positive"),))),
         batch=1, q_len=1, kv_len=1, clutter=(Clutter("identity", "const_2", region="outside"),)))
     assert_attention_found(ex)
 
 
-def test_softmax_on_a_positive_axis_after_interleaved_rope_reshaped_by_a_shape():
-    # (thorough profile) Interleaved RoPE stacks the rotated pairs and reshapes them back with
-    # Reshape(pairs, Shape(q)); where ONNX inferred nothing (a fused QKV Split whose sizes sit
-    # behind an Identity), that Reshape's rank was unknown: Shape(q) has rank(q) elements.
-    ex = build_example(Recipe(layers=(
-        Layer((AttentionSpec(kind="self", projection="fused_per_head", shape_style="computed",
-                             rope="rotate_half", rope_table="constant"),)),
-        Layer((AttentionSpec(kind="self", projection="fused_per_head", rope="interleaved",
-                             rope_table="constant", softmax_axis="positive"),))),
-        batch=1, q_len=1, kv_len=1, clutter=(Clutter("identity", "const_2", region="outside"),)))
-    assert_attention_found(ex)
-
-
-def test_time_major_heads_in_a_body_behind_a_transpose_pair_on_a_gemm_projection():
-    # (thorough profile) A [1,0] Transpose pair on a Gemm projection's 2-D output inside an If
-    # branch: each Transpose moves the feature axis, the pair brings it back; E (off the
-    # weight) was given up at the first, so the time-major heads read as None.
+@pytest.mark.parametrize("pair", [Clutter("transpose_pair", "layers.0.self_attn.q_proj", (1, 0),
+                                          "operand"),
+                                  Clutter("transpose_default_pair", "layers.0.self_attn.q_proj",
+                                          region="operand")], ids=["perm", "default-perm"])
+def test_time_major_heads_in_a_body_behind_a_transpose_pair_on_a_gemm_projection(pair):
+    # (thorough profile) A Transpose pair ([1,0], or no perm: the axes reversed) on a Gemm
+    # projection's 2-D output inside an If branch: each Transpose moves the feature axis, the
+    # pair brings it back; E (off the weight) was given up at the first, so the time-major
+    # heads read as None.
     ex = build_example(Recipe(layers=(Layer((
         AttentionSpec(kind="self", projection="gemm", head_layout="time_major", scale="none"),)),),
-        batch=1, q_len=1, kv_len=1,
-        clutter=(Clutter("transpose_pair", "layers.0.self_attn.q_proj", (1, 0), "operand"),),
-        wrap=Wrap()))
+        batch=1, q_len=1, kv_len=1, clutter=(pair,), wrap=Wrap()))
     assert_attention_found(ex)
 
 
@@ -266,14 +259,4 @@ def test_heads_behind_an_identity_on_a_shape_constant_three_layers_on():
         context="internal", encoder=AttentionSpec(kind="self", head_layout="3d",
                                                   k_transpose="fused"),
         batch=1, q_len=1, kv_len=1, clutter=(Clutter("identity", "const_1", region="outside"),)))
-    assert_attention_found(ex)
-
-
-def test_time_major_heads_in_a_body_behind_a_default_transpose_pair_on_a_gemm_projection():
-    # (thorough profile) The same with Transposes that give no perm (the axes reversed).
-    ex = build_example(Recipe(layers=(Layer((
-        AttentionSpec(kind="self", projection="gemm", head_layout="time_major", scale="none"),)),),
-        batch=1, q_len=1, kv_len=1,
-        clutter=(Clutter("transpose_default_pair", "layers.0.self_attn.q_proj", region="operand"),),
-        wrap=Wrap()))
     assert_attention_found(ex)
