@@ -439,6 +439,9 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
             continue
         target = reshape_target(node)
         in_shape = _shape_before_reshapes(chain, i)
+        if i and chain[i - 1].op == "Reshape" and in_shape is not None \
+                and list(in_shape) == list(node.outputs[0].shape or []):
+            continue  # the "back" of a flatten-and-back: no layout change
         rank_in = len(in_shape) if in_shape is not None else None
         if in_shape is None or (len(in_shape) == 3 and not _static_dim(in_shape, -1)):
             in_shape = _projected_shape(operand, chain[:i + 1]) or in_shape

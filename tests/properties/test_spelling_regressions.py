@@ -260,3 +260,15 @@ def test_heads_behind_an_identity_on_a_shape_constant_three_layers_on():
                                                   k_transpose="fused"),
         batch=1, q_len=1, kv_len=1, clutter=(Clutter("identity", "const_1", region="outside"),)))
     assert_attention_found(ex)
+
+
+def test_time_major_heads_after_a_flatten_and_back_on_the_projection():
+    # (thorough profile) A flatten-and-back Reshape pair on the projection before the
+    # time-major Transpose: the "back" half, followed by that Transpose, was taken for the
+    # [S,B,E] -> [S,B*H,D] head split (E/E = 1 head for 3).
+    ex = build_example(Recipe(layers=(Layer((
+        AttentionSpec(kind="cross", num_heads=3, head_dim=4, head_layout="time_major"),)),),
+        embed=8, batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter("reshape_flatten", "layers.0.cross_attn.q_proj.add_bias", 0,
+                         "operand"),)))
+    assert_attention_found(ex)
