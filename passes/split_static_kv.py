@@ -45,4 +45,7 @@ class SplitStaticKV(Pass):
             if any(b.kv_source_kind != "constant" for b in cross):
                 details["note"] = ("K/V computed from inputs need a separate projector model: "
                                    "use split-kv (xattn_compiler.split_static_kv)")
-        return PassResult(out, bool(folded), {"kv_folded": len(folded)}, details)
+        # Nothing folded: the input as it came (the fold's export re-infers shapes, which
+        # changed bytes while the pass reported no change).
+        return PassResult(out if folded else model, bool(folded), {"kv_folded": len(folded)},
+                          details)

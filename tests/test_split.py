@@ -677,3 +677,22 @@ def test_zoo_nn_transformer_static_inputs_src_and_src_pad(tmp_path, run_cli, exp
     for name in ("kv_projector.onnx", "decoder.onnx"):
         onnx.checker.check_model(onnx.load(out / name), full_check=True)
     assert not {"src", "src_pad"} & set(input_names(onnx.load(out / "decoder.onnx")))
+
+
+def test_split_static_kv_with_nothing_to_fold_returns_the_input_as_it_came():
+    # (thorough profile) A cross-attention block over an input context: nothing to fold. The
+    # pass reported no change but returned its own export, whose re-inferred shapes differed
+    # from the input's (a second run then "changed" bytes without saying so).
+    from xattn_compiler.testing.strategies import Clutter, Layer, Recipe, build_example
+
+    model = build_example(Recipe(
+        layers=(Layer((AttentionSpec(kind="self", head_layout="3d", k_transpose="fused"),)),
+                Layer((AttentionSpec(kind="self", head_dim=1, projection="fused_split"),)),
+                Layer((AttentionSpec(kind="cross", k_transpose="fused",
+                                     shape_style="computed"),))),
+        context="initializer", q_len=1, kv_len=1,
+        clutter=(Clutter("identity", "layers.2.cross_attn.k.split_heads.shape_of",
+                         region="shape"),))).model
+    first = SplitStaticKV().run(model)
+    second = SplitStaticKV().run(first.model)
+    assert not second.changed and second.model is first.model

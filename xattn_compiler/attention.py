@@ -439,8 +439,7 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
             continue
         target = reshape_target(node)
         in_shape = _shape_before_reshapes(chain, i)
-        if i and chain[i - 1].op == "Reshape" and in_shape is not None \
-                and list(in_shape) == list(node.outputs[0].shape or []):
+        if _restores_shape(chain, i, in_shape, target):
             continue  # the "back" of a flatten-and-back: no layout change
         rank_in = len(in_shape) if in_shape is not None else None
         if in_shape is None or (len(in_shape) == 3 and not _static_dim(in_shape, -1)):
@@ -462,6 +461,21 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
             return None
         return heads, dim if parts else _per_head_part(dim, after)
     return None
+
+
+def _restores_shape(chain: list[gs.Node], i: int, in_shape, target) -> bool:
+    """Whether Reshape ``chain[i]``, read right after a flatten (a Reshape to one dim), gives
+    back the shape from before it: the same dims, or the same rank and static last dim (the
+    feature width; dynamic dims lose their symbols through the flatten). It moves nothing,
+    so it is not a head split."""
+    if not i or chain[i - 1].op != "Reshape" or in_shape is None:
+        return False
+    if list(in_shape) == list(chain[i].outputs[0].shape or []):
+        return True
+    flat = reshape_target(chain[i - 1])
+    last = _static_dim(in_shape, -1)
+    return flat is not None and len(flat) == 1 and bool(target) and \
+        len(target) == len(in_shape) and last is not None and target[-1] == last
 
 
 def _shape_before_reshapes(chain: list[gs.Node], i: int):

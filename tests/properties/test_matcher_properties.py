@@ -32,6 +32,24 @@ KNOWN_BUGS: dict[str, Recipe] = {}
 
 #: Bugs the properties found and that are fixed: each reproduction stays as an ``@example``.
 FIXED_BUGS = {
+    # (thorough profile) A flatten-and-back Reshape pair on a time-major cross-attention's Q
+    # projection with dynamic dims: the "back" half, followed by the time-major Transpose,
+    # was taken for the [S,B,E] -> [S,B*H,D] head split (E/E: 1 head for 3).
+    "flatten-and-back-before-time-major-heads": Recipe(
+        layers=(Layer((AttentionSpec(kind="self", num_heads=4, head_dim=2,
+                                     projection="fused_per_head", head_layout="3d",
+                                     k_transpose="fused"),
+                       AttentionSpec(kind="cross", num_heads=1, head_dim=4,
+                                     head_layout="time_major", core="einsum"))),
+                Layer((AttentionSpec(kind="self", num_heads=4, head_dim=2,
+                                     projection="fused_per_head", head_layout="3d",
+                                     k_transpose="fused"),
+                       AttentionSpec(kind="cross", num_heads=3, head_dim=4,
+                                     head_layout="time_major")))),
+        dynamic=True, batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter("identity", "hidden_states", region="outside"),
+                 Clutter("reshape_flatten", "layers.1.cross_attn_1.q_proj.add_bias", 0,
+                         "operand"))),
     # ONNX propagates neither data nor, past a Reshape with a computed target, ranks inside
     # If/Loop bodies: a later layer's head split reads Slice(Shape(x)) of an x of unknown rank,
     # and how many dims that slice holds (so where H and D sit in the target) was unknown.

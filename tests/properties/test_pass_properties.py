@@ -131,6 +131,18 @@ FIXED_PASS_BUGS = {
                                             rope_table="constant"),))),
                batch=1, q_len=1, kv_len=1),
         lambda ex: True),
+    # (thorough profile) Not idempotent: with nothing to fold, the pass returned its own
+    # export of the model (shapes re-inferred: a stale 'unk__1' became 1 on the second run)
+    # while reporting no change. An unchanged run returns the input now.
+    ("split-static-kv", "unchanged-run-returned-a-re-export"): (
+        Recipe(layers=(Layer((AttentionSpec(kind="self", head_layout="3d", k_transpose="fused"),)),
+                       Layer((AttentionSpec(kind="self", head_dim=1, projection="fused_split"),)),
+                       Layer((AttentionSpec(kind="cross", k_transpose="fused",
+                                            shape_style="computed"),))),
+               context="initializer", q_len=1, kv_len=1,
+               clutter=(Clutter("identity", "layers.2.cross_attn.k.split_heads.shape_of",
+                                region="shape"),)),
+        lambda ex: True),
 }
 STRICT = os.environ.get("XATTN_STRICT_PROPERTIES") == "1"
 

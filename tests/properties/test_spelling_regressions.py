@@ -272,3 +272,4 @@ def test_time_major_heads_after_a_flatten_and_back_on_the_projection():
         clutter=(Clutter("reshape_flatten", "layers.0.cross_attn.q_proj.add_bias", 0,
                          "operand"),)))
     assert_attention_found(ex)
+
