@@ -439,7 +439,7 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
             continue
         target = reshape_target(node)
         in_shape = _shape_before_reshapes(chain, i)
-        if _restores_shape(chain, i, in_shape, target):
+        if _restores_shape(chain, i, target):
             continue  # the "back" of a flatten-and-back: no layout change
         rank_in = len(in_shape) if in_shape is not None else None
         if in_shape is None or (len(in_shape) == 3 and not _static_dim(in_shape, -1)):
@@ -463,30 +463,45 @@ def _head_split(operand: Operand) -> tuple[int, int] | None:
     return None
 
 
-def _restores_shape(chain: list[gs.Node], i: int, in_shape, target) -> bool:
-    """Whether Reshape ``chain[i]``, read right after a flatten (a Reshape to one dim), gives
-    back the shape from before it: the same dims, or the same rank and static last dim (the
-    feature width; dynamic dims lose their symbols through the flatten). It moves nothing,
-    so it is not a head split."""
-    if not i or chain[i - 1].op != "Reshape" or in_shape is None:
+_KEEPS_EVERY_AXIS = ("Identity", "Cast")
+
+
+def _restores_shape(chain: list[gs.Node], i: int, target) -> bool:
+    """Whether Reshape ``chain[i]``, read after a flatten (a Reshape to one dim; Identities
+    and Casts between), gives back the shape from before it: the same dims, or the same rank
+    and static last dim (the feature width; dynamic dims lose their symbols through the
+    flatten). It moves nothing, so it is not a head split."""
+    j = _previous_index(chain, i)
+    if j is None or chain[j].op != "Reshape":
         return False
-    if list(in_shape) == list(chain[i].outputs[0].shape or []):
+    before, flat = chain[j].inputs[0].shape, reshape_target(chain[j])
+    if before is None or flat is None or len(flat) != 1:
+        return False
+    if list(before) == list(chain[i].outputs[0].shape or []):
         return True
-    flat = reshape_target(chain[i - 1])
-    last = _static_dim(in_shape, -1)
-    return flat is not None and len(flat) == 1 and bool(target) and \
-        len(target) == len(in_shape) and last is not None and target[-1] == last
+    last = _static_dim(before, -1)
+    return bool(target) and len(target) == len(before) and last is not None \
+        and target[-1] == last
+
+
+def _previous_index(chain: list[gs.Node], i: int) -> int | None:
+    """The index of the node before ``chain[i]`` that is not an Identity or a Cast."""
+    return next((j for j in range(i - 1, -1, -1) if chain[j].op not in _KEEPS_EVERY_AXIS), None)
 
 
 def _shape_before_reshapes(chain: list[gs.Node], i: int):
-    """The shape ``chain[i]`` (a Reshape) reshapes, seen through the Reshapes right before it:
-    a Reshape of a Reshape depends only on the first one's input, so a flatten-and-back of
-    rotated ``[B,H,S,D]`` heads does not read as a ``[.., H, D]`` split of a flat vector."""
-    start = i
-    while start > 0 and chain[start - 1].op == "Reshape" \
-            and chain[start].inputs[0] is chain[start - 1].outputs[0] \
-            and chain[start - 1].inputs[0].shape is not None:
-        start -= 1
+    """The shape ``chain[i]`` (a Reshape) reshapes, seen through the Reshapes right before it
+    (Identities and Casts between them too): a Reshape of a Reshape depends only on the first
+    one's input, so a flatten-and-back of rotated ``[B,H,S,D]`` heads does not read as a
+    ``[.., H, D]`` split of a flat vector."""
+    start, j = i, i - 1
+    while j >= 0 and chain[j + 1].inputs[0] is chain[j].outputs[0] \
+            and chain[j].op in ("Reshape", *_KEEPS_EVERY_AXIS):
+        if chain[j].op == "Reshape":
+            if chain[j].inputs[0].shape is None:
+                break
+            start = j
+        j -= 1
     shape = chain[start].inputs[0].shape
     return shape if shape is not None else chain[i].inputs[0].shape
 
@@ -494,7 +509,7 @@ def _shape_before_reshapes(chain: list[gs.Node], i: int):
 def _next_moving(chain: list[gs.Node], i: int) -> gs.Node | None:
     """The first node after ``chain[i]`` that is not an Identity or a Cast (they keep every
     axis, so what the head split feeds is what comes after them)."""
-    return next((node for node in chain[i + 1:] if node.op not in ("Identity", "Cast")), None)
+    return next((node for node in chain[i + 1:] if node.op not in _KEEPS_EVERY_AXIS), None)
 
 
 def _cuts_axis(node: gs.Node | None, axis: int, rank: int) -> bool:
@@ -511,8 +526,14 @@ def _cuts_axis(node: gs.Node | None, axis: int, rank: int) -> bool:
 
 
 def _previous_moving(chain: list[gs.Node], i: int) -> gs.Node | None:
-    return next((node for node in reversed(chain[:i])
-                 if node.op not in ("Identity", "Cast")), None)
+    """The node before ``chain[i]`` that moves values: Identities, Casts and flatten-and-back
+    Reshape pairs skipped (what the head split reads is what came before them)."""
+    j = _previous_index(chain, i)
+    while j is not None and chain[j].op == "Reshape" \
+            and _restores_shape(chain, j, reshape_target(chain[j])):
+        flatten = _previous_index(chain, j)
+        j = _previous_index(chain, flatten) if flatten is not None else None
+    return chain[j] if j is not None else None
 
 
 def _per_head_part(dim: int, after: gs.Node | None) -> int:

@@ -32,6 +32,14 @@ KNOWN_BUGS: dict[str, Recipe] = {}
 
 #: Bugs the properties found and that are fixed: each reproduction stays as an ``@example``.
 FIXED_BUGS = {
+    # (thorough profile) The same pair after the time-major Transpose, an Identity between
+    # the flatten and the back: the split Reshape's neighbour was the "back" half, not the
+    # Transpose that says the heads are time-major (heads None).
+    "identity-in-a-flatten-and-back-after-time-major": Recipe(
+        layers=(Layer((AttentionSpec(kind="self", head_layout="time_major"),)),),
+        batch=1, q_len=1, kv_len=1,
+        clutter=(Clutter("reshape_flatten", "layers.0.self_attn.q.time_major", 0, "operand"),
+                 Clutter("identity", "clutter0.reshape", region="operand"))),
     # (thorough profile) A flatten-and-back Reshape pair on a time-major cross-attention's Q
     # projection with dynamic dims: the "back" half, followed by the time-major Transpose,
     # was taken for the [S,B,E] -> [S,B*H,D] head split (E/E: 1 head for 3).
