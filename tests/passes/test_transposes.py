@@ -544,17 +544,19 @@ def test_a_body_reading_outer_initializers_reaches_its_fixpoint_in_one_run():
     assert result.counts["head_splits_reordered"] == 2  # one per If branch
 
 
-@settings(max_examples=40, deadline=None, database=None,
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(example=examples(), pass_class=st.sampled_from([CancelTransposes, SinkTransposes,
                                                        CanonicalKeyTranspose]))
 def test_random_attention_models_keep_their_blocks(example, pass_class):
     """On random attention models (clutter and control flow included) every pass keeps the
-    model valid, equivalent and idempotent, and the matcher finds the same blocks after it,
-    knowing at least what it knew before."""
+    model valid, equivalent and idempotent, and the matcher finds every block it found before
+    after it, knowing at least what it knew. (It may find more: a pass that removes clutter
+    can reveal a block the raw matcher missed, such as KNOWN_BUGS' deep-rank-in-subgraph.)
+    Derandomised: CI runs the same 40 examples every time (it drew a new one per run)."""
     result = rewritten(pass_class(), example.model, list(example.samples))
     before, after = find_attention(example.model), find_attention(result.model)
-    assert Counter((b.subgraph, b.kind) for b in before) == \
+    assert not Counter((b.subgraph, b.kind) for b in before) - \
         Counter((b.subgraph, b.kind) for b in after)
     known = Counter((b.subgraph, b.num_heads, b.head_dim) for b in before if b.head_dim)
     assert not known - Counter((b.subgraph, b.num_heads, b.head_dim) for b in after)
