@@ -236,10 +236,21 @@ _RANK_OF_FIRST_INPUT = frozenset({"LayerNormalization", "RMSNormalization", "Gro
                                   "Split", "Slice", "Concat", "Tile", "Clip", "Abs"})
 
 
-def inferred_rank(tensor: gs.Tensor, depth: int = 8) -> int | None:
+def inferred_rank(tensor: gs.Tensor, depth: int = 32,
+                  _seen: dict[int, int | None] | None = None) -> int | None:
     """The tensor's rank; where shapes are unknown (If/Loop bodies, computed reshape targets)
     read off the layout ops that made it (so ``Softmax(axis=3)`` of 4-D scores is the last
     axis there too, and ``Slice(Shape(x), 0, 2)`` of a 3-D x is two dims)."""
+    seen = {} if _seen is None else _seen
+    if id(tensor) not in seen:
+        seen[id(tensor)] = None  # while in progress: a cycle reads as unknown
+        seen[id(tensor)] = _rank_of(tensor, depth, seen)
+    return seen[id(tensor)]
+
+
+def _rank_of(tensor: gs.Tensor, depth: int, seen: dict[int, int | None]) -> int | None:
+    """:func:`inferred_rank` without the memo: each tensor is read once per query, so the
+    walk back through residual Adds (two inputs each) stays linear in the tensors it meets."""
     if tensor.shape is not None:
         return len(tensor.shape)
     if getattr(tensor, "values", None) is not None:
@@ -249,13 +260,13 @@ def inferred_rank(tensor: gs.Tensor, depth: int = 8) -> int | None:
         return None
     if node.op == "Transpose":  # no perm: the axes reversed, the rank kept
         perm = node.attrs.get("perm")
-        return len(perm) if perm is not None else inferred_rank(node.inputs[0], depth - 1)
+        return len(perm) if perm is not None else inferred_rank(node.inputs[0], depth - 1, seen)
     if node.op == "Reshape":  # as many dims as its target has elements
         return piece_length(node.inputs[1])
     if node.op == "Shape":
         return 1
     if node.op in ("Unsqueeze", "Squeeze"):  # a relative-position bias made [1,H,S,S]
-        data = inferred_rank(node.inputs[0], depth - 1)
+        data = inferred_rank(node.inputs[0], depth - 1, seen)
         axes = constant_eval(node.inputs[1]) if len(node.inputs) > 1 else None
         count = (int(axes.size) if axes is not None
                  else len(node.attrs["axes"]) if node.attrs.get("axes") is not None else None)
@@ -263,17 +274,17 @@ def inferred_rank(tensor: gs.Tensor, depth: int = 8) -> int | None:
             return None
         return data + count if node.op == "Unsqueeze" else data - count
     if node.op == "Gather":
-        data, index = (inferred_rank(t, depth - 1) for t in node.inputs[:2])
+        data, index = (inferred_rank(t, depth - 1, seen) for t in node.inputs[:2])
         return None if data is None or index is None else data - 1 + index
     if node.op in _RANK_OF_FIRST_INPUT:
-        return inferred_rank(node.inputs[0], depth - 1)
+        return inferred_rank(node.inputs[0], depth - 1, seen)
     if node.op == "Expand":  # broadcast to a shape: the larger of the two ranks
-        data, shape = inferred_rank(node.inputs[0], depth - 1), piece_length(node.inputs[1])
+        data, shape = inferred_rank(node.inputs[0], depth - 1, seen), piece_length(node.inputs[1])
         return None if data is None or shape is None else max(data, shape)
     if node.op == "Flatten":
         return 2
     if node.op == "MatMul" or node.op in _BROADCASTING:
-        ranks = [inferred_rank(t, depth - 1) for t in node.inputs if t is not None and t.name]
+        ranks = [inferred_rank(t, depth - 1, seen) for t in node.inputs if t is not None and t.name]
         return max(ranks) if ranks and None not in ranks else None
     return None
 

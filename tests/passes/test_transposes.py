@@ -552,7 +552,7 @@ def test_random_attention_models_keep_their_blocks(example, pass_class):
     """On random attention models (clutter and control flow included) every pass keeps the
     model valid, equivalent and idempotent, and the matcher finds every block it found before
     after it, knowing at least what it knew. (It may find more: a pass that removes clutter
-    can reveal a block the raw matcher missed, such as KNOWN_BUGS' deep-rank-in-subgraph.)
+    can reveal a block the raw matcher missed.)
     Derandomised: CI runs the same 40 examples every time (it drew a new one per run)."""
     result = rewritten(pass_class(), example.model, list(example.samples))
     before, after = find_attention(example.model), find_attention(result.model)
