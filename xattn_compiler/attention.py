@@ -47,6 +47,7 @@ from .analysis import SHAPE_ONLY_OPS, BindingTimes, constant_eval, inferred_rank
 from .ir import import_with_shapes, is_graph_output, iter_graphs
 from .pattern import Context, Failure, Match, match
 from .provenance import Provenance
+from .rewrite import transpose_perm
 
 log = logging.getLogger(__name__)
 
@@ -597,10 +598,11 @@ def _projected_shape(operand: Operand, chain: list[gs.Node]) -> list[int | None]
 
 
 def _transpose_perm(node: gs.Node) -> list[int] | None:
-    """A Transpose's perm; with none given, the axes reversed (the input's rank known)."""
-    perm = node.attrs.get("perm")
+    """:func:`~xattn_compiler.rewrite.transpose_perm`, the rank of a perm-less Transpose's
+    input read off the ops that made it where ONNX inferred no shape (If/Loop bodies)."""
+    perm = transpose_perm(node)
     if perm is not None:
-        return list(perm)
+        return perm
     rank = inferred_rank(node.inputs[0])
     return list(range(rank))[::-1] if rank is not None else None
 
